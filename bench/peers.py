@@ -1,0 +1,378 @@
+"""The relays under test: install their tools, start each one on its own
+127.0.0.1 port, wait for it to listen, stop it, and read its processes'
+CPU time and memory from /proc."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+# Daemons live in sbin, which a non-login shell's PATH may lack.
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+
+# binary -> Debian package that ships it
+TOOLS = {
+    "iperf3": "iperf3",
+    "haproxy": "haproxy",
+    "nginx": "nginx-light",
+    "socat": "socat",
+    "redis-server": "redis-server",
+    "redis-benchmark": "redis-tools",
+}
+NGINX_MODULE_DIRS = ["/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/usr/lib64/nginx/modules"]
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name, path=SEARCH_PATH)
+
+
+def nginx_stream_module() -> str | None:
+    """Path of the dynamic stream module, or "" when nginx has it built in."""
+    nginx = which("nginx")
+    if nginx:
+        built = subprocess.run([nginx, "-V"], capture_output=True, text=True).stderr
+        if "--with-stream" in built.split() and "--with-stream=dynamic" not in built:
+            return ""
+    for d in NGINX_MODULE_DIRS:
+        so = Path(d) / "ngx_stream_module.so"
+        if so.exists():
+            return str(so)
+    return None
+
+
+def ensure_tools() -> list[str]:
+    """apt-get install whatever is missing (update once, only if needed); returns what was installed."""
+    missing = sorted({pkg for binary, pkg in TOOLS.items() if not which(binary)})
+    if nginx_stream_module() is None:
+        missing.append("libnginx-mod-stream")
+    if not missing:
+        return []
+    if os.geteuid() != 0 or not which("apt-get"):
+        sys.exit(f"missing tools {missing}: install these Debian packages (needs root and apt-get)")
+    print(f"installing {' '.join(missing)} ...", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    # policy-rc.d exit 101 stops the packages from starting their own daemons
+    # (nginx on :80, redis on :6379) which would add noise to the run.
+    policy = Path("/usr/sbin/policy-rc.d")
+    ours = not policy.exists()
+    if ours:
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        subprocess.run(["apt-get", "update"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True, env=env)
+    finally:
+        if ours:
+            policy.unlink()
+    return missing
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def is_listening(port: int) -> bool:
+    """Read the kernel's socket table rather than connecting: a probe connection
+    would go through the relay to the backend (an iperf3 server takes it for a test)."""
+    suffix = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == "0A" and cols[1].endswith(suffix):
+                        return True
+        except FileNotFoundError:
+            pass
+    return False
+
+
+# ---------------------------------------------------------------- processes
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat from field 3 (state) on; comm may hold spaces, so split after ')'."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def _all_stats() -> dict[int, list[str]]:
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st:
+                out[int(name)] = st
+    return out
+
+
+def tree(root: int) -> list[int]:
+    """root and all its live descendants (nginx workers, socat's per-connection children)."""
+    stats = _all_stats()
+    children: dict[int, list[int]] = {}
+    for pid, st in stats.items():
+        children.setdefault(int(st[1]), []).append(pid)
+    out, todo = [], [root] if root in stats else []
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_seconds(root: int) -> float:
+    """utime+stime+cutime+cstime over the live tree: a live process counts its own
+    time, one that exited and was reaped shows up in its parent's c-times, so
+    each process is counted once. A process's stat already sums its threads."""
+    ticks = 0
+    for pid in tree(root):
+        st = _stat(pid)
+        if st:
+            ticks += sum(int(x) for x in st[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kib(root: int) -> dict[str, int]:
+    """VmRSS and Pss summed over the tree. RSS counts shared pages once per
+    process; PSS splits them, which is the honest sum for forking relays."""
+    rss = pss = n = 0
+    for pid in tree(root):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                rss += next((int(l.split()[1]) for l in f if l.startswith("VmRSS:")), 0)
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                pss += next((int(l.split()[1]) for l in f if l.startswith("Pss:")), 0)
+            n += 1
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return {"rss_kib": rss, "pss_kib": pss, "processes": n}
+
+
+class Proc:
+    """A child started in its own session, so that one killpg reaches everything
+    it forks. Every live Proc is stopped at exit, whatever the exit path."""
+
+    live: set["Proc"] = set()
+
+    def __init__(self, name: str, argv: list[str], logdir: Path, env: dict | None = None, cwd: Path | None = None):
+        self.name = name
+        self.log = logdir / f"{name.replace('/', '_')}.{time.monotonic_ns()}.log"
+        with open(self.log, "wb") as out:
+            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True, env=env, cwd=cwd)
+        self.pid = self.popen.pid
+        Proc.live.add(self)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def _why(self, what: str) -> str:
+        """One summary line (with the log's last line) for the console, then the log tail for the JSON."""
+        tail = self.tail()
+        return f"{self.name} {what}: {tail.splitlines()[-1] if tail else '(no output)'}\n{tail}"
+
+    def wait_listening(self, port: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not is_listening(port):
+            if not self.alive():
+                raise RuntimeError(self._why(f"exited with {self.popen.returncode}"))
+            if time.monotonic() > deadline:
+                raise RuntimeError(self._why(f"not listening on {port} after {timeout:.0f}s"))
+            time.sleep(0.02)
+
+    def _group_alive(self) -> bool:
+        return any(st[2] == str(self.pid) for st in _all_stats().values())
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the whole group, then SIGKILL whatever is left after `grace`.
+        Stays in `live` until done, so a second Ctrl-C mid-stop still leaves it to stop_all."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            # Signal the group only while its id is still ours: while the leader is
+            # unreaped or some member remains, the kernel cannot hand the id out again.
+            if self.alive() or self._group_alive():
+                try:
+                    os.killpg(self.pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and (self.alive() or self._group_alive()):
+                time.sleep(0.05)
+            if not (self.alive() or self._group_alive()):
+                break
+        try:
+            self.popen.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+        Proc.live.discard(self)
+
+
+@atexit.register
+def stop_all() -> None:
+    for proc in list(Proc.live):
+        proc.stop(grace=2.0)
+
+
+# ------------------------------------------------------------------- relays
+
+@dataclass
+class RelaySpec:
+    name: str                # row label: direct, fastmesh, fastmesh[py], haproxy, ...
+    kind: str                # direct | fastmesh | haproxy | nginx | socat
+    args: list[str] = field(default_factory=list)   # extra CLI args (fastmesh variants)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def parse_variant(text: str) -> RelaySpec:
+    """NAME=ARGS, e.g. 'py=FASTMESH_NO_EXTENSIONS=1' or 'w2=--workers 2';
+    leading VAR=VALUE words of ARGS go to the environment, the rest to the CLI."""
+    name, _, rest = text.partition("=")
+    if not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"bad variant {text!r}: expected NAME=ARGS")
+    words = shlex.split(rest)
+    env = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    return RelaySpec(f"fastmesh[{name}]", "fastmesh", words, env)
+
+
+def fastmesh_env(extra: dict[str, str]) -> dict[str, str]:
+    # Run the working tree's package even when it is not pip-installed.
+    env = dict(os.environ, **extra)
+    src = str(REPO / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def fastmesh_version(spec: RelaySpec) -> str | None:
+    """`fastmesh --version` (which names the engine), or None if it does not run."""
+    r = subprocess.run([sys.executable, "-m", "fastmesh", "--version"], capture_output=True, text=True,
+                       env=fastmesh_env(spec.env), timeout=60)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+@dataclass
+class Options:
+    haproxy_threads: int = 1
+    socat_backlog: int | None = None   # None: socat's own default of 5, as the command is usually written
+    nofile: int = 1 << 20    # RLIMIT_NOFILE hard limit the relays inherit
+
+    @property
+    def haproxy_maxconn(self) -> int:
+        """20000, unless the descriptor limit cannot hold it: haproxy refuses to start
+        when it cannot raise its limit to 2 fds per connection plus splice pipes
+        (maxpipes = maxconn/4, 2 fds each), i.e. 2.5 x maxconn."""
+        return min(20000, int((self.nofile - 100) / 2.5))
+
+
+def _haproxy(port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
+    cfg = tmp / f"haproxy-{port}.cfg"
+    # Hour-long timeouts: nothing may be cut during a run (the idle test holds
+    # connections silent). splice-auto lets haproxy move bytes kernel-side.
+    cfg.write_text(f"""\
+global
+    maxconn {opts.haproxy_maxconn}
+    nbthread {opts.haproxy_threads}
+defaults
+    mode tcp
+    option splice-auto
+    maxconn {opts.haproxy_maxconn}
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+listen relay
+    bind {HOST}:{port}
+    server backend {HOST}:{upstream}
+""")
+    return [which("haproxy"), "-db", "-f", str(cfg)]
+
+
+def _nginx(port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
+    prefix = tmp / f"nginx-{port}"
+    prefix.mkdir()
+    module = nginx_stream_module()
+    load = f"load_module {module};\n" if module else ""
+    (prefix / "nginx.conf").write_text(f"""\
+{load}worker_processes 1;
+worker_rlimit_nofile {min(50000, opts.nofile)};
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 20000; }}
+stream {{
+    server {{
+        listen {HOST}:{port};
+        proxy_pass {HOST}:{upstream};
+        proxy_timeout 1h;
+    }}
+}}
+""")
+    # -e: the error log before the config is read; -p: keep every path in the temp dir.
+    return [which("nginx"), "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
+
+
+def _socat(port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
+    backlog = f",backlog={opts.socat_backlog}" if opts.socat_backlog else ""
+    return [which("socat"), f"TCP-LISTEN:{port},bind={HOST},fork,reuseaddr,nodelay{backlog}",
+            f"TCP:{HOST}:{upstream},nodelay"]
+
+
+def _fastmesh(spec: RelaySpec, port: int, upstream: int) -> list[str]:
+    return [sys.executable, "-m", "fastmesh", "serve", "--listen", f"{HOST}:{port}",
+            "--upstream", f"{HOST}:{upstream}", "--admin", f"{HOST}:0", *spec.args]
+
+
+@dataclass
+class Relay:
+    name: str
+    port: int                # where clients connect
+    proc: Proc | None        # None for direct
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+
+@contextmanager
+def running(spec: RelaySpec, upstream: int, tmp: Path, opts: Options) -> Iterator[Relay]:
+    """Start the relay in front of `upstream`, yield once it listens, always stop it."""
+    if spec.kind == "direct":
+        yield Relay(spec.name, upstream, None)
+        return
+    port = free_port()
+    env = None
+    if spec.kind == "fastmesh":
+        argv, env = _fastmesh(spec, port, upstream), fastmesh_env(spec.env)
+    else:
+        argv = {"haproxy": _haproxy, "nginx": _nginx, "socat": _socat}[spec.kind](port, upstream, tmp, opts)
+    proc = Proc(spec.name, argv, tmp, env=env, cwd=tmp)
+    try:
+        proc.wait_listening(port)
+        yield Relay(spec.name, port, proc)
+    finally:
+        proc.stop()

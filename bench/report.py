@@ -1,0 +1,153 @@
+"""Turn the collected numbers into ratios, pass/fail checks, JSON, markdown and a PNG."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+# key -> (column label, unit, higher is better)
+METRICS = {
+    "iperf_1": ("iperf3 1 stream", "Gbit/s", True),
+    "iperf_4": ("iperf3 4 streams", "Gbit/s", True),
+    "redis_keepalive": ("redis keep-alive", "req/s", True),
+    "redis_reconnect": ("redis reconnect", "req/s", True),
+    "cpu_per_gb": ("CPU", "s/GB", False),
+    "idle_rss": ("idle RSS growth", "MiB", False),
+}
+
+
+def median(samples: list[float]) -> float | None:
+    return statistics.median(samples) if samples else None
+
+
+def ratios(values: dict[str, dict[str, float | None]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """value / direct and value / haproxy for every relay and metric (None when either side is missing)."""
+    def div(a, b):
+        return a / b if a is not None and b else None
+    out = {}
+    for relay, row in values.items():
+        out[relay] = {m: {"vs_direct": div(row.get(m), values.get("direct", {}).get(m)),
+                          "vs_haproxy": div(row.get(m), values.get("haproxy", {}).get(m))} for m in METRICS}
+    return out
+
+
+def checks(values: dict[str, dict[str, float | None]]) -> list[dict]:
+    """The bars fastmesh must clear, for every fastmesh row. A bar whose reference is missing is SKIP."""
+    def get(relay, metric):
+        return values.get(relay, {}).get(metric)
+
+    out = []
+    for relay in (r for r in values if r.startswith("fastmesh")):
+        refs_keep = [v for v in (get("haproxy", "redis_keepalive"), get("nginx", "redis_keepalive")) if v is not None]
+        bars = [
+            ("iperf3 1 stream >= 0.70 x direct", "iperf_1", ">=", 0.70, get("direct", "iperf_1")),
+            ("iperf3 1 stream >= 1.5 x haproxy", "iperf_1", ">=", 1.5, get("haproxy", "iperf_1")),
+            ("redis keep-alive >= 1.0 x max(haproxy, nginx)", "redis_keepalive", ">=", 1.0,
+             max(refs_keep) if refs_keep else None),
+            ("redis reconnect >= 1.0 x haproxy", "redis_reconnect", ">=", 1.0, get("haproxy", "redis_reconnect")),
+            ("CPU/GB <= haproxy", "cpu_per_gb", "<=", 1.0, get("haproxy", "cpu_per_gb")),
+            ("idle RSS growth <= 20 MiB", "idle_rss", "<=", None, 20.0),
+        ]
+        for name, metric, op, factor, ref in bars:
+            value = get(relay, metric)
+            bar = None if ref is None else (ref if factor is None else factor * ref)
+            if value is None or bar is None:
+                status = "SKIP"
+            else:
+                status = "PASS" if (value >= bar if op == ">=" else value <= bar) else "FAIL"
+            out.append({"relay": relay, "check": name, "metric": metric, "value": value, "bar": bar,
+                        "status": status})
+    return out
+
+
+def _fmt(metric: str, v: float | None) -> str:
+    if v is None:
+        return "—"
+    if metric.startswith("iperf"):
+        return f"{v / 1e9:.2f}"
+    if metric.startswith("redis"):
+        return f"{v:,.0f}"
+    return f"{v:.2f}" if metric == "cpu_per_gb" else f"{v:.1f}"
+
+
+def markdown(doc: dict) -> str:
+    relays, values, rat = doc["relays"], doc["values"], doc["ratios"]
+    head = "| relay | " + " | ".join(f"{label} ({unit})" for label, unit, _ in METRICS.values()) + " |"
+    sep = "|---|" + "---:|" * len(METRICS)
+    lines = [f"## fastmesh benchmark — {doc['started']}", "",
+             f"{doc['machine']['cores']} cores, kernel {doc['machine']['kernel']}, "
+             f"median of {doc['config']['repeat']} run(s); iperf3 {doc['config']['seconds']} s, "
+             f"redis {doc['config']['requests']:,} / {doc['config']['reconnect_requests']:,} requests (keep-alive / "
+             f"reconnect), {doc['config']['idle_connections']:,} idle connections.", "",
+             head, sep]
+    for r in relays:
+        cells = [_fmt(m, values[r].get(m)) for m in METRICS]
+        if r in doc.get("idle_pss", []):
+            cells[list(METRICS).index("idle_rss")] += " (PSS)"
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    lines += ["", "Ratios: value ÷ direct / value ÷ haproxy (throughput: higher is better; CPU and RSS: lower is "
+              "better; direct has no relay process, so CPU and RSS have no direct ratio).", "",
+              "| relay | " + " | ".join(label for label, _, _ in METRICS.values()) + " |", sep]
+
+    def pair(x):
+        return " / ".join("—" if v is None else f"{v:.2f}" for v in (x["vs_direct"], x["vs_haproxy"]))
+    for r in relays:
+        lines.append(f"| {r} | " + " | ".join(pair(rat[r][m]) for m in METRICS) + " |")
+    if doc["checks"]:
+        lines += ["", "Checks:", ""]
+        for c in doc["checks"]:
+            unit = METRICS[c["metric"]][1]
+            lines.append(f"- {c['status']} {c['relay']}: {c['check']} "
+                         f"(value {_fmt(c['metric'], c['value'])} {unit}, bar {_fmt(c['metric'], c['bar'])} {unit})")
+    if doc["notes"]:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in doc["notes"]]
+    if doc["errors"]:
+        lines += ["", "Errors:", ""] + [f"- {e['relay']} {e['metric']}: {e['error'].splitlines()[0]}"
+                                        for e in doc["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(doc: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    relays = [r for r in doc["relays"] if r != "direct"]
+    rat = doc["ratios"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [2, 1]})
+    panels = [(left, ["iperf_1", "iperf_4", "redis_keepalive", "redis_reconnect"], "vs_direct",
+               "Throughput ÷ direct (higher is better)"),
+              (right, ["cpu_per_gb", "idle_rss"], "vs_haproxy", "Cost ÷ haproxy (lower is better)")]
+    for ax, metrics, key, title in panels:
+        width = 0.8 / max(1, len(relays))
+        for i, r in enumerate(relays):
+            ys = [rat[r][m][key] or 0 for m in metrics]
+            bars = ax.bar([x + i * width for x in range(len(metrics))], ys, width, label=r)
+            for b, y in zip(bars, ys):
+                if y:
+                    ax.annotate(f"{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=7)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        if key == "vs_haproxy":
+            ax.set_yscale("log")   # socat's cost is ~20x haproxy's; fastmesh's may be ~0.1x
+        ax.set_xticks([x + width * (len(relays) - 1) / 2 for x in range(len(metrics))])
+        ax.set_xticklabels([METRICS[m][0] for m in metrics], fontsize=9)
+        ax.set_title(title, fontsize=10)
+    left.legend(fontsize=8)
+    fig.suptitle(f"fastmesh benchmark {doc['started']} (median of {doc['config']['repeat']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(doc: dict, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(doc)
+    (out / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "latest.md").write_text(md)
+    try:
+        chart(doc, out / "latest.png")
+    except ImportError:   # numbers matter more than the picture: keep them
+        print("matplotlib is missing (pip install matplotlib): no latest.png", file=sys.stderr)
+    return md

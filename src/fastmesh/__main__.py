@@ -1,0 +1,5 @@
+import sys
+
+from fastmesh.cli import main
+
+sys.exit(main())

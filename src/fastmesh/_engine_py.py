@@ -1,0 +1,649 @@
+"""Pure-Python twin of fastmesh._core, used when the extension cannot load or
+FASTMESH_NO_EXTENSIONS=1. Same interface (_core.pyi) and behaviour, but it copies
+with recv/send: one test suite runs against both engines.
+
+Each worker thread owns a selector, its connections and a lock held while it handles
+a batch of events (never while it waits in select()); every call from Python takes
+that lock. Sockets are level-triggered and watched only for what their connection
+can do next: that is how backpressure and "no reading while connecting" work.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import itertools
+import logging
+import math
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+from typing import Optional, Sequence
+
+from fastmesh.reasons import CloseReason
+
+IMPLEMENTATION = "python"
+SPLICE_SUPPORTED = False
+
+log = logging.getLogger("fastmesh.engine")
+
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+DOWN, UP = 0, 1  # the side that connected to us, the side we connected to
+_EMPTY = memoryview(b"")
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends RST, not FIN
+_ACCEPT_PAUSE = 0.1
+# Out of fds or memory: retrying at once would spin, so the listener pauses.
+_ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# A connection that died in the backlog: skip it and accept the next one.
+_ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO})
+_STATS = (
+    "active_connections", "connections_accepted", "connections_relayed",
+    "connect_failures", "connect_timeouts", "accept_errors", "accept_paused",
+    "pipes_in_use", "pipes_pooled", "buffers_in_use", "splice_fallbacks",
+    "loop_iterations", "resets_propagated", "records_dropped",
+)
+# Computed by stats() from live state, or always 0 here (no pipes; closed records
+# are kept in an unbounded list); the others are counters kept by each worker.
+_GAUGES = ("active_connections", "pipes_in_use", "pipes_pooled", "buffers_in_use",
+           "splice_fallbacks", "records_dropped")
+# The records of collect(), as in _core.pyi.
+Opened = tuple[int, int, int]
+Updated = tuple[int, int, int, int, int]
+Closed = tuple[int, int, int, int, int, int, int, int, int]
+# (family, sockaddr, connect timeout) of the upstream a new connection must dial.
+_Target = tuple[int, tuple[str, int], float]
+
+
+def _nodelay(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not TCP (a socketpair given to relay()): nothing to tune
+
+
+def _close(sock: socket.socket, reset: bool = False) -> None:
+    try:
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _errno_of(exc: BaseException) -> int:
+    return (exc.errno or 0) if isinstance(exc, OSError) else 0
+
+
+def _parse_upstream(upstream: tuple[str, int]) -> tuple[int, tuple[str, int]]:
+    try:
+        host, port = upstream
+        port = int(port)
+    except (TypeError, ValueError):
+        raise ValueError(f"an upstream must be an (ip, port) pair, not {upstream!r}") from None
+    if not isinstance(host, str):
+        raise ValueError(f"upstream address must be a numeric IP address, not {host!r}")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"upstream address must be a numeric IP address, not {host!r}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"upstream port out of range: {port}")
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return family, (host, port)
+
+
+class _SideError(Exception):
+    """recv/send failed on one side of a connection; the other side gets the reset."""
+
+    def __init__(self, side: int, error: OSError) -> None:
+        super().__init__(side, error)
+        self.side = side  # DOWN or UP
+        self.errno = error.errno or 0
+
+
+class _Flow:
+    """One direction of a connection: what was read from its source and not yet sent."""
+
+    __slots__ = ("pending", "eof", "shut", "rx", "tx")
+
+    def __init__(self) -> None:
+        self.pending = _EMPTY  # at most buffer_size bytes in flight
+        self.eof = False  # the source sent its FIN
+        self.shut = False  # ...and it was passed on with shutdown(SHUT_WR)
+        self.rx = 0  # bytes read from the source
+        self.tx = 0  # bytes written to the destination
+
+    @property
+    def reading(self) -> bool:
+        # Backpressure: nothing more is read until the last chunk is all sent.
+        return not self.eof and not self.pending
+
+
+class _Conn:
+    """A relayed pair of sockets and the two flows between them."""
+
+    def __init__(self, conn_id: int, down: socket.socket, up: Optional[socket.socket],
+                 listener_id: int = -1, upstream_index: int = -1) -> None:
+        self.id = conn_id
+        self.listener_id = listener_id
+        self.upstream_index = upstream_index
+        self.socks: list[Optional[socket.socket]] = [down, up]
+        self.masks = [0, 0]  # selector events each side is registered for
+        self.flows = (_Flow(), _Flow())  # flows[s] carries the bytes read from side s
+        self.deadline: Optional[float] = None  # set while the upstream connect is pending
+        self.first_eof = -1
+        self.announced = False
+        self.closed = False
+        self._reported = (0, 0, 0, 0)
+
+    def take_deltas(self) -> tuple[int, int, int, int]:
+        """(down_rx, down_tx, up_rx, up_tx) since the previous call."""
+        d, u = self.flows
+        now = (d.rx, u.tx, u.rx, d.tx)
+        deltas = tuple(a - b for a, b in zip(now, self._reported))
+        self._reported = now
+        return deltas  # type: ignore[return-value]
+
+
+class _Listener:
+    """A caller's listening socket (our own dup of it) and its upstreams."""
+
+    def __init__(self, listener_id: int, sock: socket.socket,
+                 upstreams: list[tuple[int, tuple[str, int]]], connect_timeout: float) -> None:
+        self.id = listener_id
+        self.sock = sock
+        self.upstreams = upstreams
+        self.connect_timeout = connect_timeout
+        self.resume_at: Optional[float] = None  # paused after an accept error until then
+        self.closed = False
+        self._next = 0
+
+    def pick(self) -> int:
+        index = self._next
+        self._next = (index + 1) % len(self.upstreams)
+        return index
+
+
+class _Worker:
+    """One thread, its selector and the connections it owns."""
+
+    def __init__(self, engine: Engine, index: int, buffer_size: int) -> None:
+        self.engine = engine
+        self.index = index
+        self.buffer_size = buffer_size
+        self.lock = threading.Lock()
+        self.sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, _READ, None)
+        self.conns: dict[int, _Conn] = {}
+        self.connecting: set[_Conn] = set()
+        self.listeners: dict[int, _Listener] = {}  # only worker 0 accepts
+        self.closed: list[Closed] = []  # records waiting for collect()
+        self.counters = {name: 0 for name in _STATS if name not in _GAUGES}
+        self.stopping = False
+        self.thread: Optional[threading.Thread] = None
+
+    # -- thread
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=f"fastmesh-py-worker-{self.index}",
+                                       daemon=True)
+        self.thread.start()
+
+    def wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # full: a wake-up is already pending
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                if self.stopping:
+                    return
+                timeout = self._timeout()
+            try:
+                events = self.sel.select(timeout)
+            except OSError:
+                log.exception("fastmesh worker %d: select() failed", self.index)
+                time.sleep(0.01)
+                events = []
+            with self.lock:
+                if self.stopping:
+                    return
+                self.counters["loop_iterations"] += 1
+                for key, mask in events:
+                    try:
+                        self._dispatch(key, mask)
+                    except Exception:
+                        log.exception("fastmesh worker %d: unexpected error", self.index)
+                try:
+                    self._run_timers()
+                except Exception:
+                    log.exception("fastmesh worker %d: unexpected error in timers", self.index)
+
+    def _timeout(self) -> Optional[float]:
+        times = [c.deadline for c in self.connecting if c.deadline is not None]
+        times += [l.resume_at for l in self.listeners.values() if l.resume_at is not None]
+        if not times:
+            return None
+        # Capped: select() cannot wait for an arbitrarily long time.
+        return min(max(0.0, min(times) - time.monotonic()), 3600.0)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        for conn in [c for c in self.connecting if c.deadline is not None and c.deadline <= now]:
+            self.counters["connect_timeouts"] += 1
+            self._finish(conn, CloseReason.CONNECT_TIMEOUT, errno.ETIMEDOUT)
+        for lst in self.listeners.values():
+            if lst.resume_at is not None and lst.resume_at <= now:
+                lst.resume_at = None
+                self.sel.register(lst.sock, _READ, lst)
+
+    def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
+        # Events come from a select() made before the lock was taken: the
+        # connection or listener may have been closed meanwhile.
+        data = key.data
+        if data is None:
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except OSError:
+                pass
+        elif isinstance(data, _Listener):
+            if not data.closed and data.resume_at is None:
+                self._accept(data)
+        else:
+            conn, side = data
+            if conn.closed:
+                return
+            try:
+                self._on_ready(conn, side, mask)
+            except Exception as exc:
+                log.exception("fastmesh connection %d failed", conn.id)
+                self._finish(conn, CloseReason.LOCAL_ERROR, _errno_of(exc), reset=(True, True))
+
+    # -- listeners
+
+    def _accept(self, lst: _Listener) -> None:
+        while True:
+            try:
+                sock, _ = lst.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_SKIP:
+                    continue
+                self.counters["accept_errors"] += 1
+                if exc.errno not in _ACCEPT_EXHAUSTED:
+                    log.warning("fastmesh listener %d: accept failed: %s", lst.id, exc)
+                self._pause(lst)
+                return
+            self.counters["connections_accepted"] += 1
+            index = lst.pick()
+            family, addr = lst.upstreams[index]
+            conn = _Conn(self.engine._new_id(), sock, None, lst.id, index)
+            self.engine._hand_over(conn, (family, addr, lst.connect_timeout), caller=self)
+
+    def _pause(self, lst: _Listener) -> None:
+        self.sel.unregister(lst.sock)
+        lst.resume_at = time.monotonic() + _ACCEPT_PAUSE
+        self.counters["accept_paused"] += 1
+
+    def drop_listener(self, lst: _Listener) -> None:
+        lst.closed = True
+        if lst.resume_at is None:
+            self.sel.unregister(lst.sock)
+        lst.resume_at = None
+        lst.sock.close()  # our dup only: the caller's fd stays open
+        del self.listeners[lst.id]
+
+    # -- connections
+
+    def add(self, conn: _Conn, target: Optional[_Target] = None) -> None:
+        """Take over a new connection and, for an accepted one, dial its upstream.
+        The caller holds self.lock."""
+        self.conns[conn.id] = conn
+        if target is None:
+            self.counters["connections_relayed"] += 1
+        try:
+            for sock in conn.socks:
+                if sock is not None:
+                    sock.setblocking(False)
+                    _nodelay(sock)
+            if target is not None:
+                family, addr, timeout = target
+                up = socket.socket(family, socket.SOCK_STREAM)
+                conn.socks[UP] = up
+                up.setblocking(False)
+                _nodelay(up)
+                rc = up.connect_ex(addr)
+                if rc not in (0, errno.EINPROGRESS, errno.EINTR):
+                    self.counters["connect_failures"] += 1
+                    self._finish(conn, CloseReason.CONNECT_FAILED, rc)
+                    return
+                # Even a connect that completed at once goes through the writable
+                # event, so both paths open the connection the same way.
+                conn.deadline = time.monotonic() + timeout
+                self.connecting.add(conn)
+            self._sync(conn)
+        except OSError as exc:
+            log.warning("fastmesh connection %d: cannot set up: %s", conn.id, exc)
+            self._finish(conn, CloseReason.LOCAL_ERROR, _errno_of(exc), reset=(True, True))
+
+    def _on_ready(self, conn: _Conn, side: int, mask: int) -> None:
+        if conn.deadline is not None:
+            self._on_connect(conn)
+            return
+        try:
+            if mask & _READ and conn.flows[side].reading:
+                self._read(conn, side)
+            if mask & _WRITE:
+                self._send(conn, 1 - side)  # the flow whose destination is this side
+        except _SideError as exc:
+            self.counters["resets_propagated"] += 1
+            reason = CloseReason.DOWNSTREAM_RESET if exc.side == DOWN else CloseReason.UPSTREAM_RESET
+            reset = (exc.side != DOWN, exc.side != UP)  # only the side still standing
+            self._finish(conn, reason, exc.errno, reset=reset)
+            return
+        if conn.flows[DOWN].shut and conn.flows[UP].shut:
+            first = CloseReason.DOWNSTREAM_CLOSE if conn.first_eof == DOWN else CloseReason.UPSTREAM_CLOSE
+            self._finish(conn, first, 0)
+        else:
+            self._sync(conn)
+
+    def _on_connect(self, conn: _Conn) -> None:
+        up = conn.socks[UP]
+        assert up is not None
+        err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.counters["connect_failures"] += 1
+            self._finish(conn, CloseReason.CONNECT_FAILED, err)
+            return
+        conn.deadline = None
+        self.connecting.discard(conn)
+        self._sync(conn)
+
+    def _read(self, conn: _Conn, src: int) -> None:
+        try:
+            data = conn.socks[src].recv(self.buffer_size)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise _SideError(src, exc) from None
+        flow = conn.flows[src]
+        if data:
+            flow.rx += len(data)
+            flow.pending = memoryview(data)
+        else:
+            flow.eof = True
+            if conn.first_eof < 0:
+                conn.first_eof = src
+        self._send(conn, src)
+
+    def _send(self, conn: _Conn, src: int) -> None:
+        """Pass on what flows[src] holds, then its end of stream once all is sent."""
+        flow, dst = conn.flows[src], 1 - src
+        sock = conn.socks[dst]
+        assert sock is not None
+        if flow.pending:
+            try:
+                sent = sock.send(flow.pending)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                raise _SideError(dst, exc) from None
+            flow.tx += sent
+            flow.pending = flow.pending[sent:] if sent < len(flow.pending) else _EMPTY
+        if flow.eof and not flow.pending and not flow.shut:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # a dead peer shows up on the next recv/send of that side
+            flow.shut = True
+
+    def _wanted(self, conn: _Conn, side: int) -> int:
+        if conn.deadline is not None:
+            # Connecting: wait for the upstream; downstream bytes stay in the kernel.
+            return _WRITE if side == UP else 0
+        want = _READ if conn.flows[side].reading else 0
+        if conn.flows[1 - side].pending:
+            want |= _WRITE
+        return want
+
+    def _sync(self, conn: _Conn) -> None:
+        """Watch each socket for exactly what its connection can do next."""
+        for side in (DOWN, UP):
+            sock, have, want = conn.socks[side], conn.masks[side], self._wanted(conn, side)
+            if want == have:
+                continue
+            if not have:
+                self.sel.register(sock, want, (conn, side))  # type: ignore[arg-type]
+            elif not want:
+                self.sel.unregister(sock)  # type: ignore[arg-type]
+            else:
+                self.sel.modify(sock, want, (conn, side))  # type: ignore[arg-type]
+            conn.masks[side] = want
+
+    def _finish(self, conn: _Conn, reason: CloseReason, err: int,
+                reset: tuple[bool, bool] = (False, False)) -> None:
+        """Close both sockets and record why; never raises."""
+        if conn.closed:
+            return
+        conn.closed = True
+        for side, sock in enumerate(conn.socks):
+            if sock is None:
+                continue
+            if conn.masks[side]:
+                try:
+                    self.sel.unregister(sock)
+                except (KeyError, ValueError, OSError):
+                    pass
+            _close(sock, reset[side])
+        conn.masks = [0, 0]
+        conn.deadline = None
+        self.connecting.discard(conn)
+        self.conns.pop(conn.id, None)
+        self.closed.append((conn.id, conn.listener_id, conn.upstream_index, int(reason), err,
+                            *conn.take_deltas()))
+
+    def release(self) -> None:
+        """Close the selector and wake-up sockets once the thread is gone."""
+        self.sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def close_all(self) -> None:
+        for conn in list(self.conns.values()):
+            self._finish(conn, CloseReason.SHUTDOWN, 0, reset=(True, True))
+        for lst in list(self.listeners.values()):
+            self.drop_listener(lst)
+
+    def collect_into(self, opened: list[Opened], updated: list[Updated],
+                     closed: list[Closed]) -> None:
+        for conn in self.conns.values():
+            if not conn.announced:
+                conn.announced = True
+                opened.append((conn.id, conn.listener_id, conn.upstream_index))
+            deltas = conn.take_deltas()
+            if any(deltas):
+                updated.append((conn.id, *deltas))
+        closed.extend(self.closed)
+        self.closed = []
+
+
+class Engine:
+    """Relays TCP between socket pairs in Python worker threads."""
+
+    def __init__(self, workers: int = 1, *, pipe_size: int = 1048576, max_pipes: int = 4096,
+                 buffer_size: int = 65536, splice: bool = True) -> None:
+        # pipe_size, max_pipes and splice only matter to the splice engine.
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers!r}")
+        if not isinstance(buffer_size, int) or buffer_size < 1024:
+            raise ValueError(f"buffer_size must be at least 1024 bytes, not {buffer_size!r}")
+        if pipe_size < 0 or max_pipes < 0:
+            raise ValueError("pipe_size and max_pipes cannot be negative")
+        self._workers = [_Worker(self, i, buffer_size) for i in range(workers)]
+        # Lock order: _lifecycle, then worker locks (worker 0 first), then _lock.
+        self._lifecycle = threading.Lock()  # start(), stop() and the calls that add fds
+        self._lock = threading.Lock()  # conn ids and round robin
+        self._conn_ids = itertools.count(1)
+        self._listeners = 0  # listener ids handed out so far
+        self._rr = 0
+        self._started = False
+        self._stopped = False
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._stopped
+
+    @property
+    def splice_enabled(self) -> bool:
+        return False
+
+    def start(self) -> None:
+        with self._lifecycle:
+            if self._stopped:
+                raise RuntimeError("a stopped engine cannot be started again")
+            if self._started:
+                return
+            self._started = True
+            for worker in self._workers:
+                worker.start()
+
+    def stop(self) -> None:
+        """Stop the worker threads; reset every open connection (recorded as SHUTDOWN)."""
+        with self._lifecycle:
+            if self._stopped:
+                return
+            self._stopped = True
+            for worker in self._workers:
+                with worker.lock:
+                    worker.stopping = True
+                worker.wake()
+            for worker in self._workers:
+                if worker.thread is not None:
+                    worker.thread.join()
+            for worker in self._workers:
+                with worker.lock:
+                    worker.close_all()
+                worker.release()
+
+    def __del__(self) -> None:
+        # Reached only when no worker thread runs (they reference the engine).
+        try:
+            self.stop()
+        except Exception:
+            pass
+
+    def add_listener(self, fd: int, upstreams: Sequence[tuple[str, int]],
+                     connect_timeout: float = 5.0) -> int:
+        """Accept on a bound, listening, non-blocking socket (the caller keeps owning
+        the fd) and relay each connection to the next upstream, round robin.
+        upstreams are numeric IPv4/IPv6 addresses. Returns the listener id."""
+        targets = [_parse_upstream(u) for u in upstreams]
+        if not targets:
+            raise ValueError("a listener needs at least one upstream")
+        if not connect_timeout > 0 or math.isinf(connect_timeout):
+            raise ValueError(f"connect_timeout must be positive, not {connect_timeout!r}")
+        dup = os.dup(fd)
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            raise
+        sock.setblocking(False)
+        worker = self._workers[0]
+        with self._lifecycle, worker.lock:  # stop() cannot release the selector meanwhile
+            try:
+                if self._stopped:
+                    raise RuntimeError("the engine is stopped")
+                lst = _Listener(self._listeners, sock, targets, float(connect_timeout))
+                worker.sel.register(sock, _READ, lst)
+            except BaseException:
+                sock.close()
+                raise
+            self._listeners += 1
+            worker.listeners[lst.id] = lst
+        worker.wake()
+        return lst.id
+
+    def remove_listener(self, listener_id: int) -> None:
+        """Stop accepting on that listener; open connections go on."""
+        if not 0 <= listener_id < self._listeners:
+            raise ValueError(f"no listener {listener_id}")
+        worker = self._workers[0]
+        with worker.lock:
+            lst = worker.listeners.get(listener_id)
+            if lst is not None:
+                worker.drop_listener(lst)
+
+    def relay(self, down_fd: int, up_fd: int) -> int:
+        """Relay an established socket pair; the engine owns and closes both fds."""
+        with self._lifecycle:  # stop() cannot release the selectors meanwhile
+            if self._stopped:
+                raise RuntimeError("the engine is stopped")
+            down = socket.socket(fileno=down_fd)
+            try:
+                up = socket.socket(fileno=up_fd)
+            except BaseException:
+                down.detach()  # not ours after all: leave the fd to the caller
+                raise
+            conn = _Conn(self._new_id(), down, up)
+            self._hand_over(conn, None)
+            return conn.id
+
+    def collect(self) -> tuple[list[Opened], list[Updated], list[Closed]]:
+        """Everything that changed since the previous call, in one batch."""
+        opened: list[Opened] = []
+        updated: list[Updated] = []
+        closed: list[Closed] = []
+        for worker in self._workers:
+            with worker.lock:
+                worker.collect_into(opened, updated, closed)
+        return opened, updated, closed
+
+    def stats(self) -> dict[str, int]:
+        """Engine health counters, summed over the workers."""
+        totals = dict.fromkeys(_STATS, 0)
+        for worker in self._workers:
+            with worker.lock:
+                for name, value in worker.counters.items():
+                    totals[name] += value
+                totals["active_connections"] += len(worker.conns)
+                totals["buffers_in_use"] += sum(
+                    1 for c in worker.conns.values() for f in c.flows if f.pending)
+        return totals
+
+    # -- used by the workers
+
+    def _new_id(self) -> int:
+        with self._lock:
+            return next(self._conn_ids)
+
+    def _hand_over(self, conn: _Conn, target: Optional[_Target],
+                   caller: Optional[_Worker] = None) -> None:
+        """Give a connection to the next worker, round robin, and wake it."""
+        with self._lock:
+            worker = self._workers[self._rr % len(self._workers)]
+            self._rr += 1
+        if worker is caller:
+            worker.add(conn, target)  # the accepting worker already holds its own lock
+        else:
+            with worker.lock:
+                worker.add(conn, target)
+            worker.wake()

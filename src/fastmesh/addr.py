@@ -1,0 +1,75 @@
+"""HOST:PORT parsing and resolution for listeners and upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from typing import NamedTuple
+
+
+class Address(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str, *, allow_port_zero: bool = False) -> Address:
+    """Parse `host:port`, `[v6]:port` or `:port` (all interfaces)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r}: expected HOST:PORT")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses as [ADDRESS]:PORT")
+    if not port_text.isdigit():
+        raise ValueError(f"{text!r}: the port must be a number")
+    port = int(port_text)
+    if not (0 if allow_port_zero else 1) <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range")
+    return Address(host or "0.0.0.0", port)
+
+
+async def resolve(address: Address) -> list[Address]:
+    """Numeric addresses for a host name (one entry per distinct address)."""
+    try:
+        ipaddress.ip_address(address.host)
+        return [address]
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve {address.host!r}: {exc.strerror}") from None
+    found: list[Address] = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            resolved = Address(sockaddr[0], sockaddr[1])
+            if resolved not in found:
+                found.append(resolved)
+    if not found:
+        raise ValueError(f"{address.host!r} has no IPv4 or IPv6 address")
+    return found
+
+
+def bind_listener(address: Address, backlog: int) -> socket.socket:
+    """A non-blocking listening socket; the error names the address on failure."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    return sock

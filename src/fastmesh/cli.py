@@ -1,0 +1,160 @@
+"""Command line: `python -m fastmesh serve ...`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any, Sequence
+
+from fastmesh import __version__
+from fastmesh.addr import Address, parse_address
+from fastmesh.durations import parse_duration
+from fastmesh.engine import IMPLEMENTATION
+
+log = logging.getLogger("fastmesh")
+
+
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text, allow_port_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastmesh",
+        description="A TCP sidecar proxy: relays TCP at kernel speed and reports Istio's TCP metrics.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastmesh {__version__} ({IMPLEMENTATION} engine)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="relay a listener to an upstream",
+        description="Accept TCP connections on --listen and relay each one, byte for byte, to --upstream.",
+    )
+    serve.add_argument("--listen", type=_address, required=True, metavar="HOST:PORT",
+                       help="address to accept on, e.g. 0.0.0.0:15001 or [::]:15001")
+    serve.add_argument("--upstream", type=_address, required=True, action="append", metavar="HOST:PORT",
+                       help="where to relay; repeat for several upstreams (round robin); host names are resolved once")
+    serve.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                       help="relay threads (default 1; one epoll loop each, without the GIL)")
+    serve.add_argument("--admin", type=_address, default=Address("127.0.0.1", 15000), metavar="HOST:PORT",
+                       help="admin endpoint: /ready, /stats, /config_dump (default 127.0.0.1:15000)")
+    serve.add_argument("--no-admin", action="store_true", help="do not serve the admin endpoint")
+    serve.add_argument("--connect-timeout", type=_duration, default=5.0, metavar="DURATION",
+                       help="upstream connect timeout, e.g. 500ms, 5s (default 5s)")
+    serve.add_argument("--drain-timeout", type=_duration, default=5.0, metavar="DURATION",
+                       help="on SIGINT/SIGTERM, how long open connections may finish (default 5s)")
+    serve.add_argument("--pipe-size", type=_positive_int, default=1 << 20, metavar="BYTES",
+                       help="splice pipe size (default 1048576)")
+    serve.add_argument("--max-pipes", type=int, default=4096, metavar="N",
+                       help="pipes in flight before falling back to copying (default 4096; 0 disables splice)")
+    serve.add_argument("--no-splice", action="store_true", help="copy with recv/send instead of splice")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _effective_config(args: argparse.Namespace, listeners: Sequence[Any]) -> dict[str, Any]:
+    return {
+        "version": __version__,
+        "engine": {
+            "implementation": IMPLEMENTATION,
+            "workers": args.workers,
+            "splice": not args.no_splice and args.max_pipes > 0,
+            "pipe_size": args.pipe_size,
+            "max_pipes": args.max_pipes,
+        },
+        "listeners": [
+            {
+                "address": str(listener.address),
+                "upstreams": [str(u) for u in listener.upstreams],
+                "connect_timeout_seconds": listener.connect_timeout,
+            }
+            for listener in listeners
+        ],
+        "drain_timeout_seconds": args.drain_timeout,
+        "admin": None if args.no_admin else str(args.admin),
+    }
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from fastmesh.admin import make_app, start_admin
+    from fastmesh.relay import Relay
+
+    relay = Relay(
+        workers=args.workers,
+        pipe_size=args.pipe_size,
+        max_pipes=args.max_pipes,
+        splice=not args.no_splice,
+    )
+    admin_runner = None
+    try:
+        await relay.listen(args.listen, args.upstream, connect_timeout=args.connect_timeout)
+        if not args.no_admin:
+            app = make_app(relay, lambda: _effective_config(args, list(relay.listeners.values())))
+            admin_runner, admin_address = await start_admin(app, args.admin)
+            log.info("admin on http://%s/", admin_address)
+    except (OSError, ValueError) as exc:
+        log.error("%s", exc)
+        await relay.close()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        return 1
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("ready: %s engine, %d worker(s)", IMPLEMENTATION, args.workers)
+    await stop.wait()
+
+    log.info("stopping: no longer accepting, draining for up to %gs", args.drain_timeout)
+    await relay.close(drain_timeout=args.drain_timeout)
+    if admin_runner is not None:
+        await admin_runner.cleanup()
+    counters = relay.counters()
+    log.info(
+        "stopped after %d connection(s), %d bytes in, %d bytes out",
+        counters["connections_opened"], counters["downstream_rx_bytes"], counters["downstream_tx_bytes"],
+    )
+    return 0
+
+
+def run(coro_fn: Any, *args: Any) -> int:
+    """Run a coroutine function on uvloop, or on asyncio's own loop without it."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro_fn(*args))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro_fn(*args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "serve":
+        return run(serve, args)
+    raise AssertionError(args.command)

@@ -1,0 +1,219 @@
+"""Shared fixtures: both engines, threaded test servers on 127.0.0.1, and
+helpers that read an engine's batches until the expected connections closed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+
+from fastmesh import _engine_py
+
+try:
+    from fastmesh import _core
+except ImportError:  # test_engine_selection.py reports this as a failure
+    _core = None
+
+ENGINE_MODULES = {"cython": _core, "python": _engine_py}
+
+
+@pytest.fixture(params=sorted(ENGINE_MODULES))
+def engine_module(request: pytest.FixtureRequest) -> Any:
+    module = ENGINE_MODULES[request.param]
+    if module is None:
+        pytest.fail("fastmesh._core is not built: run `pip install -e .`")
+    return module
+
+
+@pytest.fixture
+def make_engine(engine_module: Any):
+    engines = []
+
+    def make(**options: Any) -> Any:
+        engine = engine_module.Engine(**options)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def listening_socket(backlog: int = 512) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(backlog)
+    return sock
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound once, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Upstream:
+    """A TCP server on 127.0.0.1 that runs `handler(conn)` in a thread per connection."""
+
+    def __init__(self, handler: Callable[[socket.socket], Any], backlog: int = 512) -> None:
+        self.handler = handler
+        self.sock = listening_socket(backlog)
+        self.address = self.sock.getsockname()
+        self.results: list[Any] = []
+        self.errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._acceptor = threading.Thread(target=self._accept_forever, daemon=True)
+        self._acceptor.start()
+
+    def _accept_forever(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            with self._lock:
+                self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                result = self.handler(conn)
+            with self._lock:
+                self.results.append(result)
+        except BaseException as exc:  # reported by the test through .errors
+            with self._lock:
+                self.errors.append(exc)
+
+    def wait(self, count: int, timeout: float = 30.0) -> list[Any]:
+        """Wait until `count` handlers finished; return their results."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.results) + len(self.errors) >= count:
+                    break
+            time.sleep(0.01)
+        with self._lock:
+            assert len(self.results) + len(self.errors) >= count, "upstream handlers did not finish"
+            return list(self.results)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def upstream():
+    servers: list[Upstream] = []
+
+    def start(handler: Callable[[socket.socket], Any], backlog: int = 512) -> Upstream:
+        server = Upstream(handler, backlog)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def relay_to(make_engine):
+    """relay_to(upstream_address, **engine_options) -> (engine, listen_address)."""
+    sockets: list[socket.socket] = []
+
+    def start(address: tuple[str, int], connect_timeout: float = 5.0, **options: Any):
+        engine = make_engine(**options)
+        sock = listening_socket()
+        sock.setblocking(False)
+        sockets.append(sock)
+        engine.add_listener(sock.fileno(), [address], connect_timeout)
+        engine.start()
+        return engine, sock.getsockname()
+
+    yield start
+    for sock in sockets:
+        sock.close()
+
+
+def read_all(sock: socket.socket) -> tuple[int, str]:
+    """Read to EOF; return (byte count, sha256)."""
+    digest = hashlib.sha256()
+    total = 0
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return total, digest.hexdigest()
+        digest.update(chunk)
+        total += len(chunk)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def random_bytes(size: int) -> bytes:
+    return os.urandom(size)
+
+
+@dataclass
+class ConnRecord:
+    """Everything the engine reported about one connection."""
+
+    opened: bool = False
+    closed: bool = False
+    listener_id: int = -2
+    upstream_index: int = -2
+    reason: int = 0
+    err: int = 0
+    bytes: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # down_rx, down_tx, up_rx, up_tx
+
+
+class Collector:
+    """Folds an engine's batches into per-connection records."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.conns: dict[int, ConnRecord] = defaultdict(ConnRecord)
+        self.updates_for_closed = 0
+
+    def collect(self) -> None:
+        opened, updated, closed = self.engine.collect()
+        for conn_id, listener_id, upstream_index in opened:
+            record = self.conns[conn_id]
+            assert not record.opened, "a connection was reported opened twice"
+            record.opened = True
+            record.listener_id, record.upstream_index = listener_id, upstream_index
+        for conn_id, *deltas in updated:
+            record = self.conns[conn_id]
+            assert not record.closed, "an update arrived after the close"
+            record.bytes = [a + b for a, b in zip(record.bytes, deltas)]
+        for conn_id, listener_id, upstream_index, reason, err, *deltas in closed:
+            record = self.conns[conn_id]
+            assert not record.closed, "a connection was reported closed twice"
+            record.closed = True
+            record.listener_id, record.upstream_index = listener_id, upstream_index
+            record.reason, record.err = reason, err
+            record.bytes = [a + b for a, b in zip(record.bytes, deltas)]
+
+    def closed(self) -> list[ConnRecord]:
+        return [r for r in self.conns.values() if r.closed]
+
+    def wait_closed(self, count: int, timeout: float = 20.0) -> list[ConnRecord]:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.collect()
+            done = self.closed()
+            if len(done) >= count or time.monotonic() > deadline:
+                assert len(done) == count, f"expected {count} closed connections, engine reported {len(done)}"
+                return done
+            time.sleep(0.02)

@@ -1,0 +1,210 @@
+"""`python -m fastmesh serve` as a user runs it: relaying, admin endpoints,
+signals, a dead upstream, and bad command lines."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, random_bytes, read_all, sha256
+
+MiB = 1 << 20
+
+
+class Serve:
+    """A `fastmesh serve` subprocess with its admin endpoint on a free port."""
+
+    def __init__(self, tmp_path: Path, upstream: tuple[str, int], *extra: str) -> None:
+        self.listen = ("127.0.0.1", free_port())
+        self.admin = ("127.0.0.1", free_port())
+        self.log_path = tmp_path / f"serve-{self.listen[1]}.log"
+        self.log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "fastmesh", "serve",
+                "--listen", "%s:%d" % self.listen,
+                "--upstream", "%s:%d" % upstream,
+                "--admin", "%s:%d" % self.admin,
+                *extra,
+            ],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.wait_ready()
+
+    def get(self, path: str) -> tuple[int, str]:
+        url = "http://%s:%d%s" % (*self.admin, path)
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.output()
+            try:
+                if self.get("/ready") == (200, "LIVE\n"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("fastmesh serve did not become ready:\n" + self.output())
+
+    def stats(self) -> dict:
+        status, body = self.get("/stats")
+        assert status == 200
+        return json.loads(body)
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        self.process.send_signal(signum)
+        code = self.process.wait(30)
+        self.log.close()
+        return code
+
+
+@pytest.fixture
+def serve(tmp_path):
+    started: list[Serve] = []
+
+    def start(upstream: tuple[str, int], *extra: str) -> Serve:
+        process = Serve(tmp_path, upstream, *extra)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait()
+
+
+def test_serve_relays_exact_bytes_and_exits_cleanly_on_sigterm(serve, upstream):
+    response = random_bytes(3 * MiB)
+
+    def answer(conn: socket.socket) -> tuple[int, str]:
+        received = read_all(conn)
+        conn.sendall(response)
+        return received
+
+    server = upstream(answer)
+    proxy = serve(server.address)
+    request = random_bytes(5 * MiB)
+    with socket.create_connection(proxy.listen) as client:
+        client.sendall(request)
+        client.shutdown(socket.SHUT_WR)
+        assert read_all(client) == (len(response), sha256(response))
+    assert server.wait(1) == [(len(request), sha256(request))]
+
+    stats = proxy.stats()
+    assert stats["implementation"] == "cython"
+    assert proxy.stop(signal.SIGTERM) == 0
+    output = proxy.output()
+    assert "stopped after 1 connection(s), %d bytes in, %d bytes out" % (len(request), len(response)) in output
+
+
+def test_sigint_stops_cleanly_and_closes_the_listener(serve, upstream):
+    server = upstream(lambda conn: None)
+    proxy = serve(server.address)
+    assert proxy.stop(signal.SIGINT) == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(proxy.listen, timeout=5)
+
+
+def test_dead_upstream_closes_the_client_is_logged_and_counted_and_serving_goes_on(serve, upstream):
+    dead = ("127.0.0.1", free_port())
+    proxy = serve(dead)
+    for _ in range(2):
+        with socket.create_connection(proxy.listen) as client:
+            client.settimeout(10)
+            client.sendall(b"hello?")
+            try:
+                assert client.recv(1) == b""
+            except ConnectionResetError:
+                pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = proxy.stats()
+        if stats["totals"].get("closed_connect_failed") == 2:
+            break
+        time.sleep(0.1)
+    assert stats["engine"]["connect_failures"] == 2
+    assert stats["totals"]["closed_connect_failed"] == 2
+    assert proxy.process.poll() is None
+    assert proxy.stop() == 0
+    assert "connect failed to 127.0.0.1:%d (ECONNREFUSED: Connection refused)" % dead[1] in proxy.output()
+
+
+def test_config_dump_shows_the_effective_configuration(serve, upstream):
+    server = upstream(lambda conn: None)
+    proxy = serve(server.address, "--workers", "2", "--connect-timeout", "750ms")
+    status, body = proxy.get("/config_dump")
+    assert status == 200
+    config = json.loads(body)
+    assert config["engine"]["workers"] == 2
+    assert config["listeners"] == [
+        {
+            "address": "127.0.0.1:%d" % proxy.listen[1],
+            "upstreams": ["%s:%d" % server.address],
+            "connect_timeout_seconds": 0.75,
+        }
+    ]
+    assert proxy.stop() == 0
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastmesh", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["serve", "--upstream", "127.0.0.1:1"], "the following arguments are required: --listen"),
+        (["serve", "--listen", "nonsense", "--upstream", "127.0.0.1:1"], "'nonsense': expected HOST:PORT"),
+        (["serve", "--listen", "127.0.0.1:99999", "--upstream", "127.0.0.1:1"], "port 99999 is out of range"),
+        (["serve", "--listen", ":1", "--upstream", "::1:80"], "write IPv6 addresses as [ADDRESS]:PORT"),
+        (["serve", "--listen", ":1", "--upstream", "h:1", "--workers", "0"], "'0' is not a positive whole number"),
+        (["serve", "--listen", ":1", "--upstream", "h:1", "--connect-timeout", "5"], "'5' is not a duration"),
+    ],
+)
+def test_bad_command_lines_get_precise_errors(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_a_busy_listen_address_is_a_clear_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "--listen", "127.0.0.1:%d" % port, "--upstream", "127.0.0.1:1", "--no-admin")
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1:%d: Address already in use" % port in result.stderr
+
+
+def test_an_unresolvable_upstream_is_a_clear_error():
+    result = run_cli("serve", "--listen", "127.0.0.1:0", "--upstream", "no-such-host.invalid:80", "--no-admin")
+    assert result.returncode == 1
+    assert "cannot resolve 'no-such-host.invalid'" in result.stderr
+
+
+def test_help_names_every_serve_option():
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0
+    for option in ("--listen", "--upstream", "--workers", "--admin", "--connect-timeout", "--drain-timeout"):
+        assert option in result.stdout

@@ -343,8 +343,9 @@ def _socat(port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
 
 
 def _fastmesh(spec: RelaySpec, port: int, upstream: int) -> list[str]:
+    # Admin and metrics on free ports: telemetry stays on unless a variant says --no-metrics.
     return [sys.executable, "-m", "fastmesh", "serve", "--listen", f"{HOST}:{port}",
-            "--upstream", f"{HOST}:{upstream}", "--admin", f"{HOST}:0", *spec.args]
+            "--upstream", f"{HOST}:{upstream}", "--admin", f"{HOST}:0", "--metrics", f"{HOST}:0", *spec.args]
 
 
 @dataclass

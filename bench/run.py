@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def relay_specs(a: argparse.Namespace, notes: list[str]) -> list[RelaySpec]:
+def relay_specs(a: argparse.Namespace) -> list[RelaySpec]:
     wanted = [r.strip() for r in a.relays.split(",") if r.strip()]
     unknown = set(wanted) - set(KINDS)
     if unknown:
@@ -69,16 +69,12 @@ def relay_specs(a: argparse.Namespace, notes: list[str]) -> list[RelaySpec]:
             specs.append(RelaySpec(kind, kind))
         if kind == "fastmesh":
             specs += [peers.parse_variant(v) for v in a.fastmesh_variant]
-    # A fastmesh row that cannot even print its version is left out, not fatal:
-    # the other relays still get measured.
-    kept = []
+    # A bench of fastmesh without fastmesh means nothing: a row that cannot even
+    # print its version stops the run.
     for s in specs:
         if s.kind == "fastmesh" and peers.fastmesh_version(s) is None:
-            notes.append(f"{s.name} skipped: `python -m fastmesh --version` failed (CLI not available yet?)")
-            print(f"note: {notes[-1]}", file=sys.stderr)
-            continue
-        kept.append(s)
-    return kept
+            sys.exit(f"{s.name}: `python -m fastmesh --version` failed; install fastmesh first (pip install -e .)")
+    return specs
 
 
 def _first_line(argv: list[str]) -> str:
@@ -172,7 +168,7 @@ def main(argv=None) -> int:
     installed = peers.ensure_tools()
     if installed:
         notes.append(f"installed Debian packages: {' '.join(installed)}")
-    specs = relay_specs(a, notes)
+    specs = relay_specs(a)
     if not specs:
         sys.exit("nothing to measure")
     units = [u for u in UNITS if u not in {s.strip() for s in a.skip.split(",")}]

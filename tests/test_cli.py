@@ -26,6 +26,7 @@ class Serve:
     def __init__(self, tmp_path: Path, upstream: tuple[str, int], *extra: str) -> None:
         self.listen = ("127.0.0.1", free_port())
         self.admin = ("127.0.0.1", free_port())
+        self.metrics = ("127.0.0.1", free_port())
         self.log_path = tmp_path / f"serve-{self.listen[1]}.log"
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(
@@ -34,6 +35,7 @@ class Serve:
                 "--listen", "%s:%d" % self.listen,
                 "--upstream", "%s:%d" % upstream,
                 "--admin", "%s:%d" % self.admin,
+                "--metrics", "%s:%d" % self.metrics,
                 *extra,
             ],
             stdout=self.log, stderr=subprocess.STDOUT,
@@ -179,6 +181,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["serve", "--listen", ":1", "--upstream", "::1:80"], "write IPv6 addresses as [ADDRESS]:PORT"),
         (["serve", "--listen", ":1", "--upstream", "h:1", "--workers", "0"], "'0' is not a positive whole number"),
         (["serve", "--listen", ":1", "--upstream", "h:1", "--connect-timeout", "5"], "'5' is not a duration"),
+        (["serve", "--listen", ":1", "--upstream", "h:1", "--direction", "sideways"], "invalid choice: 'sideways'"),
     ],
 )
 def test_bad_command_lines_get_precise_errors(args, message):
@@ -192,13 +195,15 @@ def test_a_busy_listen_address_is_a_clear_error():
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        result = run_cli("serve", "--listen", "127.0.0.1:%d" % port, "--upstream", "127.0.0.1:1", "--no-admin")
+        result = run_cli("serve", "--listen", "127.0.0.1:%d" % port, "--upstream", "127.0.0.1:1",
+                         "--no-admin", "--no-metrics")
     assert result.returncode == 1
     assert "cannot listen on 127.0.0.1:%d: Address already in use" % port in result.stderr
 
 
 def test_an_unresolvable_upstream_is_a_clear_error():
-    result = run_cli("serve", "--listen", "127.0.0.1:0", "--upstream", "no-such-host.invalid:80", "--no-admin")
+    result = run_cli("serve", "--listen", "127.0.0.1:0", "--upstream", "no-such-host.invalid:80",
+                     "--no-admin", "--no-metrics")
     assert result.returncode == 1
     assert "cannot resolve 'no-such-host.invalid'" in result.stderr
 

@@ -1,7 +1,8 @@
 """fastmesh: a TCP sidecar proxy whose data path runs in Cython."""
 
+from fastmesh._version import __version__
 from fastmesh.engine import IMPLEMENTATION, Engine
 from fastmesh.reasons import CloseReason
+from fastmesh.relay import Relay
 
-__version__ = "0.1.0"
-__all__ = ["IMPLEMENTATION", "Engine", "CloseReason", "__version__"]
+__all__ = ["IMPLEMENTATION", "Engine", "CloseReason", "Relay", "__version__"]

@@ -658,14 +658,14 @@ cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
     up_fd = socket(sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if up_fd < 0:
         err = errno
-        close(down_fd)
+        close_with_reset(down_fd)  # a local error resets the client: it must not look like a clean end
         record_closed(w, next_id(w), l.id, idx, R_LOCAL_ERROR, err, 0, 0, 0, 0)
         return
     set_nodelay(up_fd)
     c = new_conn(w, down_fd, up_fd, l.id, idx, CONNECTING)
     if c == NULL:
         close(up_fd)
-        close(down_fd)
+        close_with_reset(down_fd)
         record_closed(w, next_id(w), l.id, idx, R_LOCAL_ERROR, ENOMEM, 0, 0, 0, 0)
         return
     if connect(up_fd, <sockaddr *>sa, l.uplens[idx]) < 0 and errno != EINPROGRESS:
@@ -695,7 +695,7 @@ cdef void pause_listener(Worker *w, Listener *l) noexcept nogil:
 
 cdef void on_accept(Worker *w, Listener *l) noexcept nogil:
     cdef int i, fd, err
-    if not l.active:
+    if not l.active or l.paused_until[w.index] > 0:
         return
     for i in range(ACCEPT_BATCH):
         fd = accept4(l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)

@@ -337,7 +337,8 @@ class _Worker:
                 self.connecting.add(conn)
             self._sync(conn)
         except OSError as exc:
-            log.warning("fastmesh connection %d: cannot set up: %s", conn.id, exc)
+            # Counted and logged once per upstream and cause by the Relay; per connection only at debug.
+            log.debug("fastmesh connection %d: cannot set up: %s", conn.id, exc)
             self._finish(conn, CloseReason.LOCAL_ERROR, _errno_of(exc), reset=(True, True))
 
     def _on_ready(self, conn: _Conn, side: int, mask: int) -> None:

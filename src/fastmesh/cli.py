@@ -7,12 +7,15 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from fastmesh import __version__
+from fastmesh._version import __version__
 from fastmesh.addr import Address, parse_address
 from fastmesh.durations import parse_duration
 from fastmesh.engine import IMPLEMENTATION
+
+if TYPE_CHECKING:
+    from fastmesh.sidecar import SidecarConfig
 
 log = logging.getLogger("fastmesh")
 
@@ -68,55 +71,55 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pipes", type=int, default=4096, metavar="N",
                        help="pipes in flight before falling back to copying (default 4096; 0 disables splice)")
     serve.add_argument("--no-splice", action="store_true", help="copy with recv/send instead of splice")
+    telemetry = serve.add_argument_group("telemetry (Istio TCP metrics)")
+    telemetry.add_argument("--direction", choices=["outbound", "inbound"], default="outbound",
+                           help="outbound: this sidecar is the client's, metrics say reporter=source; "
+                                "inbound: the server's, reporter=destination (default outbound)")
+    telemetry.add_argument("--node-metadata", metavar="FILE",
+                           help="Istio node metadata of the local workload (JSON or YAML: NAME, NAMESPACE, "
+                                "WORKLOAD_NAME, LABELS, CLUSTER_ID, ...)")
+    telemetry.add_argument("--destination-service", default="", metavar="FQDN",
+                           help="the service behind --upstream, e.g. mongodb.default.svc.cluster.local")
+    telemetry.add_argument("--reporting-duration", type=_duration, default=15.0, metavar="DURATION",
+                           help="how often open connections' bytes are reported (Istio's "
+                                "tcpReportingDuration; default 15s)")
+    telemetry.add_argument("--metrics", type=_address, default=Address("0.0.0.0", 15090), metavar="HOST:PORT",
+                           help="Prometheus endpoint: /stats/prometheus and /metrics (default 0.0.0.0:15090)")
+    telemetry.add_argument("--no-metrics", action="store_true", help="no telemetry and no metrics endpoint")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
-def _effective_config(args: argparse.Namespace, listeners: Sequence[Any]) -> dict[str, Any]:
-    return {
-        "version": __version__,
-        "engine": {
-            "implementation": IMPLEMENTATION,
-            "workers": args.workers,
-            "splice": not args.no_splice and args.max_pipes > 0,
-            "pipe_size": args.pipe_size,
-            "max_pipes": args.max_pipes,
-        },
-        "listeners": [
-            {
-                "address": str(listener.address),
-                "upstreams": [str(u) for u in listener.upstreams],
-                "connect_timeout_seconds": listener.connect_timeout,
-            }
-            for listener in listeners
-        ],
-        "drain_timeout_seconds": args.drain_timeout,
-        "admin": None if args.no_admin else str(args.admin),
-    }
+def _config(args: argparse.Namespace) -> "SidecarConfig":
+    from fastmesh.identity import NodeMetadata, load_node_metadata
+    from fastmesh.sidecar import SidecarConfig
 
-
-async def serve(args: argparse.Namespace) -> int:
-    from fastmesh.admin import make_app, start_admin
-    from fastmesh.relay import Relay
-
-    relay = Relay(
+    return SidecarConfig(
+        listen=args.listen,
+        upstreams=args.upstream,
         workers=args.workers,
+        connect_timeout=args.connect_timeout,
+        drain_timeout=args.drain_timeout,
         pipe_size=args.pipe_size,
         max_pipes=args.max_pipes,
         splice=not args.no_splice,
+        admin=None if args.no_admin else args.admin,
+        metrics=None if args.no_metrics else args.metrics,
+        direction=args.direction,
+        node_metadata=load_node_metadata(args.node_metadata) if args.node_metadata else NodeMetadata(),
+        destination_service=args.destination_service,
+        reporting_duration=args.reporting_duration,
     )
-    admin_runner = None
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from fastmesh.sidecar import Sidecar
+
     try:
-        await relay.listen(args.listen, args.upstream, connect_timeout=args.connect_timeout)
-        if not args.no_admin:
-            app = make_app(relay, lambda: _effective_config(args, list(relay.listeners.values())))
-            admin_runner, admin_address = await start_admin(app, args.admin)
-            log.info("admin on http://%s/", admin_address)
+        sidecar = Sidecar(_config(args))
+        await sidecar.start()
     except (OSError, ValueError) as exc:
         log.error("%s", exc)
-        await relay.close()
-        if admin_runner is not None:
-            await admin_runner.cleanup()
         return 1
 
     stop = asyncio.Event()
@@ -127,10 +130,8 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
 
     log.info("stopping: no longer accepting, draining for up to %gs", args.drain_timeout)
-    await relay.close(drain_timeout=args.drain_timeout)
-    if admin_runner is not None:
-        await admin_runner.cleanup()
-    counters = relay.counters()
+    await sidecar.stop()
+    counters = sidecar.relay.counters()
     log.info(
         "stopped after %d connection(s), %d bytes in, %d bytes out",
         counters["connections_opened"], counters["downstream_rx_bytes"], counters["downstream_tx_bytes"],

@@ -84,6 +84,7 @@ class Relay:
         self._consumers: list[BatchConsumer] = []
         self._collector: asyncio.Task[None] | None = None
         self._warned_dropped = False
+        self._accept_errors_logged = 0
 
     @property
     def implementation(self) -> str:
@@ -154,6 +155,7 @@ class Relay:
                 failures[(listener_id, upstream_index, reason, err)] += 1
         if failures:
             self._log_failures(failures)
+        self._log_accept_errors()
         for consumer in self._consumers:
             consumer(batch)
         return batch
@@ -174,6 +176,16 @@ class Relay:
                 "%s: %d connection(s) closed, %s to %s (%s)",
                 where, count, describe(reason).replace("_", " "), target, cause,
             )
+
+    def _log_accept_errors(self) -> None:
+        # Accept failures never reach a connection record: watch the engine's counter.
+        errors = self.engine.stats()["accept_errors"]
+        if errors > self._accept_errors_logged:
+            log.warning(
+                "%d accept failure(s) since the last read (out of file descriptors or memory?); "
+                "the listener pauses 100 ms after each", errors - self._accept_errors_logged,
+            )
+            self._accept_errors_logged = errors
 
     def counters(self) -> dict[str, int]:
         """Connection and byte totals since start (as of the last collect)."""

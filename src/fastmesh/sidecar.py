@@ -1,0 +1,132 @@
+"""One sidecar: a relay with its listener, Istio TCP telemetry reported every
+`reporting_duration`, the metrics port and the admin port, started and stopped
+together on the running event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from fastmesh._version import __version__
+from fastmesh.addr import Address
+from fastmesh.admin import make_app, start_admin
+from fastmesh.engine import IMPLEMENTATION
+from fastmesh.exposition import MetricsEndpoint
+from fastmesh.identity import NodeMetadata
+from fastmesh.relay import Relay
+from fastmesh.telemetry import OUTBOUND, ListenerTelemetry, TcpTelemetry
+
+log = logging.getLogger("fastmesh")
+
+
+@dataclasses.dataclass
+class SidecarConfig:
+    listen: Address
+    upstreams: list[Address]
+    workers: int = 1
+    connect_timeout: float = 5.0
+    drain_timeout: float = 5.0
+    pipe_size: int = 1 << 20
+    max_pipes: int = 4096
+    splice: bool = True
+    admin: Address | None = Address("127.0.0.1", 15000)
+    metrics: Address | None = Address("0.0.0.0", 15090)
+    direction: str = OUTBOUND
+    node_metadata: NodeMetadata = dataclasses.field(default_factory=NodeMetadata)
+    destination_service: str = ""
+    reporting_duration: float = 15.0
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        # Closes are read every second (or faster with a shorter reporting
+        # period); open connections' bytes are added every reporting period.
+        self.relay = Relay(
+            workers=config.workers,
+            collect_interval=min(1.0, config.reporting_duration),
+            pipe_size=config.pipe_size,
+            max_pipes=config.max_pipes,
+            splice=config.splice,
+        )
+        self.telemetry: TcpTelemetry | None = TcpTelemetry() if config.metrics is not None else None
+        self.admin_address: Address | None = None
+        self.metrics_address: Address | None = None
+        self._runners: list[web.AppRunner] = []
+        self._reporter: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Bind everything; on failure, undo what was started and raise OSError or ValueError."""
+        config = self.config
+        try:
+            listener = await self.relay.listen(config.listen, config.upstreams,
+                                               connect_timeout=config.connect_timeout)
+            if self.telemetry is not None:
+                self.telemetry.listeners[listener.id] = ListenerTelemetry(
+                    config.direction, config.node_metadata.workload(), config.destination_service)
+                self.relay.add_consumer(self.telemetry.on_batch)
+                endpoint = MetricsEndpoint(self.relay, self.telemetry, before_scrape=self.relay.collect)
+                runner, self.metrics_address = await start_admin(endpoint.app(), config.metrics)
+                self._runners.append(runner)
+                log.info("metrics on http://%s/stats/prometheus", self.metrics_address)
+                self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
+            if config.admin is not None:
+                runner, self.admin_address = await start_admin(make_app(self.relay, self.config_dump),
+                                                               config.admin)
+                self._runners.append(runner)
+                log.info("admin on http://%s/", self.admin_address)
+        except BaseException:
+            await self.stop(drain_timeout=0)
+            raise
+
+    async def _report_forever(self) -> None:
+        assert self.telemetry is not None
+        while True:
+            await asyncio.sleep(self.config.reporting_duration)
+            self.relay.collect()
+            self.telemetry.report()
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        if self._reporter is not None:
+            self._reporter.cancel()
+            self._reporter = None
+        await self.relay.close(self.config.drain_timeout if drain_timeout is None else drain_timeout)
+        if self.telemetry is not None:
+            self.telemetry.report()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+
+    def config_dump(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "version": __version__,
+            "engine": {
+                "implementation": IMPLEMENTATION,
+                "workers": config.workers,
+                "splice": config.splice and config.max_pipes > 0,
+                "pipe_size": config.pipe_size,
+                "max_pipes": config.max_pipes,
+            },
+            "listeners": [
+                {
+                    "address": str(listener.address),
+                    "upstreams": [str(u) for u in listener.upstreams],
+                    "connect_timeout_seconds": listener.connect_timeout,
+                }
+                for listener in self.relay.listeners.values()
+            ],
+            "telemetry": None if self.telemetry is None else {
+                "direction": config.direction,
+                "reporting_duration_seconds": config.reporting_duration,
+                "destination_service": config.destination_service,
+                "node_metadata": dict(config.node_metadata.values),
+                "metrics": str(self.metrics_address),
+            },
+            "drain_timeout_seconds": config.drain_timeout,
+            "admin": str(self.admin_address) if self.admin_address else None,
+        }

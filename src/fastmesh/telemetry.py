@@ -1,0 +1,187 @@
+"""Istio's TCP metrics from the engine's batches.
+
+Series are keyed by Istio's 23 standard TCP labels. A connection's label set is
+fixed the first time it is reported (as Istio's stats plugin fills its request
+info once). Closed connections are recorded at the next batch read (every
+second); the byte deltas of open connections are added every reporting
+interval (Istio's `tcpReportingDuration`, 15 s by default). Only connections
+that changed are touched in Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+from fastmesh.identity import LATEST, UNKNOWN, UNKNOWN_WORKLOAD, Workload
+from fastmesh.reasons import CloseReason
+from fastmesh.relay import Batch
+
+# Istio >= 1.10 standard TCP labels (response_code and grpc_response_status are not TCP labels).
+TCP_LABELS = (
+    "reporter",
+    "source_workload", "source_workload_namespace", "source_principal", "source_app", "source_version",
+    "source_canonical_service", "source_canonical_revision", "source_cluster",
+    "destination_workload", "destination_workload_namespace", "destination_principal", "destination_app",
+    "destination_version", "destination_service", "destination_service_name",
+    "destination_service_namespace", "destination_canonical_service", "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol", "response_flags", "connection_security_policy",
+)
+
+INBOUND = "inbound"
+OUTBOUND = "outbound"
+
+# Envoy's short response flags for the ways a connection can end badly before
+# its labels are fixed: UF upstream connection failure, DC/UC downstream/upstream
+# connection termination.
+_RESPONSE_FLAGS = {
+    CloseReason.CONNECT_FAILED: "UF",
+    CloseReason.CONNECT_TIMEOUT: "UF",
+    CloseReason.LOCAL_ERROR: "UF",
+    CloseReason.DOWNSTREAM_RESET: "DC",
+    CloseReason.UPSTREAM_RESET: "UC",
+}
+
+
+def response_flags(reason: int | None) -> str:
+    return _RESPONSE_FLAGS.get(reason, "-") if reason is not None else "-"  # type: ignore[call-overload]
+
+
+def service_namespace(host: str) -> str:
+    """The namespace in a Kubernetes service host `<name>.<namespace>.svc[.<domain>]`, else ''."""
+    parts = host.split(".")
+    return parts[1] if len(parts) >= 3 and parts[2] == "svc" else ""
+
+
+def service_name(host: str, destination_namespace: str) -> str:
+    """Istio's destination_service_name: the short name when the host's second label
+    is the destination namespace, else the whole host."""
+    parts = host.split(".")
+    if len(parts) >= 2 and parts[1] == destination_namespace:
+        return parts[0]
+    return host
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerTelemetry:
+    """What a listener's connections are labelled with, apart from the peer."""
+
+    direction: str  # INBOUND (reporter=destination) or OUTBOUND (reporter=source)
+    local: Workload
+    destination_service: str = ""  # FQDN, e.g. mongodb.default.svc.cluster.local
+
+    def labels(self, peer: Workload, flags: str) -> tuple[str, ...]:
+        outbound = self.direction == OUTBOUND
+        source, destination = (self.local, peer) if outbound else (peer, self.local)
+        host = self.destination_service
+        # Istio takes the namespace from the destination node only; fastmesh falls back
+        # to the service host's namespace when the peer is unknown (see README).
+        namespace = destination.namespace or service_namespace(host)
+        values = (
+            "source" if outbound else "destination",
+            source.workload, source.namespace, UNKNOWN, source.app, source.version,
+            source.canonical_service, source.canonical_revision or LATEST, source.cluster,
+            destination.workload, destination.namespace, UNKNOWN, destination.app,
+            destination.version, host, service_name(host, namespace) if host else "",
+            namespace, destination.canonical_service, destination.canonical_revision or LATEST,
+            destination.cluster,
+            "tcp", flags, "unknown" if outbound else "none",
+        )
+        return tuple(value or UNKNOWN for value in values)
+
+
+class TcpSeries:
+    """The four counters of one label set."""
+
+    __slots__ = ("opened", "closed", "sent", "received")
+
+    def __init__(self) -> None:
+        self.opened = self.closed = self.sent = self.received = 0
+
+
+class _Conn:
+    __slots__ = ("listener_id", "series", "pending_received", "pending_sent", "opened_reported")
+
+    def __init__(self, listener_id: int) -> None:
+        self.listener_id = listener_id
+        self.series: TcpSeries | None = None
+        self.pending_received = 0
+        self.pending_sent = 0
+        self.opened_reported = False
+
+
+PeerLookup = Callable[[int], "Workload | None"]  # conn id -> peer, or None while still unknown
+
+
+class TcpTelemetry:
+    """Folds engine batches into Istio TCP series. Feed it with Relay.add_consumer(t.on_batch)
+    and call report() every reporting interval."""
+
+    def __init__(self, listeners: dict[int, ListenerTelemetry] | None = None,
+                 peer_of: PeerLookup | None = None) -> None:
+        self.listeners: dict[int, ListenerTelemetry] = dict(listeners or {})
+        self.series: dict[tuple[str, ...], TcpSeries] = {}
+        self._peer_of = peer_of or (lambda conn_id: UNKNOWN_WORKLOAD)
+        self._open: dict[int, _Conn] = {}
+        self._dirty: set[int] = set()  # open connections with something to report
+
+    def _series_for(self, conn_id: int, conn: _Conn, reason: int | None) -> TcpSeries | None:
+        if conn.series is None:
+            listener = self.listeners.get(conn.listener_id)
+            if listener is None:
+                return None  # not a telemetry listener (e.g. a pair given to Engine.relay)
+            peer = self._peer_of(conn_id)
+            if peer is None:
+                if reason is None:
+                    return None  # the peer may still make itself known: wait
+                peer = UNKNOWN_WORKLOAD  # closed without one: recorded anyway, unlike Istio 1.7
+            key = listener.labels(peer, response_flags(reason))
+            series = self.series.get(key)
+            if series is None:
+                series = self.series[key] = TcpSeries()
+            conn.series = series
+        return conn.series
+
+    def on_batch(self, batch: Batch) -> None:
+        open_conns = self._open
+        for conn_id, listener_id, _ in batch.opened:
+            open_conns[conn_id] = _Conn(listener_id)
+            self._dirty.add(conn_id)
+        for conn_id, received, sent, _, _ in batch.updated:
+            conn = open_conns.get(conn_id)
+            if conn is not None:
+                conn.pending_received += received
+                conn.pending_sent += sent
+                self._dirty.add(conn_id)
+        for conn_id, listener_id, _, reason, _, received, sent, _, _ in batch.closed:
+            conn = open_conns.pop(conn_id, None) or _Conn(listener_id)
+            self._dirty.discard(conn_id)
+            series = self._series_for(conn_id, conn, reason)
+            if series is None:
+                continue
+            if not conn.opened_reported:
+                series.opened += 1
+            series.closed += 1
+            series.received += conn.pending_received + received
+            series.sent += conn.pending_sent + sent
+
+    def report(self) -> None:
+        """Add what open connections did since the last report (Istio's periodic record)."""
+        still_dirty: set[int] = set()
+        for conn_id in self._dirty:
+            conn = self._open[conn_id]
+            series = self._series_for(conn_id, conn, None)
+            if series is None:
+                still_dirty.add(conn_id)
+                continue
+            if not conn.opened_reported:
+                conn.opened_reported = True
+                series.opened += 1
+            series.received += conn.pending_received
+            series.sent += conn.pending_sent
+            conn.pending_received = conn.pending_sent = 0
+        self._dirty = still_dirty
+
+    def samples(self) -> Iterator[tuple[tuple[str, ...], TcpSeries]]:
+        return iter(self.series.items())

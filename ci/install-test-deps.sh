@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(iperf3 redis-server redis-tools)
+DEBIAN_PACKAGES=(iperf3 redis-server redis-tools prometheus)
 
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
@@ -13,8 +13,10 @@ done
 if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    # Debian starts redis-server as a service on install; the tests start their own.
-    systemctl disable --now redis-server >/dev/null 2>&1 || service redis-server stop >/dev/null 2>&1 || true
+    # Debian starts these as services on install; the tests start their own.
+    for service in redis-server prometheus; do
+        systemctl disable --now "$service" >/dev/null 2>&1 || service "$service" stop >/dev/null 2>&1 || true
+    done
 fi
 
 python -m pip install --quiet --disable-pip-version-check -e ".[test]"

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import pytest
 
 from fastmesh import _engine_py
+from fastmesh.sidecar import BackgroundSidecar
 
 try:
     from fastmesh import _core
@@ -217,3 +218,29 @@ class Collector:
                 assert len(done) == count, f"expected {count} closed connections, engine reported {len(done)}"
                 return done
             time.sleep(0.02)
+
+
+class RunningSidecar(BackgroundSidecar):
+    """A BackgroundSidecar that tests can scrape."""
+
+    def scrape(self, path: str = "/stats/prometheus", accept: str = "") -> tuple[str, str]:
+        import urllib.request
+
+        request = urllib.request.Request(
+            "http://%s:%d%s" % (*self.sidecar.metrics_address, path), headers={"Accept": accept})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.headers["Content-Type"], response.read().decode()
+
+
+@pytest.fixture
+def sidecar():
+    started: list[RunningSidecar] = []
+
+    def start(config: Any) -> RunningSidecar:
+        running = RunningSidecar(config)
+        started.append(running)
+        return running
+
+    yield start
+    for running in reversed(started):
+        running.stop()

@@ -654,7 +654,6 @@ cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
     cdef sockaddr_storage *sa = &l.ups[idx]
     cdef int up_fd, err
     cdef Conn *c
-    set_nodelay(down_fd)
     up_fd = socket(sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if up_fd < 0:
         err = errno
@@ -1048,6 +1047,7 @@ cdef class Engine:
             raise MemoryError()
         l.nup = nup
         l.fd = fd
+        set_nodelay(fd)  # accepted sockets inherit it: one setsockopt per listener, not per connection
         l.connect_timeout = connect_timeout
         for i, (host, port) in enumerate(upstreams):
             fill_sockaddr(&l.ups[i], &l.uplens[i], host, port)

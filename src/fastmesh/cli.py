@@ -1,4 +1,4 @@
-"""Command line: `python -m fastmesh serve ...`."""
+"""Command line: `python -m fastmesh serve ...` and `python -m fastmesh metrics ...`."""
 
 from __future__ import annotations
 
@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Prometheus endpoint: /stats/prometheus and /metrics (default 0.0.0.0:15090)")
     telemetry.add_argument("--no-metrics", action="store_true", help="no telemetry and no metrics endpoint")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    metrics = commands.add_parser(
+        "metrics",
+        help="show a sidecar's istio_tcp_* series as a table",
+        description="Read a fastmesh (or Envoy) metrics endpoint and print the TCP series, one row per label set.",
+    )
+    metrics.add_argument("--url", default="http://127.0.0.1:15090/stats/prometheus",
+                         help="metrics endpoint (default http://127.0.0.1:15090/stats/prometheus)")
+    metrics.add_argument("--watch", nargs="?", type=_duration, const=2.0, default=None, metavar="DURATION",
+                         help="refresh every DURATION (default 2s) until Ctrl-C")
+    metrics.add_argument("--all-labels", action="store_true", help="a column for every label, not just the key ones")
     return parser
 
 
@@ -152,10 +163,14 @@ def run(coro_fn: Any, *args: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
+        level=getattr(logging, getattr(args, "log_level", "info").upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     if args.command == "serve":
         return run(serve, args)
+    if args.command == "metrics":
+        from fastmesh import metrics_view
+
+        return metrics_view.run(args.url, args.watch, args.all_labels)
     raise AssertionError(args.command)

@@ -130,3 +130,35 @@ class Sidecar:
             "drain_timeout_seconds": config.drain_timeout,
             "admin": str(self.admin_address) if self.admin_address else None,
         }
+
+
+class BackgroundSidecar:
+    """A Sidecar on its own event loop thread, for programs (and tests) that are
+    not asyncio themselves. Started on construction; stop() ends it."""
+
+    def __init__(self, config: SidecarConfig) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="fastmesh-control", daemon=True)
+        self._thread.start()
+        self.sidecar = Sidecar(config)
+        try:
+            self.call(self.sidecar.start())
+        except BaseException:
+            self._end_loop()
+            raise
+        self.listen = next(iter(self.sidecar.relay.listeners.values())).address
+
+    def call(self, coroutine: Any, timeout: float = 30.0) -> Any:
+        """Run a coroutine on the sidecar's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def _end_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def stop(self, drain_timeout: float = 0.0) -> None:
+        if self.loop.is_running():
+            self.call(self.sidecar.stop(drain_timeout=drain_timeout))
+            self._end_loop()

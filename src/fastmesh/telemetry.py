@@ -122,7 +122,7 @@ class TcpTelemetry:
                  peer_of: PeerLookup | None = None) -> None:
         self.listeners: dict[int, ListenerTelemetry] = dict(listeners or {})
         self.series: dict[tuple[str, ...], TcpSeries] = {}
-        self._peer_of = peer_of or (lambda conn_id: UNKNOWN_WORKLOAD)
+        self.peer_of: PeerLookup = peer_of or (lambda conn_id: UNKNOWN_WORKLOAD)
         self._open: dict[int, _Conn] = {}
         self._dirty: set[int] = set()  # open connections with something to report
 
@@ -131,7 +131,7 @@ class TcpTelemetry:
             listener = self.listeners.get(conn.listener_id)
             if listener is None:
                 return None  # not a telemetry listener (e.g. a pair given to Engine.relay)
-            peer = self._peer_of(conn_id)
+            peer = self.peer_of(conn_id)
             if peer is None:
                 if reason is None:
                     return None  # the peer may still make itself known: wait

@@ -1,0 +1,114 @@
+"""Scrape cost: a real fastmesh sidecar holding N open connections spread over M
+label sets; times GET /stats/prometheus end to end (HTTP included).
+
+    python bench/scrape.py [--connections 5000] [--label-sets 1000] [--scrapes 30]
+
+Until the peer exchange fills in peers, the M distinct peer workloads are
+assigned by the bench itself through the telemetry's peer lookup (connection id
+-> workload); everything else (engine, batches, reporting, exposition, HTTP) is
+the real code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import socket
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from fastmesh.addr import Address
+from fastmesh.identity import NodeMetadata, Workload
+from fastmesh.sidecar import BackgroundSidecar, SidecarConfig
+from fastmesh.telemetry import OUTBOUND
+
+BENCH = Path(__file__).resolve().parent
+
+
+def hold_server(expected: int) -> tuple[socket.socket, list[socket.socket]]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4096)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while len(held) < expected:
+            held.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server, held
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=5000)
+    parser.add_argument("--label-sets", type=int, default=1000)
+    parser.add_argument("--scrapes", type=int, default=30)
+    parser.add_argument("--budget-ms", type=float, default=50.0)
+    parser.add_argument("--out", type=Path, default=BENCH / "results" / "scrape.json")
+    args = parser.parse_args()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    needed = 4 * args.connections + 200
+    if hard < needed:
+        sys.exit(f"RLIMIT_NOFILE hard limit {hard} is below the {needed} fds this run needs")
+
+    server, held = hold_server(args.connections)
+    node = NodeMetadata({"NAME": "ratings-v2-1", "NAMESPACE": "default", "WORKLOAD_NAME": "ratings-v2",
+                         "LABELS": {"app": "ratings", "version": "v2"}})
+    config = SidecarConfig(listen=Address("127.0.0.1", 0), upstreams=[Address(*server.getsockname())],
+                           admin=None, metrics=Address("127.0.0.1", 0), direction=OUTBOUND, node_metadata=node,
+                           destination_service="mongodb.default.svc.cluster.local", reporting_duration=0.5)
+    running = BackgroundSidecar(config)
+    peers = [Workload(f"client-{i}", f"ns-{i % 10}", f"app-{i}", "v1", f"app-{i}", "v1", "Kubernetes")
+             for i in range(args.label_sets)]
+    assigned: dict[int, Workload] = {}
+    running.sidecar.telemetry.peer_of = lambda conn_id: assigned.setdefault(conn_id, peers[len(assigned) % len(peers)])
+    clients = []
+    try:
+        for _ in range(args.connections):
+            client = socket.create_connection(running.listen)
+            client.sendall(b"0123456789")
+            clients.append(client)
+        deadline = time.monotonic() + 120
+        while len(held) < args.connections or len(running.sidecar.telemetry.series) < args.label_sets:
+            if time.monotonic() > deadline:
+                sys.exit(f"only {len(held)} connections held, {len(running.sidecar.telemetry.series)} label sets")
+            time.sleep(0.2)
+        url = "http://%s:%d/stats/prometheus" % running.sidecar.metrics_address
+        times, size = [], 0
+        for _ in range(args.scrapes):
+            start = time.perf_counter()
+            with urllib.request.urlopen(url, timeout=30) as response:
+                size = len(response.read())
+            times.append((time.perf_counter() - start) * 1000)
+        active = running.sidecar.relay.stats()["active_connections"]
+    finally:
+        for client in clients:
+            client.close()
+        running.stop()
+        server.close()
+
+    result = {
+        "connections": args.connections, "active_connections": active,
+        "label_sets": len(running.sidecar.telemetry.series), "scrapes": args.scrapes,
+        "body_bytes": size, "ms_min": round(min(times), 2), "ms_median": round(statistics.median(times), 2),
+        "ms_max": round(max(times), 2), "budget_ms": args.budget_ms,
+        "pass": statistics.median(times) <= args.budget_ms,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"{'PASS' if result['pass'] else 'FAIL'}: median scrape {result['ms_median']} ms "
+          f"with {active} open connections across {result['label_sets']} label sets (budget {args.budget_ms} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

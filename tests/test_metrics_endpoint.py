@@ -1,0 +1,190 @@
+"""The metrics port of real sidecars: Istio's TCP series with exact values and
+labels for both reporters, periodic reporting of open connections, OpenMetrics."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from conftest import free_port
+from fastmesh.addr import Address
+from fastmesh.identity import NodeMetadata
+from fastmesh.sidecar import SidecarConfig
+from fastmesh.telemetry import INBOUND, OUTBOUND
+
+RATINGS_V2 = NodeMetadata({"NAME": "ratings-v2-1", "NAMESPACE": "default", "WORKLOAD_NAME": "ratings-v2",
+                           "LABELS": {"app": "ratings", "version": "v2"}, "CLUSTER_ID": "Kubernetes"})
+MONGODB_V1 = NodeMetadata({"NAME": "mongodb-v1-0", "NAMESPACE": "default", "WORKLOAD_NAME": "mongodb-v1",
+                           "LABELS": {"app": "mongodb", "version": "v1"}, "CLUSTER_ID": "Kubernetes"})
+MONGODB = "mongodb.default.svc.cluster.local"
+LOOPBACK_ANY_PORT = Address("127.0.0.1", 0)
+
+
+def config(upstream: tuple[str, int], direction: str, node: NodeMetadata, **overrides) -> SidecarConfig:
+    return SidecarConfig(
+        listen=LOOPBACK_ANY_PORT, upstreams=[Address(*upstream)], admin=None, metrics=LOOPBACK_ANY_PORT,
+        direction=direction, node_metadata=node, destination_service=MONGODB, **overrides)
+
+
+def hello_server(conn: socket.socket) -> None:
+    # Istio's e2e TCP test: the client sends "world\n", the server answers "hello world\n".
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(64)
+        if not chunk:
+            break
+        data += chunk
+    conn.sendall(b"hello " + data)
+
+
+def tcp_series(text: str, parser=parse_text) -> dict[tuple[str, str], dict]:
+    """{(metric, reporter): {"value": v, "labels": {...}}} for the istio_tcp_* samples."""
+    found = {}
+    for family in parser(text):
+        for sample in family.samples:
+            if sample.name.startswith("istio_tcp_"):
+                key = (sample.name, sample.labels["reporter"])
+                assert key not in found, f"more than one series for {key}"
+                found[key] = {"value": sample.value, "labels": sample.labels}
+    return found
+
+
+def wait_for(scrape, predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        _, text = scrape()
+        series = tcp_series(text)
+        if predicate(series) or time.monotonic() > deadline:
+            return series
+        time.sleep(0.1)
+
+
+def test_both_reporters_count_istios_reference_traffic_exactly(upstream, sidecar):
+    server = upstream(hello_server)
+    inbound = sidecar(config(server.address, INBOUND, MONGODB_V1, reporting_duration=0.5))
+    outbound = sidecar(config(inbound.listen, OUTBOUND, RATINGS_V2, reporting_duration=0.5))
+    for _ in range(10):
+        with socket.create_connection(outbound.listen) as client:
+            client.sendall(b"world\n")
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(64) == b"hello world\n"
+    server.wait(10)
+
+    def complete(series):
+        return all(series.get(("istio_tcp_connections_closed_total", r), {}).get("value") == 10
+                   for r in ("source", "destination"))
+
+    for running, reporter in ((outbound, "source"), (inbound, "destination")):
+        series = wait_for(running.scrape, complete)
+        values = {name: s["value"] for (name, rep), s in series.items() if rep == reporter}
+        assert values == {
+            "istio_tcp_connections_opened_total": 10,
+            "istio_tcp_connections_closed_total": 10,
+            "istio_tcp_received_bytes_total": 60,
+            "istio_tcp_sent_bytes_total": 120,
+        }
+    source = tcp_series(outbound.scrape()[1])[("istio_tcp_connections_opened_total", "source")]["labels"]
+    assert source == {
+        "reporter": "source", "source_workload": "ratings-v2", "source_workload_namespace": "default",
+        "source_principal": "unknown", "source_app": "ratings", "source_version": "v2",
+        "source_canonical_service": "ratings", "source_canonical_revision": "v2",
+        "source_cluster": "Kubernetes", "destination_workload": "unknown",
+        "destination_workload_namespace": "unknown", "destination_principal": "unknown",
+        "destination_app": "unknown", "destination_version": "unknown", "destination_service": MONGODB,
+        "destination_service_name": "mongodb", "destination_service_namespace": "default",
+        "destination_canonical_service": "unknown", "destination_canonical_revision": "latest",
+        "destination_cluster": "unknown", "request_protocol": "tcp", "response_flags": "-",
+        "connection_security_policy": "unknown",
+    }
+    destination = tcp_series(inbound.scrape()[1])[("istio_tcp_connections_opened_total", "destination")]["labels"]
+    assert destination["destination_workload"] == "mongodb-v1"
+    assert destination["destination_canonical_revision"] == "v1"
+    assert destination["source_workload"] == "unknown"  # no peer exchange yet
+    assert destination["connection_security_policy"] == "none"
+
+
+def test_an_open_connection_is_reported_every_period(upstream, sidecar):
+    def answer_then_hold(conn: socket.socket) -> None:
+        received = b""
+        while len(received) < 70:
+            received += conn.recv(70 - len(received))
+        conn.sendall(b"x" * 30)
+        while conn.recv(65536):  # stay open until the client leaves
+            pass
+
+    server = upstream(answer_then_hold)
+    outbound = sidecar(config(server.address, OUTBOUND, RATINGS_V2, reporting_duration=0.5))
+    with socket.create_connection(outbound.listen) as client:
+        client.sendall(b"y" * 70)
+        assert client.recv(30) == b"x" * 30
+        series = wait_for(outbound.scrape,
+                          lambda s: s.get(("istio_tcp_received_bytes_total", "source"), {}).get("value") == 70)
+        assert {name: s["value"] for (name, _), s in series.items()} == {
+            "istio_tcp_connections_opened_total": 1,
+            "istio_tcp_connections_closed_total": 0,
+            "istio_tcp_received_bytes_total": 70,
+            "istio_tcp_sent_bytes_total": 30,
+        }
+
+
+def test_a_refused_upstream_is_counted_with_response_flag_uf(sidecar):
+    outbound = sidecar(config(("127.0.0.1", free_port()), OUTBOUND, RATINGS_V2))
+    with socket.create_connection(outbound.listen) as client:
+        client.settimeout(10)
+        try:
+            client.recv(1)
+        except ConnectionResetError:
+            pass
+    series = wait_for(outbound.scrape,
+                      lambda s: ("istio_tcp_connections_closed_total", "source") in s)
+    closed = series[("istio_tcp_connections_closed_total", "source")]
+    assert closed["value"] == 1 and closed["labels"]["response_flags"] == "UF"
+    _, text = outbound.scrape()
+    health = {f.name: f.samples[0].value for f in parse_text(text) if f.name.startswith("fastmesh_")}
+    assert health["fastmesh_upstream_connect_failures"] == 1
+    assert health["fastmesh_active_connections"] == 0
+
+
+def test_openmetrics_when_the_scraper_asks_and_both_paths_serve_the_same(upstream, sidecar):
+    server = upstream(hello_server)
+    outbound = sidecar(config(server.address, OUTBOUND, RATINGS_V2))
+    with socket.create_connection(outbound.listen) as client:
+        client.sendall(b"world\n")
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(64) == b"hello world\n"
+    wait_for(outbound.scrape, lambda s: ("istio_tcp_connections_closed_total", "source") in s)
+    content_type, text = outbound.scrape(accept="application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert text.endswith("# EOF\n")
+    series = tcp_series(text, parse_openmetrics)
+    assert series[("istio_tcp_sent_bytes_total", "source")]["value"] == 12
+    plain_type, plain = outbound.scrape("/metrics")
+    assert plain_type.startswith("text/plain; version=0.0.4")
+    assert tcp_series(plain) == tcp_series(outbound.scrape("/stats/prometheus")[1])
+
+
+def test_the_metrics_command_prints_the_series_as_a_table(upstream, sidecar):
+    import subprocess
+    import sys
+
+    server = upstream(hello_server)
+    outbound = sidecar(config(server.address, OUTBOUND, RATINGS_V2))
+    for _ in range(3):
+        with socket.create_connection(outbound.listen) as client:
+            client.sendall(b"world\n")
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(64) == b"hello world\n"
+    wait_for(outbound.scrape,
+             lambda s: s.get(("istio_tcp_connections_closed_total", "source"), {}).get("value") == 3)
+    url = "http://%s:%d/stats/prometheus" % outbound.sidecar.metrics_address
+    result = subprocess.run([sys.executable, "-m", "fastmesh", "metrics", "--url", url],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [line.split() for line in result.stdout.splitlines()] == [
+        ["REPORTER", "SOURCE_WORKLOAD", "DESTINATION_WORKLOAD", "DESTINATION_SERVICE_NAME", "RESPONSE_FLAGS",
+         "OPENED", "CLOSED", "RECEIVED", "SENT"],
+        ["source", "ratings-v2", "unknown", "mongodb", "-", "3", "3", "18", "36"],
+    ]

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, help="iperf3 duration per run (default 5)")
     p.add_argument("--requests", type=int, help="redis-benchmark requests with keep-alive (default 100000)")
     p.add_argument("--reconnect-requests", type=int,
-                   help="redis-benchmark requests when reconnecting per request (default 30000: shorter runs are "
-                        "too noisy here)")
+                   help="redis-benchmark requests when reconnecting per request (default 10000: many more "
+                        "exhaust the client's ephemeral ports within one run)")
     p.add_argument("--idle-connections", type=int, help="connections held open for the RSS test (default 5000)")
     p.add_argument("--repeat", type=int, help="runs of each measurement, median taken (default 3)")
     p.add_argument("--relays", default=",".join(KINDS), help=f"comma list from {','.join(KINDS)} (default: all)")
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=BENCH / "results", help="output directory (default bench/results)")
     a = p.parse_args(argv)
     quick = dict(seconds=2, requests=20000, reconnect_requests=5000, idle_connections=5000, repeat=1)
-    full = dict(seconds=5, requests=100000, reconnect_requests=30000, idle_connections=5000, repeat=3)
+    full = dict(seconds=5, requests=100000, reconnect_requests=10000, idle_connections=5000, repeat=3)
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -117,8 +117,7 @@ def machine_facts(specs: list[RelaySpec]) -> dict:
     }
 
 
-def measure(unit: str, spec: RelaySpec, a: argparse.Namespace, tmp: Path, opts: peers.Options,
-            redis_port: int | None) -> dict:
+def measure(unit: str, spec: RelaySpec, a: argparse.Namespace, tmp: Path, opts: peers.Options) -> dict:
     """One measurement of one relay: start its backend and the relay, run the client, stop both."""
     with ExitStack() as stack:
         if unit == "idle_rss":
@@ -127,7 +126,10 @@ def measure(unit: str, spec: RelaySpec, a: argparse.Namespace, tmp: Path, opts: 
         elif unit.startswith("iperf"):
             upstream = stack.enter_context(workloads.iperf_server(tmp))
         else:
-            upstream = redis_port
+            # A fresh server on a fresh port for every run: TIME_WAIT entries left by
+            # earlier runs' connections to a shared port would throttle connect() for
+            # everyone (the port search fills up), whichever relay is measured.
+            upstream = stack.enter_context(workloads.redis_server(tmp))
         relay = stack.enter_context(peers.running(spec, upstream, tmp, opts))
         if unit == "idle_rss":
             return workloads.idle_rss(relay, backend, a.idle_connections)
@@ -214,29 +216,27 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastmesh-bench-") as tmpname:
         tmp = Path(tmpname)
         try:
-            needs_redis = any(u.startswith("redis") for u in units)
-            with (workloads.redis_server(tmp) if needs_redis else nullcontext()) as redis_port:
-                for rep in range(a.repeat):
-                    # Rotate the order each repeat so no relay always runs first (or right after another).
-                    order = specs[rep % len(specs):] + specs[:rep % len(specs)]
-                    for unit in units:
-                        for spec in order:
-                            if unit == "idle_rss" and spec.kind == "direct":
-                                continue
-                            label = f"[{rep + 1}/{a.repeat}] {unit:<16} {spec.name:<16}"
-                            try:
-                                result = measure(unit, spec, a, tmp, opts, redis_port)
-                            except Exception as exc:  # one failed measurement must not lose the others
-                                if not isinstance(exc, (workloads.MeasureError, RuntimeError, OSError)):
-                                    exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-                                errors.append({"relay": spec.name, "metric": unit, "repeat": rep, "error": str(exc)})
-                                print(f"{label} ERROR {str(exc).splitlines()[0]}", flush=True)
-                                continue
-                            raw[spec.name].setdefault(unit, []).append(result)
-                            nums = headline(unit, result)
-                            for m, v in nums.items():
-                                samples[spec.name][m].append(v)
-                            print(f"{label} {_show(unit, nums)}", flush=True)
+            for rep in range(a.repeat):
+                # Rotate the order each repeat so no relay always runs first (or right after another).
+                order = specs[rep % len(specs):] + specs[:rep % len(specs)]
+                for unit in units:
+                    for spec in order:
+                        if unit == "idle_rss" and spec.kind == "direct":
+                            continue
+                        label = f"[{rep + 1}/{a.repeat}] {unit:<16} {spec.name:<16}"
+                        try:
+                            result = measure(unit, spec, a, tmp, opts)
+                        except Exception as exc:  # one failed measurement must not lose the others
+                            if not isinstance(exc, (workloads.MeasureError, RuntimeError, OSError)):
+                                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+                            errors.append({"relay": spec.name, "metric": unit, "repeat": rep, "error": str(exc)})
+                            print(f"{label} ERROR {str(exc).splitlines()[0]}", flush=True)
+                            continue
+                        raw[spec.name].setdefault(unit, []).append(result)
+                        nums = headline(unit, result)
+                        for m, v in nums.items():
+                            samples[spec.name][m].append(v)
+                        print(f"{label} {_show(unit, nums)}", flush=True)
         except KeyboardInterrupt:
             interrupted = True
             print("\ninterrupted: stopping every started process, writing partial results", file=sys.stderr)

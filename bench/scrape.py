@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import socket
 import statistics
+import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -30,18 +29,30 @@ from fastmesh.telemetry import OUTBOUND
 BENCH = Path(__file__).resolve().parent
 
 
-def hold_server(expected: int) -> tuple[socket.socket, list[socket.socket]]:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4096)
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        while len(held) < expected:
-            held.append(server.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
-    return server, held
+# The clients and the server that holds their connections run in a child process,
+# so that each process stays within the file descriptor limit (20,000 here).
+CLIENTS = r"""
+import resource, socket, sys, threading, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+count = int(sys.argv[1])
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(4096)
+print(server.getsockname()[1], flush=True)
+relay_port = int(sys.stdin.readline())
+held = []
+threading.Thread(target=lambda: [held.append(server.accept()[0]) for _ in range(count)], daemon=True).start()
+clients = []
+for _ in range(count):
+    client = socket.create_connection(("127.0.0.1", relay_port))
+    client.sendall(b"0123456789")
+    clients.append(client)
+while len(held) < count:
+    time.sleep(0.05)
+print("ready", flush=True)
+sys.stdin.readline()
+"""
 
 
 def main() -> int:
@@ -55,31 +66,36 @@ def main() -> int:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    needed = 4 * args.connections + 200
+    needed = 2 * args.connections + 500  # two sockets per relayed connection, plus pipes and the rest
     if hard < needed:
         sys.exit(f"RLIMIT_NOFILE hard limit {hard} is below the {needed} fds this run needs")
 
-    server, held = hold_server(args.connections)
-    node = NodeMetadata({"NAME": "ratings-v2-1", "NAMESPACE": "default", "WORKLOAD_NAME": "ratings-v2",
-                         "LABELS": {"app": "ratings", "version": "v2"}})
-    config = SidecarConfig(listen=Address("127.0.0.1", 0), upstreams=[Address(*server.getsockname())],
-                           admin=None, metrics=Address("127.0.0.1", 0), direction=OUTBOUND, node_metadata=node,
-                           destination_service="mongodb.default.svc.cluster.local", reporting_duration=0.5)
-    running = BackgroundSidecar(config)
-    peers = [Workload(f"client-{i}", f"ns-{i % 10}", f"app-{i}", "v1", f"app-{i}", "v1", "Kubernetes")
-             for i in range(args.label_sets)]
-    assigned: dict[int, Workload] = {}
-    running.sidecar.telemetry.peer_of = lambda conn_id: assigned.setdefault(conn_id, peers[len(assigned) % len(peers)])
-    clients = []
+    clients = subprocess.Popen([sys.executable, "-c", CLIENTS, str(args.connections)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    running = None
     try:
-        for _ in range(args.connections):
-            client = socket.create_connection(running.listen)
-            client.sendall(b"0123456789")
-            clients.append(client)
-        deadline = time.monotonic() + 120
-        while len(held) < args.connections or len(running.sidecar.telemetry.series) < args.label_sets:
+        upstream_port = int(clients.stdout.readline())
+        node = NodeMetadata({"NAME": "ratings-v2-1", "NAMESPACE": "default", "WORKLOAD_NAME": "ratings-v2",
+                             "LABELS": {"app": "ratings", "version": "v2"}})
+        config = SidecarConfig(listen=Address("127.0.0.1", 0), upstreams=[Address("127.0.0.1", upstream_port)],
+                               admin=None, metrics=Address("127.0.0.1", 0), direction=OUTBOUND,
+                               node_metadata=node, destination_service="mongodb.default.svc.cluster.local",
+                               reporting_duration=0.5)
+        running = BackgroundSidecar(config)
+        peers = [Workload(f"client-{i}", f"ns-{i % 10}", f"app-{i}", "v1", f"app-{i}", "v1", "Kubernetes")
+                 for i in range(args.label_sets)]
+        assigned: dict[int, Workload] = {}
+        running.sidecar.telemetry.peer_of = lambda conn_id: assigned.setdefault(
+            conn_id, peers[len(assigned) % len(peers)])
+        clients.stdin.write(f"{running.listen.port}\n")
+        clients.stdin.flush()
+        if clients.stdout.readline().strip() != "ready":
+            sys.exit("the client process did not open its connections")
+        telemetry = running.sidecar.telemetry
+        deadline = time.monotonic() + 60
+        while len(telemetry.series) < args.label_sets:
             if time.monotonic() > deadline:
-                sys.exit(f"only {len(held)} connections held, {len(running.sidecar.telemetry.series)} label sets")
+                sys.exit(f"only {len(telemetry.series)} label sets were reported")
             time.sleep(0.2)
         url = "http://%s:%d/stats/prometheus" % running.sidecar.metrics_address
         times, size = [], 0
@@ -89,15 +105,16 @@ def main() -> int:
                 size = len(response.read())
             times.append((time.perf_counter() - start) * 1000)
         active = running.sidecar.relay.stats()["active_connections"]
+        label_sets = len(telemetry.series)
     finally:
-        for client in clients:
-            client.close()
-        running.stop()
-        server.close()
+        clients.stdin.close()
+        clients.wait(30)
+        if running is not None:
+            running.stop()
 
     result = {
         "connections": args.connections, "active_connections": active,
-        "label_sets": len(running.sidecar.telemetry.series), "scrapes": args.scrapes,
+        "label_sets": label_sets, "scrapes": args.scrapes,
         "body_bytes": size, "ms_min": round(min(times), 2), "ms_median": round(statistics.median(times), 2),
         "ms_max": round(max(times), 2), "budget_ms": args.budget_ms,
         "pass": statistics.median(times) <= args.budget_ms,

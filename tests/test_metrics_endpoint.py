@@ -40,6 +40,15 @@ def hello_server(conn: socket.socket) -> None:
     conn.sendall(b"hello " + data)
 
 
+def send_world(address: tuple[str, int], connections: int) -> None:
+    """Istio's e2e client: each connection sends "world\\n" and expects "hello world\\n"."""
+    for _ in range(connections):
+        with socket.create_connection(address) as client:
+            client.sendall(b"world\n")
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(64) == b"hello world\n"
+
+
 def tcp_series(text: str, parser=parse_text) -> dict[tuple[str, str], dict]:
     """{(metric, reporter): {"value": v, "labels": {...}}} for the istio_tcp_* samples."""
     found = {}
@@ -66,11 +75,7 @@ def test_both_reporters_count_istios_reference_traffic_exactly(upstream, sidecar
     server = upstream(hello_server)
     inbound = sidecar(config(server.address, INBOUND, MONGODB_V1, reporting_duration=0.5))
     outbound = sidecar(config(inbound.listen, OUTBOUND, RATINGS_V2, reporting_duration=0.5))
-    for _ in range(10):
-        with socket.create_connection(outbound.listen) as client:
-            client.sendall(b"world\n")
-            client.shutdown(socket.SHUT_WR)
-            assert client.recv(64) == b"hello world\n"
+    send_world(outbound.listen, 10)
     server.wait(10)
 
     def complete(series):
@@ -151,10 +156,7 @@ def test_a_refused_upstream_is_counted_with_response_flag_uf(sidecar):
 def test_openmetrics_when_the_scraper_asks_and_both_paths_serve_the_same(upstream, sidecar):
     server = upstream(hello_server)
     outbound = sidecar(config(server.address, OUTBOUND, RATINGS_V2))
-    with socket.create_connection(outbound.listen) as client:
-        client.sendall(b"world\n")
-        client.shutdown(socket.SHUT_WR)
-        assert client.recv(64) == b"hello world\n"
+    send_world(outbound.listen, 1)
     wait_for(outbound.scrape, lambda s: ("istio_tcp_connections_closed_total", "source") in s)
     content_type, text = outbound.scrape(accept="application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text")
@@ -172,11 +174,7 @@ def test_the_metrics_command_prints_the_series_as_a_table(upstream, sidecar):
 
     server = upstream(hello_server)
     outbound = sidecar(config(server.address, OUTBOUND, RATINGS_V2))
-    for _ in range(3):
-        with socket.create_connection(outbound.listen) as client:
-            client.sendall(b"world\n")
-            client.shutdown(socket.SHUT_WR)
-            assert client.recv(64) == b"hello world\n"
+    send_world(outbound.listen, 3)
     wait_for(outbound.scrape,
              lambda s: s.get(("istio_tcp_connections_closed_total", "source"), {}).get("value") == 3)
     url = "http://%s:%d/stats/prometheus" % outbound.sidecar.metrics_address
@@ -188,3 +186,57 @@ def test_the_metrics_command_prints_the_series_as_a_table(upstream, sidecar):
          "OPENED", "CLOSED", "RECEIVED", "SENT"],
         ["source", "ratings-v2", "unknown", "mongodb", "-", "3", "3", "18", "36"],
     ]
+
+
+def test_both_reporters_carry_the_peers_identity_when_it_is_known(upstream, sidecar):
+    # The peer lookup is what the peer exchange fills in; here each side is told
+    # its peer directly, and the series must carry the other side's identity.
+    server = upstream(hello_server)
+    inbound = sidecar(config(server.address, INBOUND, MONGODB_V1, reporting_duration=0.5))
+    outbound = sidecar(config(inbound.listen, OUTBOUND, RATINGS_V2, reporting_duration=0.5))
+    inbound.sidecar.telemetry.peer_of = lambda conn_id: RATINGS_V2.workload()
+    outbound.sidecar.telemetry.peer_of = lambda conn_id: MONGODB_V1.workload()
+    send_world(outbound.listen, 4)
+    server.wait(4)
+    identity = ("source_workload", "source_app", "source_version", "source_canonical_service",
+                "destination_workload", "destination_app", "destination_version",
+                "destination_canonical_service", "destination_canonical_revision", "destination_service_name")
+    expected_identity = ("ratings-v2", "ratings", "v2", "ratings",
+                         "mongodb-v1", "mongodb", "v1", "mongodb", "v1", "mongodb")
+    for running, reporter in ((outbound, "source"), (inbound, "destination")):
+        series = wait_for(running.scrape, lambda s: s.get(
+            ("istio_tcp_connections_closed_total", reporter), {}).get("value") == 4)
+        assert {name: s["value"] for (name, _), s in series.items()} == {
+            "istio_tcp_connections_opened_total": 4,
+            "istio_tcp_connections_closed_total": 4,
+            "istio_tcp_received_bytes_total": 24,
+            "istio_tcp_sent_bytes_total": 48,
+        }
+        labels = series[("istio_tcp_connections_opened_total", reporter)]["labels"]
+        assert tuple(labels[name] for name in identity) == expected_identity
+
+
+def test_metrics_watch_refreshes_until_interrupted(upstream, sidecar):
+    import signal
+    import subprocess
+    import sys
+
+    server = upstream(hello_server)
+    outbound = sidecar(config(server.address, OUTBOUND, RATINGS_V2))
+    send_world(outbound.listen, 2)
+    wait_for(outbound.scrape,
+             lambda s: s.get(("istio_tcp_connections_closed_total", "source"), {}).get("value") == 2)
+    url = "http://%s:%d/stats/prometheus" % outbound.sidecar.metrics_address
+    watcher = subprocess.Popen([sys.executable, "-m", "fastmesh", "metrics", "--url", url, "--watch", "100ms"],
+                               stdout=subprocess.PIPE, text=True)
+    lines = []
+    for line in watcher.stdout:  # read until the table has been drawn three times
+        lines.append(line)
+        if sum(seen.startswith("source") for seen in lines) == 3:
+            break
+    watcher.send_signal(signal.SIGINT)
+    watcher.stdout.close()
+    assert watcher.wait(30) == 0
+    assert sum("RESPONSE_FLAGS" in line for line in lines) == 3
+    rows = [line.split() for line in lines if line.startswith("source")]
+    assert rows == [["source", "ratings-v2", "unknown", "mongodb", "-", "2", "2", "12", "24"]] * 3

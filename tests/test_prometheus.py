@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from conftest import free_port
-from test_metrics_endpoint import MONGODB_V1, RATINGS_V2, config, hello_server
+from test_metrics_endpoint import MONGODB_V1, RATINGS_V2, config, hello_server, send_world
 from fastmesh.telemetry import INBOUND, OUTBOUND
 
 pytestmark = pytest.mark.bench_tools
@@ -86,11 +86,7 @@ def test_prometheus_sees_exact_counts_bytes_and_labels(upstream, sidecar, promet
     outbound = sidecar(config(inbound.listen, OUTBOUND, RATINGS_V2, reporting_duration=1.0))
     base = prometheus([outbound.sidecar.metrics_address, inbound.sidecar.metrics_address])
 
-    for _ in range(CONNECTIONS):
-        with socket.create_connection(outbound.listen) as client:
-            client.sendall(b"world\n")
-            client.shutdown(socket.SHUT_WR)
-            assert client.recv(64) == b"hello world\n"
+    send_world(outbound.listen, CONNECTIONS)
     server.wait(CONNECTIONS)
 
     expected = {

@@ -150,7 +150,7 @@ class Relay:
                 totals.connections_opened += 1
             totals.connections_closed += 1
             totals.add_bytes(d0, d1, d2, d3)
-            totals.close_reasons[describe(reason)] += 1
+            totals.close_reasons[reason] += 1  # named in counters(), not per connection
             if reason in (CloseReason.CONNECT_FAILED, CloseReason.CONNECT_TIMEOUT, CloseReason.LOCAL_ERROR):
                 failures[(listener_id, upstream_index, reason, err)] += 1
         if failures:
@@ -198,7 +198,7 @@ class Relay:
             "downstream_tx_bytes": t.downstream_tx,
             "upstream_rx_bytes": t.upstream_rx,
             "upstream_tx_bytes": t.upstream_tx,
-            **{f"closed_{name}": n for name, n in sorted(t.close_reasons.items())},
+            **{f"closed_{describe(reason)}": n for reason, n in sorted(t.close_reasons.items())},
         }
 
     def stats(self) -> dict[str, int]:

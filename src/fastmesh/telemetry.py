@@ -124,24 +124,31 @@ class TcpTelemetry:
         self.series: dict[tuple[str, ...], TcpSeries] = {}
         self.peer_of: PeerLookup = peer_of or (lambda conn_id: UNKNOWN_WORKLOAD)
         self._open: dict[int, _Conn] = {}
+        self._by_origin: dict[tuple[int, Workload, str], TcpSeries] = {}
         self._dirty: set[int] = set()  # open connections with something to report
 
-    def _series_for(self, conn_id: int, conn: _Conn, reason: int | None) -> TcpSeries | None:
-        if conn.series is None:
-            listener = self.listeners.get(conn.listener_id)
+    def _series_for(self, conn_id: int, listener_id: int, reason: int | None) -> TcpSeries | None:
+        """The series a connection reports to, or None to wait (peer still unknown) or
+        to skip (not a telemetry listener, e.g. a pair given to Engine.relay)."""
+        peer = self.peer_of(conn_id)
+        if peer is None:
+            if reason is None:
+                return None  # the peer may still make itself known: wait
+            peer = UNKNOWN_WORKLOAD  # closed without one: recorded anyway, unlike Istio 1.7
+        flags = response_flags(reason)
+        # Looked up by what decides the labels, so the 23 labels are built once per
+        # label set, not once per connection.
+        series = self._by_origin.get((listener_id, peer, flags))
+        if series is None:
+            listener = self.listeners.get(listener_id)
             if listener is None:
-                return None  # not a telemetry listener (e.g. a pair given to Engine.relay)
-            peer = self.peer_of(conn_id)
-            if peer is None:
-                if reason is None:
-                    return None  # the peer may still make itself known: wait
-                peer = UNKNOWN_WORKLOAD  # closed without one: recorded anyway, unlike Istio 1.7
-            key = listener.labels(peer, response_flags(reason))
+                return None
+            key = listener.labels(peer, flags)
             series = self.series.get(key)
             if series is None:
                 series = self.series[key] = TcpSeries()
-            conn.series = series
-        return conn.series
+            self._by_origin[(listener_id, peer, flags)] = series
+        return series
 
     def on_batch(self, batch: Batch) -> None:
         open_conns = self._open
@@ -154,10 +161,19 @@ class TcpTelemetry:
                 conn.pending_received += received
                 conn.pending_sent += sent
                 self._dirty.add(conn_id)
+        dirty = self._dirty
         for conn_id, listener_id, _, reason, _, received, sent, _, _ in batch.closed:
-            conn = open_conns.pop(conn_id, None) or _Conn(listener_id)
-            self._dirty.discard(conn_id)
-            series = self._series_for(conn_id, conn, reason)
+            conn = open_conns.pop(conn_id, None)
+            if conn is None:  # opened and closed between two reads: no state was kept
+                series = self._series_for(conn_id, listener_id, reason)
+                if series is not None:
+                    series.opened += 1
+                    series.closed += 1
+                    series.received += received
+                    series.sent += sent
+                continue
+            dirty.discard(conn_id)
+            series = conn.series or self._series_for(conn_id, listener_id, reason)
             if series is None:
                 continue
             if not conn.opened_reported:
@@ -171,10 +187,13 @@ class TcpTelemetry:
         still_dirty: set[int] = set()
         for conn_id in self._dirty:
             conn = self._open[conn_id]
-            series = self._series_for(conn_id, conn, None)
+            series = conn.series
             if series is None:
-                still_dirty.add(conn_id)
-                continue
+                series = conn.series = self._series_for(conn_id, conn.listener_id, None)
+                if series is None:
+                    if conn.listener_id in self.listeners:
+                        still_dirty.add(conn_id)  # waiting for its peer
+                    continue
             if not conn.opened_reported:
                 conn.opened_reported = True
                 series.opened += 1

@@ -3,7 +3,10 @@ labels for both reporters, periodic reporting of open connections, OpenMetrics."
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
@@ -78,12 +81,9 @@ def test_both_reporters_count_istios_reference_traffic_exactly(upstream, sidecar
     send_world(outbound.listen, 10)
     server.wait(10)
 
-    def complete(series):
-        return all(series.get(("istio_tcp_connections_closed_total", r), {}).get("value") == 10
-                   for r in ("source", "destination"))
-
     for running, reporter in ((outbound, "source"), (inbound, "destination")):
-        series = wait_for(running.scrape, complete)
+        series = wait_for(running.scrape, lambda s: s.get(
+            ("istio_tcp_connections_closed_total", reporter), {}).get("value") == 10)
         values = {name: s["value"] for (name, rep), s in series.items() if rep == reporter}
         assert values == {
             "istio_tcp_connections_opened_total": 10,
@@ -168,16 +168,18 @@ def test_openmetrics_when_the_scraper_asks_and_both_paths_serve_the_same(upstrea
     assert tcp_series(plain) == tcp_series(outbound.scrape("/stats/prometheus")[1])
 
 
-def test_the_metrics_command_prints_the_series_as_a_table(upstream, sidecar):
-    import subprocess
-    import sys
-
+def metrics_url_after(upstream, sidecar, connections: int) -> str:
+    """The metrics URL of an outbound sidecar once `connections` closed connections are recorded."""
     server = upstream(hello_server)
     outbound = sidecar(config(server.address, OUTBOUND, RATINGS_V2))
-    send_world(outbound.listen, 3)
-    wait_for(outbound.scrape,
-             lambda s: s.get(("istio_tcp_connections_closed_total", "source"), {}).get("value") == 3)
-    url = "http://%s:%d/stats/prometheus" % outbound.sidecar.metrics_address
+    send_world(outbound.listen, connections)
+    wait_for(outbound.scrape, lambda s: s.get(
+        ("istio_tcp_connections_closed_total", "source"), {}).get("value") == connections)
+    return "http://%s:%d/stats/prometheus" % outbound.sidecar.metrics_address
+
+
+def test_the_metrics_command_prints_the_series_as_a_table(upstream, sidecar):
+    url = metrics_url_after(upstream, sidecar, 3)
     result = subprocess.run([sys.executable, "-m", "fastmesh", "metrics", "--url", url],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -217,16 +219,7 @@ def test_both_reporters_carry_the_peers_identity_when_it_is_known(upstream, side
 
 
 def test_metrics_watch_refreshes_until_interrupted(upstream, sidecar):
-    import signal
-    import subprocess
-    import sys
-
-    server = upstream(hello_server)
-    outbound = sidecar(config(server.address, OUTBOUND, RATINGS_V2))
-    send_world(outbound.listen, 2)
-    wait_for(outbound.scrape,
-             lambda s: s.get(("istio_tcp_connections_closed_total", "source"), {}).get("value") == 2)
-    url = "http://%s:%d/stats/prometheus" % outbound.sidecar.metrics_address
+    url = metrics_url_after(upstream, sidecar, 2)
     watcher = subprocess.Popen([sys.executable, "-m", "fastmesh", "metrics", "--url", url, "--watch", "100ms"],
                                stdout=subprocess.PIPE, text=True)
     lines = []

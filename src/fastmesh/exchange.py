@@ -1,0 +1,135 @@
+"""Istio's `istio-peer-exchange` frames: an 8-byte header (magic 0x3D230467 and
+the payload length, both big-endian) and a serialized google.protobuf.Any
+holding a google.protobuf.Struct with `x-envoy-peer-metadata` (the node
+metadata) and `x-envoy-peer-metadata-id` (the node id).
+
+This module builds and reads frames; wiring it into the engine's first bytes is
+issue 4's work.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from google.protobuf import any_pb2, json_format, struct_pb2
+from google.protobuf.message import DecodeError
+
+MAGIC = 0x3D230467
+HEADER = struct.Struct("!II")
+STRUCT_TYPE_URL = "type.googleapis.com/google.protobuf.Struct"
+METADATA_KEY = "x-envoy-peer-metadata"
+ID_KEY = "x-envoy-peer-metadata-id"
+DEFAULT_MAX_PAYLOAD = 64 * 1024
+
+# The node metadata keys Istio (1.8 and later) sends over TCP.
+EXCHANGE_KEYS = (
+    "NAME", "NAMESPACE", "OWNER", "WORKLOAD_NAME", "ISTIO_VERSION", "MESH_ID", "CLUSTER_ID",
+    "LABELS", "PLATFORM_METADATA", "APP_CONTAINERS",
+)
+
+
+class ExchangeError(ValueError):
+    """A payload that is not an Any holding a Struct with peer metadata."""
+
+
+def encode_frame(metadata: Mapping[str, Any], node_id: str = "") -> bytes:
+    """The whole frame for this node: built once per sidecar, not per connection."""
+    peer = struct_pb2.Struct()
+    json_format.ParseDict({k: metadata[k] for k in EXCHANGE_KEYS if k in metadata}, peer)
+    outer = struct_pb2.Struct()
+    outer.fields[METADATA_KEY].struct_value.CopyFrom(peer)
+    if node_id:  # Istio leaves the id out when it is empty
+        outer.fields[ID_KEY].string_value = node_id
+    envelope = any_pb2.Any()
+    envelope.Pack(outer, deterministic=True)
+    payload = envelope.SerializeToString(deterministic=True)
+    return HEADER.pack(MAGIC, len(payload)) + payload
+
+
+def decode_payload(payload: bytes) -> tuple[dict[str, Any], str]:
+    """(node metadata, node id) from a frame's payload."""
+    envelope = any_pb2.Any()
+    try:
+        envelope.ParseFromString(payload)
+    except DecodeError as exc:
+        raise ExchangeError(f"payload is not a google.protobuf.Any: {exc}") from None
+    if envelope.type_url != STRUCT_TYPE_URL:
+        raise ExchangeError(f"payload holds {envelope.type_url!r}, not {STRUCT_TYPE_URL!r}")
+    outer = struct_pb2.Struct()
+    try:
+        envelope.Unpack(outer)
+    except DecodeError as exc:
+        raise ExchangeError(f"payload's Struct does not parse: {exc}") from None
+    metadata = outer.fields.get(METADATA_KEY)
+    if metadata is None or metadata.WhichOneof("kind") != "struct_value":
+        raise ExchangeError(f"payload has no {METADATA_KEY} struct")
+    node_id = outer.fields[ID_KEY].string_value if ID_KEY in outer.fields else ""
+    return json_format.MessageToDict(metadata.struct_value), node_id
+
+
+class Outcome(enum.Enum):
+    NEED_MORE = "need_more"  # keep the bytes, feed more
+    FOUND = "found"  # a peer frame was read and removed; `rest` are application bytes
+    NOT_FOUND = "not_found"  # no magic: every byte fed is application data, in order
+    INVALID = "invalid"  # a frame header whose payload cannot be trusted: close the connection
+
+
+@dataclass
+class ReadResult:
+    outcome: Outcome
+    rest: bytes = b""  # application bytes to pass on (FOUND, NOT_FOUND)
+    metadata: dict[str, Any] | None = None
+    node_id: str = ""
+    reason: str = ""  # why INVALID
+
+
+class FrameReader:
+    """Reads a peer's frame from the first bytes of a stream, fed in any splits.
+
+    Bytes that start with something other than the magic are application data
+    and are returned whole and in order. Once the magic has been seen, the bytes
+    that follow belong to the frame; a frame that lies about its size or does not
+    parse is INVALID: what came after it cannot be told apart from the payload.
+    """
+
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> ReadResult:
+        buffer = self._buffer
+        buffer += data
+        magic_prefix = HEADER.pack(MAGIC, 0)[:4]
+        if len(buffer) < 4:
+            if magic_prefix.startswith(bytes(buffer)):
+                return ReadResult(Outcome.NEED_MORE)
+            return self._not_found()
+        if bytes(buffer[:4]) != magic_prefix:
+            return self._not_found()
+        if len(buffer) < HEADER.size:
+            return ReadResult(Outcome.NEED_MORE)
+        _, size = HEADER.unpack_from(buffer)
+        if size > self.max_payload:
+            return ReadResult(Outcome.INVALID, reason=f"declared payload of {size} bytes exceeds {self.max_payload}")
+        end = HEADER.size + size
+        if len(buffer) < end:
+            return ReadResult(Outcome.NEED_MORE)
+        try:
+            metadata, node_id = decode_payload(bytes(buffer[HEADER.size:end]))
+        except ExchangeError as exc:
+            return ReadResult(Outcome.INVALID, reason=str(exc))
+        rest = bytes(buffer[end:])
+        buffer.clear()
+        return ReadResult(Outcome.FOUND, rest, metadata, node_id)
+
+    def _not_found(self) -> ReadResult:
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        return ReadResult(Outcome.NOT_FOUND, rest)
+
+    def pending(self) -> bytes:
+        """Bytes held while waiting (for a stream that ends before the frame does)."""
+        return bytes(self._buffer)

@@ -429,3 +429,49 @@ def test_fin_right_behind_small_data_is_never_missed(upstream, relay_to):
     assert {r.reason for r in records} <= {CloseReason.DOWNSTREAM_CLOSE, CloseReason.UPSTREAM_CLOSE}
     # Each reply is the request plus "!": down_rx == up_tx, and up_rx == down_tx == down_rx + 1.
     assert all(r.bytes == [r.bytes[0], r.bytes[0] + 1, r.bytes[0] + 1, r.bytes[0]] for r in records)
+
+
+SIGPIPE_SCRIPT = r"""
+import os, signal, socket, sys, threading, time
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as a program embedding fastmesh may have it
+from fastmesh.engine import Engine
+server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(8)
+def close_unread():
+    conn, _ = server.accept()
+    conn.recv(1)
+    conn.close()  # with bytes unread: the relay's next writes meet EPIPE/ECONNRESET
+threading.Thread(target=close_unread, daemon=True).start()
+listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(8); listener.setblocking(False)
+engine = Engine()
+engine.add_listener(listener.fileno(), [server.getsockname()])
+engine.start()
+client = socket.create_connection(listener.getsockname())
+try:
+    for _ in range(64):  # bulk, so the relay is splicing when the upstream goes away
+        client.sendall(os.urandom(1 << 20))
+except OSError:
+    pass
+deadline = time.monotonic() + 10
+while engine.stats()["active_connections"] and time.monotonic() < deadline:
+    time.sleep(0.05)
+_, _, closed = engine.collect()
+print("alive", [record[3] for record in closed])
+"""
+
+
+def test_an_upstream_reset_mid_transfer_is_survived_with_sigpipe_at_its_default(engine_module):
+    # A program embedding fastmesh may restore SIGPIPE's default action (Python ignores it);
+    # the relay must still end the connection as an upstream reset, not die.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    if engine_module.IMPLEMENTATION == "python":
+        env["FASTMESH_NO_EXTENSIONS"] = "1"
+    else:
+        env.pop("FASTMESH_NO_EXTENSIONS", None)
+    result = subprocess.run([sys.executable, "-c", SIGPIPE_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, f"killed by signal {-result.returncode}" if result.returncode < 0 else result.stderr
+    assert result.stdout.strip() == "alive [%d]" % CloseReason.UPSTREAM_RESET

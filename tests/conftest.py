@@ -15,6 +15,7 @@ from typing import Any, Callable
 import pytest
 
 from fastmesh import _engine_py
+from fastmesh.identity import NodeMetadata
 from fastmesh.sidecar import BackgroundSidecar
 
 try:
@@ -244,3 +245,11 @@ def sidecar():
     yield start
     for running in reversed(started):
         running.stop()
+
+
+# Bookinfo's TCP pair, as Istio's injector would describe the pods.
+RATINGS_V2 = NodeMetadata({"NAME": "ratings-v2-1", "NAMESPACE": "default", "WORKLOAD_NAME": "ratings-v2",
+                           "LABELS": {"app": "ratings", "version": "v2"}, "CLUSTER_ID": "Kubernetes"})
+MONGODB_V1 = NodeMetadata({"NAME": "mongodb-v1-0", "NAMESPACE": "default", "WORKLOAD_NAME": "mongodb-v1",
+                           "LABELS": {"app": "mongodb", "version": "v1"}, "CLUSTER_ID": "Kubernetes"})
+MONGODB_SERVICE = "mongodb.default.svc.cluster.local"

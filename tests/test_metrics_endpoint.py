@@ -12,17 +12,13 @@ import time
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from conftest import free_port
+from conftest import MONGODB_SERVICE as MONGODB
+from conftest import MONGODB_V1, RATINGS_V2, free_port
 from fastmesh.addr import Address
 from fastmesh.identity import NodeMetadata
 from fastmesh.sidecar import SidecarConfig
 from fastmesh.telemetry import INBOUND, OUTBOUND
 
-RATINGS_V2 = NodeMetadata({"NAME": "ratings-v2-1", "NAMESPACE": "default", "WORKLOAD_NAME": "ratings-v2",
-                           "LABELS": {"app": "ratings", "version": "v2"}, "CLUSTER_ID": "Kubernetes"})
-MONGODB_V1 = NodeMetadata({"NAME": "mongodb-v1-0", "NAMESPACE": "default", "WORKLOAD_NAME": "mongodb-v1",
-                           "LABELS": {"app": "mongodb", "version": "v1"}, "CLUSTER_ID": "Kubernetes"})
-MONGODB = "mongodb.default.svc.cluster.local"
 LOOPBACK_ANY_PORT = Address("127.0.0.1", 0)
 
 

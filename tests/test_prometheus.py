@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 
-from conftest import free_port
-from test_metrics_endpoint import MONGODB_V1, RATINGS_V2, config, hello_server, send_world
+from conftest import MONGODB_V1, RATINGS_V2, free_port
+from test_metrics_endpoint import config, hello_server, send_world
 from fastmesh.telemetry import INBOUND, OUTBOUND
 
 pytestmark = pytest.mark.bench_tools

@@ -7,26 +7,12 @@ import json
 
 import pytest
 
+from conftest import MONGODB_SERVICE, MONGODB_V1, RATINGS_V2
 from fastmesh.identity import MetadataError, NodeMetadata, Workload, load_node_metadata, parse_node_metadata
 from fastmesh.reasons import CloseReason
 from fastmesh.relay import Batch
 from fastmesh.telemetry import INBOUND, OUTBOUND, TCP_LABELS, ListenerTelemetry, TcpTelemetry, service_name
 
-RATINGS_V2 = NodeMetadata({
-    "NAME": "ratings-v2-6d8f4c9b7-x2x7z",
-    "NAMESPACE": "default",
-    "WORKLOAD_NAME": "ratings-v2",
-    "LABELS": {"app": "ratings", "version": "v2"},
-    "CLUSTER_ID": "Kubernetes",
-})
-MONGODB_V1 = NodeMetadata({
-    "NAME": "mongodb-v1-0",
-    "NAMESPACE": "default",
-    "WORKLOAD_NAME": "mongodb-v1",
-    "LABELS": {"app": "mongodb", "version": "v1"},
-    "CLUSTER_ID": "Kubernetes",
-})
-MONGODB_SERVICE = "mongodb.default.svc.cluster.local"
 
 
 def labels(values: tuple[str, ...]) -> dict[str, str]:

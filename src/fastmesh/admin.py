@@ -33,8 +33,8 @@ def make_app(relay: Relay, config: Callable[[], dict[str, Any]]) -> web.Applicat
     return app
 
 
-async def start_admin(app: web.Application, address: Address) -> tuple[web.AppRunner, Address]:
-    """Serve `app` on `address`; returns the runner (for cleanup) and the bound address."""
+async def serve_app(app: web.Application, address: Address) -> tuple[web.AppRunner, Address]:
+    """Serve `app` (admin or metrics) on `address`; returns the runner (for cleanup) and the bound address."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
@@ -42,6 +42,6 @@ async def start_admin(app: web.Application, address: Address) -> tuple[web.AppRu
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise OSError(exc.errno, f"cannot serve admin on {address}: {exc.strerror}") from None
+        raise OSError(exc.errno, f"cannot serve on {address}: {exc.strerror}") from None
     bound = runner.addresses[0]
     return runner, Address(bound[0], bound[1])

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 MAGIC = 0x3D230467
 HEADER = struct.Struct("!II")
+MAGIC_BYTES = struct.pack("!I", MAGIC)
 STRUCT_TYPE_URL = "type.googleapis.com/google.protobuf.Struct"
 METADATA_KEY = "x-envoy-peer-metadata"
 ID_KEY = "x-envoy-peer-metadata-id"
@@ -102,12 +103,11 @@ class FrameReader:
     def feed(self, data: bytes) -> ReadResult:
         buffer = self._buffer
         buffer += data
-        magic_prefix = HEADER.pack(MAGIC, 0)[:4]
         if len(buffer) < 4:
-            if magic_prefix.startswith(bytes(buffer)):
+            if MAGIC_BYTES.startswith(bytes(buffer)):
                 return ReadResult(Outcome.NEED_MORE)
             return self._not_found()
-        if bytes(buffer[:4]) != magic_prefix:
+        if bytes(buffer[:4]) != MAGIC_BYTES:
             return self._not_found()
         if len(buffer) < HEADER.size:
             return ReadResult(Outcome.NEED_MORE)

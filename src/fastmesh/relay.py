@@ -23,6 +23,9 @@ from fastmesh.reasons import CloseReason, describe
 
 log = logging.getLogger("fastmesh.relay")
 
+# Closes that mean the upstream was never reached: logged, grouped per upstream and cause.
+_FAILURE_REASONS = frozenset({CloseReason.CONNECT_FAILED, CloseReason.CONNECT_TIMEOUT, CloseReason.LOCAL_ERROR})
+
 
 class Batch(NamedTuple):
     """One read of the engine; see fastmesh/_core.pyi for the tuple layouts."""
@@ -151,7 +154,7 @@ class Relay:
             totals.connections_closed += 1
             totals.add_bytes(d0, d1, d2, d3)
             totals.close_reasons[reason] += 1  # named in counters(), not per connection
-            if reason in (CloseReason.CONNECT_FAILED, CloseReason.CONNECT_TIMEOUT, CloseReason.LOCAL_ERROR):
+            if reason in _FAILURE_REASONS:
                 failures[(listener_id, upstream_index, reason, err)] += 1
         if failures:
             self._log_failures(failures)

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from fastmesh._version import __version__
 from fastmesh.addr import Address
-from fastmesh.admin import make_app, start_admin
+from fastmesh.admin import make_app, serve_app
 from fastmesh.engine import IMPLEMENTATION
 from fastmesh.exposition import MetricsEndpoint
 from fastmesh.identity import NodeMetadata
@@ -70,12 +70,12 @@ class Sidecar:
                     config.direction, config.node_metadata.workload(), config.destination_service)
                 self.relay.add_consumer(self.telemetry.on_batch)
                 endpoint = MetricsEndpoint(self.relay, self.telemetry, before_scrape=self.relay.collect)
-                runner, self.metrics_address = await start_admin(endpoint.app(), config.metrics)
+                runner, self.metrics_address = await serve_app(endpoint.app(), config.metrics)
                 self._runners.append(runner)
                 log.info("metrics on http://%s/stats/prometheus", self.metrics_address)
                 self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
             if config.admin is not None:
-                runner, self.admin_address = await start_admin(make_app(self.relay, self.config_dump),
+                runner, self.admin_address = await serve_app(make_app(self.relay, self.config_dump),
                                                                config.admin)
                 self._runners.append(runner)
                 log.info("admin on http://%s/", self.admin_address)

@@ -189,7 +189,7 @@ class Collector:
         self.updates_for_closed = 0
 
     def collect(self) -> None:
-        opened, updated, closed = self.engine.collect()
+        opened, updated, closed, _ = self.engine.collect()
         for conn_id, listener_id, upstream_index in opened:
             record = self.conns[conn_id]
             assert not record.opened, "a connection was reported opened twice"

@@ -314,14 +314,15 @@ def test_collect_reports_open_connections_once_and_deltas_between_reads(upstream
     with socket.create_connection(address) as client:
         client.sendall(b"a" * 100)
         assert client.recv(10) == b"b" * 10
-        opened, updated, closed = engine.collect()
+        opened, updated, closed, peers = engine.collect()
+        assert peers == []  # no exchange on this listener
         assert [(o[1], o[2]) for o in opened] == [(0, 0)] and closed == []
         assert [u[1:] for u in updated] == [(100, 10, 10, 100)]
-        assert engine.collect() == ([], [], [])  # nothing changed: nothing reported
+        assert engine.collect() == ([], [], [], [])  # nothing changed: nothing reported
         client.sendall(b"c" * 7)
         deadline = time.monotonic() + 10
         while True:
-            opened, updated, closed = engine.collect()
+            opened, updated, closed, _ = engine.collect()
             if updated or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
@@ -454,7 +455,7 @@ except OSError:
 deadline = time.monotonic() + 10
 while engine.stats()["active_connections"] and time.monotonic() < deadline:
     time.sleep(0.05)
-_, _, closed = engine.collect()
+_, _, closed, _ = engine.collect()
 print("alive", [record[3] for record in closed])
 """
 

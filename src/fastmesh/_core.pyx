@@ -8,15 +8,23 @@ the data path makes no epoll_ctl calls: readiness is remembered in flags and
 each direction is pumped until the kernel says EAGAIN. A pipe is held only
 while a direction has bytes in flight, so an idle connection holds none.
 
+A listener may run Istio's peer metadata exchange (istio-peer-exchange) on
+each connection: the engine writes the local frame (built once, in Python)
+ahead of the first bytes toward the peer, and reads the peer's frame off the
+front of the stream before anything is counted or forwarded. It reads exactly
+the frame's bytes (the header is peeked first), so the application bytes
+behind it never pass through the engine's hands and splicing starts as usual.
+The payload goes to Python with the next batch, which decodes it.
+
 Python sees the engine in batches: collect() returns the new, changed and
-closed connections since the previous call. A worker holds its mutex while it
+closed connections since the previous call, and the peers learnt. A worker holds its mutex while it
 handles one batch of events (never while it waits in epoll_wait), and every
 call from Python takes that mutex, so counters are read consistently.
 """
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memset
+from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport (
     errno, EAGAIN, EINTR, EINPROGRESS, ECONNABORTED, EPROTO, EMFILE, ENFILE,
     ENOBUFS, ENOMEM, ETIMEDOUT, EINVAL,
@@ -28,6 +36,7 @@ import ipaddress
 import threading
 
 from fastmesh.reasons import CloseReason
+from fastmesh.exchange import EXCHANGE_STATS
 
 IMPLEMENTATION = "cython"
 SPLICE_SUPPORTED = True
@@ -38,8 +47,11 @@ cdef extern from *:
     static inline unsigned long long fm_fetch_inc(unsigned long long *p) {
         return __atomic_fetch_add(p, 1ULL, __ATOMIC_RELAXED);
     }
+    /* istio-peer-exchange's magic, big-endian, as it starts a frame on the wire */
+    static const unsigned char fm_exchange_magic[4] = {0x3D, 0x23, 0x04, 0x67};
     """
     unsigned long long fm_fetch_inc(unsigned long long *p) nogil
+    const unsigned char fm_exchange_magic[4]
 
 
 cdef enum:
@@ -72,12 +84,31 @@ cdef enum:
     IDLE = 0
     MOVED = 1
     FAILED = -1
+    GONE = -2                  # the connection was closed on the spot (a bad exchange frame)
 
 # pump() results
 cdef enum:
     PUMP_OK = 0
     PUMP_SRC_FAILED = 1
     PUMP_DST_FAILED = 2
+    PUMP_GONE = 3
+
+# The peer metadata exchange: a listener's role, a connection's reading state,
+# and what collect() reports about the peer.
+cdef enum:
+    X_NONE = 0
+    X_OUTBOUND = 1             # send our frame to mesh-peer upstreams as soon as connected; read theirs
+    X_INBOUND = 2              # look for a frame in the downstream's first bytes; answer with ours
+
+cdef enum:
+    XR_IDLE = 0                # not looking (no exchange, or the peer's first bytes are settled)
+    XR_HEADER = 1              # peeking at the first bytes for the 8-byte header
+    XR_PAYLOAD = 2             # header taken; reading exactly its payload
+
+cdef enum:
+    PEER_NONE = 0              # nothing to report
+    PEER_NOT_FOUND = 1         # the first bytes were not a frame: application bytes, passed on
+    PEER_FOUND = 2             # a frame was read; its payload goes with the report
 
 # Close reasons; the module checks at import that they equal fastmesh.reasons.CloseReason.
 cdef enum:
@@ -89,12 +120,16 @@ cdef enum:
     R_CONNECT_TIMEOUT = 6
     R_LOCAL_ERROR = 7
     R_SHUTDOWN = 8
+    R_DOWNSTREAM_PROTOCOL_ERROR = 9
+    R_UPSTREAM_PROTOCOL_ERROR = 10
 
 for _name, _code in (
     ("DOWNSTREAM_CLOSE", R_DOWNSTREAM_CLOSE), ("UPSTREAM_CLOSE", R_UPSTREAM_CLOSE),
     ("DOWNSTREAM_RESET", R_DOWNSTREAM_RESET), ("UPSTREAM_RESET", R_UPSTREAM_RESET),
     ("CONNECT_FAILED", R_CONNECT_FAILED), ("CONNECT_TIMEOUT", R_CONNECT_TIMEOUT),
     ("LOCAL_ERROR", R_LOCAL_ERROR), ("SHUTDOWN", R_SHUTDOWN),
+    ("DOWNSTREAM_PROTOCOL_ERROR", R_DOWNSTREAM_PROTOCOL_ERROR),
+    ("UPSTREAM_PROTOCOL_ERROR", R_UPSTREAM_PROTOCOL_ERROR),
 ):
     if CloseReason[_name] != _code:
         raise ImportError(f"fastmesh._core close code {_name} does not match fastmesh.reasons")
@@ -108,6 +143,7 @@ cdef struct Flow:
     char *buf
     uint32_t buf_off
     uint32_t pending           # taken from the source, not yet given to the destination
+    uint32_t unseen            # leading pending bytes that are our exchange frame: not counted in tx
     bint stalled               # a pipe with bytes in it took no more: refill after a drain
     bint copy_only             # splice refused this socket (EINVAL): use the buffer
     bint bulk                  # a read filled the whole buffer: splice from now on
@@ -142,6 +178,20 @@ cdef struct Conn:
     End ends[2]
     Flow flows[2]              # flows[DOWN] moves DOWN -> UP, flows[UP] moves UP -> DOWN
     uint64_t reported[4]       # down_rx, down_tx, up_rx, up_tx already given to collect()
+    # peer metadata exchange
+    Conn *xprev                # Worker.exchanging: connections with an exchange deadline
+    Conn *xnext
+    bint xlisted
+    int xside                  # the peer's side (UP outbound, DOWN inbound), -1 without exchange
+    int xread                  # XR_*
+    bint xhold                 # inbound: nothing moves toward the peer until its first bytes are settled
+    bint xcan_send             # our frame may still go first toward the peer
+    bint xstarted              # frame bytes have been seen: the frame deadline runs
+    int xreport                # PEER_* waiting for collect()
+    double xdeadline
+    char *xbuf                 # the peer's payload
+    uint32_t xlen
+    uint32_t xgot
 
 
 cdef struct ClosedRecord:
@@ -151,6 +201,9 @@ cdef struct ClosedRecord:
     int reason
     int err
     uint64_t delta[4]
+    int peer_state             # PEER_*
+    char *peer                 # the payload of a PEER_FOUND, owned by the record
+    uint32_t peer_len
 
 
 cdef struct Listener:
@@ -163,6 +216,14 @@ cdef struct Listener:
     unsigned long long rr
     double connect_timeout
     double paused_until[MAX_WORKERS]  # per worker: accept paused after EMFILE and the like
+    # peer metadata exchange
+    int xrole                  # X_*
+    unsigned char *mesh_peer   # per upstream: the outbound exchange is on toward it
+    char *xframe               # our frame, header included
+    uint32_t xframe_len
+    uint32_t xmax_payload
+    double xframe_timeout      # from a frame's first byte to its last
+    double xdetect_timeout     # inbound: how long the upstream's first bytes wait for the peer's
 
 
 cdef struct Worker:
@@ -177,6 +238,7 @@ cdef struct Worker:
     Conn *ready                # to run in this iteration
     Conn *later                # to run in the next one
     Conn *grave
+    Conn *exchanging           # connections with an exchange deadline
     uint64_t seq
     int err                    # errno of the last failed pump
     int npaused
@@ -212,6 +274,16 @@ cdef struct Worker:
     uint64_t loop_iterations
     uint64_t resets
     uint64_t records_dropped
+    # exchange counters (Istio's metadata_exchange stats, and why frames were refused)
+    uint64_t x_enabled
+    uint64_t x_disabled
+    uint64_t x_frames_sent
+    uint64_t x_frames_received
+    uint64_t x_no_frame
+    uint64_t x_detect_timeouts
+    uint64_t x_too_large
+    uint64_t x_truncated
+    uint64_t x_timed_out
 
 
 # ---------------------------------------------------------------- small helpers
@@ -333,9 +405,9 @@ cdef void release_flow(Worker *w, Flow *f) noexcept nogil:
 
 # ---------------------------------------------------------------- connection lifecycle
 
-cdef void record_closed(Worker *w, uint64_t conn_id, int listener_id, int upstream_index,
-                        int reason, int err, uint64_t d0, uint64_t d1, uint64_t d2,
-                        uint64_t d3) noexcept nogil:
+cdef ClosedRecord *record_closed(Worker *w, uint64_t conn_id, int listener_id, int upstream_index,
+                                 int reason, int err, uint64_t d0, uint64_t d1, uint64_t d2,
+                                 uint64_t d3) noexcept nogil:
     cdef size_t cap
     cdef ClosedRecord *grown
     cdef ClosedRecord *r
@@ -343,11 +415,11 @@ cdef void record_closed(Worker *w, uint64_t conn_id, int listener_id, int upstre
         cap = w.closed_cap * 2 if w.closed_cap else 256
         if cap > MAX_CLOSED_RECORDS:
             w.records_dropped += 1  # collect() has not been called for a very long time
-            return
+            return NULL
         grown = <ClosedRecord *>realloc(w.closed, cap * sizeof(ClosedRecord))
         if grown == NULL:
             w.records_dropped += 1
-            return
+            return NULL
         w.closed = grown
         w.closed_cap = cap
     r = &w.closed[w.nclosed]
@@ -361,6 +433,10 @@ cdef void record_closed(Worker *w, uint64_t conn_id, int listener_id, int upstre
     r.delta[1] = d1
     r.delta[2] = d2
     r.delta[3] = d3
+    r.peer_state = PEER_NONE
+    r.peer = NULL
+    r.peer_len = 0
+    return r
 
 
 cdef inline uint64_t next_id(Worker *w) noexcept nogil:
@@ -379,6 +455,7 @@ cdef Conn *new_conn(Worker *w, int down_fd, int up_fd, int listener_id,
     c.upstream_index = upstream_index
     c.state = state
     c.first_eof = -1
+    c.xside = -1
     c.ends[DOWN].fd = down_fd
     c.ends[UP].fd = up_fd
     for s in range(2):
@@ -418,13 +495,25 @@ cdef void unlink_connecting(Worker *w, Conn *c) noexcept nogil:
 cdef void finish(Worker *w, Conn *c, int reason, int err) noexcept nogil:
     """Record the end of a connection whose fds the caller has closed."""
     cdef int s
+    cdef ClosedRecord *r
     if c.state == CONNECTING:
         unlink_connecting(w, c)
+    if c.xlisted:
+        unlink_exchanging(w, c)
     for s in range(2):
         release_flow(w, &c.flows[s])
-    record_closed(w, c.id, c.listener_id, c.upstream_index, reason, err,
-                  counter(c, 0) - c.reported[0], counter(c, 1) - c.reported[1],
-                  counter(c, 2) - c.reported[2], counter(c, 3) - c.reported[3])
+    r = record_closed(w, c.id, c.listener_id, c.upstream_index, reason, err,
+                      counter(c, 0) - c.reported[0], counter(c, 1) - c.reported[1],
+                      counter(c, 2) - c.reported[2], counter(c, 3) - c.reported[3])
+    # A peer learnt since the last collect() is reported with the close.
+    if r != NULL and c.xreport != PEER_NONE:
+        r.peer_state = c.xreport
+        if c.xreport == PEER_FOUND:
+            r.peer = c.xbuf
+            r.peer_len = c.xlen
+            c.xbuf = NULL
+    free(c.xbuf)
+    c.xbuf = NULL
     if c.prev != NULL:
         c.prev.next = c.next
     else:
@@ -480,6 +569,186 @@ cdef void defer(Worker *w, Conn *c) noexcept nogil:
         w.later = c
 
 
+# ---------------------------------------------------------------- peer metadata exchange
+
+cdef void link_exchanging(Worker *w, Conn *c, double deadline) noexcept nogil:
+    c.xdeadline = deadline
+    if c.xlisted:
+        return
+    c.xlisted = True
+    c.xprev = NULL
+    c.xnext = w.exchanging
+    if w.exchanging != NULL:
+        w.exchanging.xprev = c
+    w.exchanging = c
+
+
+cdef void unlink_exchanging(Worker *w, Conn *c) noexcept nogil:
+    if c.xprev != NULL:
+        c.xprev.xnext = c.xnext
+    elif w.exchanging == c:
+        w.exchanging = c.xnext
+    if c.xnext != NULL:
+        c.xnext.xprev = c.xprev
+    c.xprev = NULL
+    c.xnext = NULL
+    c.xlisted = False
+
+
+cdef void exchange_gate(Worker *w, Listener *l, Conn *c, int upstream_index) noexcept nogil:
+    """Whether this connection exchanges metadata, decided once as it opens.
+    The one place where the plaintext rules live (ALPN would decide here too)."""
+    if l.xrole == X_NONE:
+        return
+    if l.xrole == X_OUTBOUND and not l.mesh_peer[upstream_index]:
+        w.x_disabled += 1
+        return
+    w.x_enabled += 1
+    c.xread = XR_HEADER
+    c.xcan_send = True
+    if l.xrole == X_OUTBOUND:
+        c.xside = UP           # the frame goes out when the connect completes
+    else:
+        c.xside = DOWN
+        c.xhold = True         # a server-first app waits for the client's first bytes, briefly
+
+
+cdef void send_local_frame(Worker *w, Conn *c) noexcept nogil:
+    """Put our frame at the head of the direction toward the peer, which has
+    carried nothing yet. Its bytes are not counted as relayed."""
+    cdef Listener *l = w.listeners[c.listener_id]
+    cdef Flow *f = &c.flows[1 - c.xside]
+    c.xcan_send = False
+    if f.pending != 0 or f.pipe_r >= 0 or f.buf != NULL or not take_buf(w, f):
+        return  # no memory for it: the peer will not learn who we are, nothing else is lost
+    memcpy(f.buf, l.xframe, l.xframe_len)
+    f.pending = l.xframe_len
+    f.unseen = l.xframe_len
+    w.x_frames_sent += 1
+
+
+cdef void exchange_settled(Worker *w, Conn *c, int peer_state) noexcept nogil:
+    """The peer's first bytes are known to be a frame (now read) or not a frame."""
+    c.xread = XR_IDLE
+    c.xreport = peer_state
+    if c.xlisted:
+        unlink_exchanging(w, c)
+    if c.xhold:
+        c.xhold = False
+        # Inbound answers only a peer that spoke the protocol.
+        if peer_state == PEER_FOUND and c.xcan_send:
+            send_local_frame(w, c)
+    c.xcan_send = False
+
+
+cdef int exchange_failed(Worker *w, Conn *c, int s) noexcept nogil:
+    """A frame that cannot be trusted: what follows it cannot be told apart from
+    it, so the connection is reset rather than passing on bytes of unknown meaning."""
+    close_with_reset(c.ends[DOWN].fd)
+    close_with_reset(c.ends[UP].fd)
+    finish(w, c, R_DOWNSTREAM_PROTOCOL_ERROR if s == DOWN else R_UPSTREAM_PROTOCOL_ERROR, EPROTO)
+    return GONE
+
+
+cdef int read_peer_frame(Worker *w, Conn *c, int s) noexcept nogil:
+    """Read the peer's frame off the front of side s. IDLE: wait for more bytes.
+    MOVED: settled, application bytes follow. FAILED or GONE as fill()."""
+    cdef Listener *l = w.listeners[c.listener_id]
+    cdef End *src = &c.ends[s]
+    cdef unsigned char header[8]
+    cdef ssize_t n
+    cdef uint32_t size
+    if c.xread == XR_HEADER:
+        # Peeked, not read: bytes that turn out not to be a frame stay in the
+        # socket and go on by the ordinary path.
+        n = recv(src.fd, header, 8, MSG_PEEK | MSG_DONTWAIT)
+        while n < 0 and errno == EINTR:
+            n = recv(src.fd, header, 8, MSG_PEEK | MSG_DONTWAIT)
+        if n < 0:
+            if errno == EAGAIN:
+                src.readable = False
+                return IDLE
+            w.err = errno
+            return FAILED
+        if n == 0 or memcmp(header, fm_exchange_magic, <size_t>(n if n < 4 else 4)) != 0:
+            w.x_no_frame += 1
+            exchange_settled(w, c, PEER_NOT_FOUND)
+            return MOVED
+        if n < 8:
+            if src.hup:  # the stream ends here
+                if n < 4:  # a prefix of the magic is just application bytes
+                    w.x_no_frame += 1
+                    exchange_settled(w, c, PEER_NOT_FOUND)
+                    return MOVED
+                w.x_truncated += 1
+                return exchange_failed(w, c, s)
+            if not c.xstarted:
+                c.xstarted = True
+                link_exchanging(w, c, now_s() + l.xframe_timeout)
+            src.readable = False  # a new edge comes with the next bytes
+            return IDLE
+        size = ntohl((<uint32_t *>&header[4])[0])
+        if size > l.xmax_payload:
+            w.x_too_large += 1
+            return exchange_failed(w, c, s)
+        c.xbuf = <char *>malloc(size if size > 0 else 1)
+        if c.xbuf == NULL:
+            w.err = ENOMEM
+            return FAILED
+        recv(src.fd, header, 8, MSG_DONTWAIT)  # the 8 bytes peeked above: now take them
+        c.xlen = size
+        c.xgot = 0
+        c.xread = XR_PAYLOAD
+        if not c.xstarted:
+            c.xstarted = True
+            link_exchanging(w, c, now_s() + l.xframe_timeout)
+    while c.xgot < c.xlen:
+        n = recv(src.fd, c.xbuf + c.xgot, c.xlen - c.xgot, MSG_DONTWAIT)
+        if n > 0:
+            c.xgot += <uint32_t>n
+        elif n == 0:
+            w.x_truncated += 1
+            return exchange_failed(w, c, s)
+        elif errno == EAGAIN:
+            src.readable = False
+            return IDLE
+        elif errno != EINTR:
+            w.err = errno
+            return FAILED
+    w.x_frames_received += 1
+    exchange_settled(w, c, PEER_FOUND)
+    return MOVED
+
+
+cdef void exchange_timer(Worker *w, Conn *c) noexcept nogil:
+    """The deadline of a connection on the exchanging list has passed."""
+    cdef unsigned char header[8]
+    cdef ssize_t n
+    if c.xread == XR_PAYLOAD:
+        w.x_timed_out += 1
+        exchange_failed(w, c, c.xside)
+        return
+    if c.xstarted:
+        # Part of a header and then silence: a whole magic is a frame that never
+        # completed; less than that is application bytes that happen to match.
+        n = recv(c.ends[c.xside].fd, header, 8, MSG_PEEK | MSG_DONTWAIT)
+        if n >= 4:
+            w.x_timed_out += 1
+            exchange_failed(w, c, c.xside)
+            return
+        w.x_no_frame += 1
+        exchange_settled(w, c, PEER_NOT_FOUND)
+        c.ends[c.xside].readable = True  # read what was only peeked
+    else:
+        # Inbound, nothing from the client yet: release the app's first bytes
+        # without our frame. A frame that still comes first is read as usual.
+        w.x_detect_timeouts += 1
+        unlink_exchanging(w, c)
+        c.xhold = False
+        c.xcan_send = False
+    defer(w, c)  # timers run after this iteration's ready list
+
+
 # ---------------------------------------------------------------- the data path
 
 cdef int drain(Worker *w, Conn *c, int s) noexcept nogil:
@@ -488,6 +757,7 @@ cdef int drain(Worker *w, Conn *c, int s) noexcept nogil:
     cdef Flow *f = &c.flows[s]
     cdef End *dst = &c.ends[1 - s]
     cdef ssize_t n
+    cdef uint32_t hidden
     cdef int result = IDLE
     if f.pending > 0 and dst.writable:
         if f.pipe_r >= 0:
@@ -497,6 +767,10 @@ cdef int drain(Worker *w, Conn *c, int s) noexcept nogil:
         if n > 0:
             f.pending -= <uint32_t>n
             f.tx += <uint64_t>n
+            if f.unseen:  # our exchange frame is not relayed bytes
+                hidden = f.unseen if <uint32_t>n > f.unseen else <uint32_t>n
+                f.unseen -= hidden
+                f.tx -= hidden
             if f.pipe_r < 0:
                 f.buf_off += <uint32_t>n
             f.stalled = False
@@ -526,8 +800,15 @@ cdef int fill(Worker *w, Conn *c, int s) noexcept nogil:
     cdef End *src = &c.ends[s]
     cdef ssize_t n
     cdef size_t room
+    cdef int settled
     if not src.readable or f.src_eof or f.stalled:
         return IDLE
+    if c.xread != XR_IDLE and s == c.xside:
+        settled = read_peer_frame(w, c, s)
+        if settled != MOVED:
+            return settled
+    elif c.xhold and s != c.xside:
+        return IDLE  # inbound: the app's first bytes wait for the client's
     if f.pipe_r < 0 and f.buf == NULL:
         # Like HAProxy's splice-auto: small messages are cheaper to copy (no
         # pipe, no trailing EAGAIN call); bulk transfers are spliced.
@@ -599,6 +880,8 @@ cdef int pump(Worker *w, Conn *c, int s) noexcept nogil:
         filled = fill(w, c, s)
         if filled == FAILED:
             return PUMP_SRC_FAILED
+        if filled == GONE:
+            return PUMP_GONE
         if drained == IDLE and filled == IDLE:
             return PUMP_OK
     defer(w, c)
@@ -609,6 +892,8 @@ cdef void drive(Worker *w, Conn *c) noexcept nogil:
     cdef int s, r
     for s in range(2):
         r = pump(w, c, s)
+        if r == PUMP_GONE:
+            return
         if r == PUMP_SRC_FAILED:
             abort_conn(w, c, s, w.err)
             return
@@ -641,6 +926,10 @@ cdef void on_conn_event(Worker *w, Conn *c, int s, uint32_t events) noexcept nog
                 return
         unlink_connecting(w, c)
         c.state = OPEN
+        if c.xcan_send and c.xside == UP:
+            send_local_frame(w, c)  # outbound: the frame leads, before any app byte
+        elif c.xhold:
+            link_exchanging(w, c, now_s() + w.listeners[c.listener_id].xdetect_timeout)
     elif events & EPOLLERR:
         err = socket_error(e.fd)
         if err != 0:
@@ -667,6 +956,7 @@ cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
         close_with_reset(down_fd)
         record_closed(w, next_id(w), l.id, idx, R_LOCAL_ERROR, ENOMEM, 0, 0, 0, 0)
         return
+    exchange_gate(w, l, c, idx)
     if connect(up_fd, <sockaddr *>sa, l.uplens[idx]) < 0 and errno != EINPROGRESS:
         connect_failed(w, c, R_CONNECT_FAILED, errno)
         return
@@ -731,6 +1021,12 @@ cdef void run_timers(Worker *w) noexcept nogil:
         if now >= c.deadline:
             connect_failed(w, c, R_CONNECT_TIMEOUT, ETIMEDOUT)
         c = nxt
+    c = w.exchanging
+    while c != NULL:
+        nxt = c.xnext
+        if now >= c.xdeadline and c.state == OPEN:
+            exchange_timer(w, c)
+        c = nxt
     if w.npaused:
         for i in range(w.nlisteners[0]):
             l = w.listeners[i]
@@ -752,6 +1048,11 @@ cdef int next_timeout_ms(Worker *w) noexcept nogil:
         if soonest < 0 or c.deadline < soonest:
             soonest = c.deadline
         c = c.cnext
+    c = w.exchanging
+    while c != NULL:
+        if soonest < 0 or c.xdeadline < soonest:
+            soonest = c.xdeadline
+        c = c.xnext
     if w.npaused:
         for i in range(w.nlisteners[0]):
             t = w.listeners[i].paused_until[w.index]
@@ -768,15 +1069,18 @@ cdef int next_timeout_ms(Worker *w) noexcept nogil:
 cdef void run_ready(Worker *w) noexcept nogil:
     cdef Conn *c = w.ready
     cdef Conn *nxt
-    cdef int s
+    cdef int s, r
     # Reads first, writes after, as HAProxy does: the peers our writes wake up
     # then run once we have read everything that was ready, instead of
     # preempting us in the middle of the batch.
     while c != NULL:
         if c.state == OPEN:
             for s in range(2):
-                if fill(w, c, s) == FAILED:
+                r = fill(w, c, s)
+                if r == FAILED:
                     abort_conn(w, c, s, w.err)
+                    break
+                if r == GONE:
                     break
         c = c.ready_next
     c = w.ready
@@ -838,7 +1142,7 @@ cdef void worker_loop(Worker *w) noexcept nogil:
                 on_conn_event(w, <Conn *><uintptr_t>(tag & ~(<uint64_t>TAG_MASK)),
                               <int>(tag & TAG_MASK), events[i].events)
         run_ready(w)
-        if w.connecting != NULL or w.npaused:
+        if w.connecting != NULL or w.exchanging != NULL or w.npaused:
             run_timers(w)
         bury(w)
         timeout = next_timeout_ms(w)
@@ -936,6 +1240,8 @@ cdef class Engine:
                     close(w.pool_w[j])
                 for j in range(w.nbufs):
                     free(w.bufs[j])
+                for j in range(w.nclosed):
+                    free(w.closed[j].peer)
                 free(w.closed)
                 if w.epfd >= 0:
                     close(w.epfd)
@@ -946,6 +1252,8 @@ cdef class Engine:
         for i in range(self._nlisteners):
             free(self._listeners[i].ups)
             free(self._listeners[i].uplens)
+            free(self._listeners[i].mesh_peer)
+            free(self._listeners[i].xframe)
             free(self._listeners[i])
 
     @property
@@ -1013,11 +1321,13 @@ cdef class Engine:
             self._listeners[i].active = False
         self._unlock_all()
 
-    def add_listener(self, int fd, upstreams, double connect_timeout=5.0):
+    def add_listener(self, int fd, upstreams, double connect_timeout=5.0, exchange=None):
         """Accept on a bound, listening, non-blocking socket (the caller keeps
-        owning the fd) and relay each connection to the next upstream, round robin."""
+        owning the fd) and relay each connection to the next upstream, round robin.
+        exchange: a fastmesh.exchange.ExchangeSettings, or None for no exchange."""
         cdef Listener *l
         cdef int i, nup
+        cdef bytes frame = b""
         upstreams = [(str(h), int(p)) for h, p in upstreams]
         nup = len(upstreams)
         if nup == 0:
@@ -1035,16 +1345,32 @@ cdef class Engine:
                 ipaddress.ip_address(host)
             except ValueError:
                 raise ValueError(f"upstream address must be a numeric IP address, not {host!r}") from None
+        if exchange is not None:
+            exchange.check(nup, self._workers[0].buffer_size)
+            frame = bytes(exchange.frame)
         l = <Listener *>calloc(1, sizeof(Listener))
         if l == NULL:
             raise MemoryError()
         l.ups = <sockaddr_storage *>calloc(nup, sizeof(sockaddr_storage))
         l.uplens = <socklen_t *>calloc(nup, sizeof(socklen_t))
-        if l.ups == NULL or l.uplens == NULL:
+        l.mesh_peer = <unsigned char *>calloc(nup, 1)
+        l.xframe = <char *>malloc(len(frame) + 1)
+        if l.ups == NULL or l.uplens == NULL or l.mesh_peer == NULL or l.xframe == NULL:
             free(l.ups)
             free(l.uplens)
+            free(l.mesh_peer)
+            free(l.xframe)
             free(l)
             raise MemoryError()
+        if exchange is not None:
+            l.xrole = X_OUTBOUND if exchange.role == "outbound" else X_INBOUND
+            memcpy(l.xframe, <char *>frame, len(frame))
+            l.xframe_len = <uint32_t>len(frame)
+            l.xmax_payload = exchange.max_payload
+            l.xframe_timeout = exchange.frame_timeout
+            l.xdetect_timeout = exchange.detect_timeout
+            for i in range(nup):
+                l.mesh_peer[i] = exchange.exchanges_with(i)
         l.nup = nup
         l.fd = fd
         set_nodelay(fd)  # accepted sockets inherit it: one setsockopt per listener, not per connection
@@ -1119,8 +1445,8 @@ cdef class Engine:
 
     def collect(self):
         """Everything that changed since the previous call, in one batch:
-        (opened, updated, closed) as described in fastmesh/_core.pyi."""
-        cdef list opened = [], updated = [], closed = []
+        (opened, updated, closed, peers) as described in fastmesh/_core.pyi."""
+        cdef list opened = [], updated = [], closed = [], peers = []
         cdef Worker *w
         cdef Conn *c
         cdef ClosedRecord *r
@@ -1145,14 +1471,23 @@ cdef class Engine:
                         c.reported[k] += d[k]
                 if changed:
                     updated.append((c.id, d[0], d[1], d[2], d[3]))
+                if c.xreport != PEER_NONE:
+                    peers.append((c.id, c.xbuf[:c.xlen] if c.xreport == PEER_FOUND else None))
+                    c.xreport = PEER_NONE
+                    free(c.xbuf)
+                    c.xbuf = NULL
                 c = c.next
             for j in range(w.nclosed):
                 r = &w.closed[j]
                 closed.append((r.id, r.listener_id, r.upstream_index, r.reason, r.err,
                                r.delta[0], r.delta[1], r.delta[2], r.delta[3]))
+                if r.peer_state != PEER_NONE:
+                    peers.append((r.id, r.peer[:r.peer_len] if r.peer_state == PEER_FOUND else None))
+                    free(r.peer)
+                    r.peer = NULL
             w.nclosed = 0
             pthread_mutex_unlock(&w.lock)
-        return opened, updated, closed
+        return opened, updated, closed, peers
 
     def connections(self):
         """Per-connection state, for diagnosis (admin /connections): one dict each."""
@@ -1189,7 +1524,7 @@ cdef class Engine:
             "active_connections", "connections_accepted", "connections_relayed",
             "connect_failures", "connect_timeouts", "accept_errors", "accept_paused",
             "pipes_in_use", "pipes_pooled", "buffers_in_use", "splice_fallbacks",
-            "loop_iterations", "resets_propagated", "records_dropped"), 0)
+            "loop_iterations", "resets_propagated", "records_dropped") + EXCHANGE_STATS, 0)
         for i in range(self._nworkers):
             w = &self._workers[i]
             with nogil:
@@ -1208,5 +1543,14 @@ cdef class Engine:
             totals["loop_iterations"] += w.loop_iterations
             totals["resets_propagated"] += w.resets
             totals["records_dropped"] += w.records_dropped
+            totals["exchange_enabled"] += w.x_enabled
+            totals["exchange_disabled"] += w.x_disabled
+            totals["exchange_frames_sent"] += w.x_frames_sent
+            totals["exchange_frames_received"] += w.x_frames_received
+            totals["exchange_no_frame"] += w.x_no_frame
+            totals["exchange_detect_timeouts"] += w.x_detect_timeouts
+            totals["exchange_frames_too_large"] += w.x_too_large
+            totals["exchange_frames_truncated"] += w.x_truncated
+            totals["exchange_frames_timed_out"] += w.x_timed_out
             pthread_mutex_unlock(&w.lock)
         return totals

@@ -6,6 +6,11 @@ Each worker thread owns a selector, its connections and a lock held while it han
 a batch of events (never while it waits in select()); every call from Python takes
 that lock. Sockets are level-triggered and watched only for what their connection
 can do next: that is how backpressure and "no reading while connecting" work.
+
+The peer metadata exchange follows the Cython engine's rules, except that the
+peer's first bytes are read rather than peeked (with level-triggered sockets a
+peek would spin): bytes that turn out not to be a frame are passed on from the
+connection's own buffer.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import threading
 import time
 from typing import Optional, Sequence
 
+from fastmesh.exchange import EXCHANGE_STATS, HEADER, MAGIC_BYTES, OUTBOUND, ExchangeSettings
 from fastmesh.reasons import CloseReason
 
 IMPLEMENTATION = "python"
@@ -45,7 +51,7 @@ _STATS = (
     "connect_failures", "connect_timeouts", "accept_errors", "accept_paused",
     "pipes_in_use", "pipes_pooled", "buffers_in_use", "splice_fallbacks",
     "loop_iterations", "resets_propagated", "records_dropped",
-)
+) + EXCHANGE_STATS
 # Computed by stats() from live state, or always 0 here (no pipes; closed records
 # are kept in an unbounded list); the others are counters kept by each worker.
 _GAUGES = ("active_connections", "pipes_in_use", "pipes_pooled", "buffers_in_use",
@@ -54,6 +60,7 @@ _GAUGES = ("active_connections", "pipes_in_use", "pipes_pooled", "buffers_in_use
 Opened = tuple[int, int, int]
 Updated = tuple[int, int, int, int, int]
 Closed = tuple[int, int, int, int, int, int, int, int, int]
+Peer = tuple[int, Optional[bytes]]
 # (family, sockaddr, connect timeout) of the upstream a new connection must dial.
 _Target = tuple[int, tuple[str, int], float]
 
@@ -111,10 +118,11 @@ class _SideError(Exception):
 class _Flow:
     """One direction of a connection: what was read from its source and not yet sent."""
 
-    __slots__ = ("pending", "eof", "shut", "rx", "tx")
+    __slots__ = ("pending", "unseen", "eof", "shut", "rx", "tx")
 
     def __init__(self) -> None:
         self.pending = _EMPTY  # at most buffer_size bytes in flight
+        self.unseen = 0  # leading pending bytes that are our exchange frame: not counted in tx
         self.eof = False  # the source sent its FIN
         self.shut = False  # ...and it was passed on with shutdown(SHUT_WR)
         self.rx = 0  # bytes read from the source
@@ -142,6 +150,18 @@ class _Conn:
         self.announced = False
         self.closed = False
         self._reported = (0, 0, 0, 0)
+        # peer metadata exchange (see the Cython engine for the rules)
+        self.exchange: Optional[ExchangeSettings] = None
+        self.xside = -1  # the peer's side
+        self.xreading = False  # the peer's first bytes are not settled yet
+        self.xhold = False  # inbound: nothing moves toward the peer until they are
+        self.xcan_send = False  # our frame may still go first toward the peer
+        self.xhead = bytearray()  # the first bytes, up to a header's 8
+        self.xpayload: Optional[bytearray] = None  # once a header was read
+        self.xlen = 0
+        self.xdeadline: Optional[float] = None
+        self.xstarted = False  # frame bytes seen: the frame deadline runs
+        self.xreport: Optional[Peer] = None  # waiting for collect()
 
     def take_deltas(self) -> tuple[int, int, int, int]:
         """(down_rx, down_tx, up_rx, up_tx) since the previous call."""
@@ -156,11 +176,13 @@ class _Listener:
     """A caller's listening socket (our own dup of it) and its upstreams."""
 
     def __init__(self, listener_id: int, sock: socket.socket,
-                 upstreams: list[tuple[int, tuple[str, int]]], connect_timeout: float) -> None:
+                 upstreams: list[tuple[int, tuple[str, int]]], connect_timeout: float,
+                 exchange: Optional[ExchangeSettings]) -> None:
         self.id = listener_id
         self.sock = sock
         self.upstreams = upstreams
         self.connect_timeout = connect_timeout
+        self.exchange = exchange
         self.resume_at: Optional[float] = None  # paused after an accept error until then
         self.closed = False
         self._next = 0
@@ -186,6 +208,8 @@ class _Worker:
         self.sel.register(self._wake_r, _READ, None)
         self.conns: dict[int, _Conn] = {}
         self.connecting: set[_Conn] = set()
+        self.exchanging: set[_Conn] = set()  # connections with an exchange deadline
+        self.peers: list[Peer] = []  # of closed connections, waiting for collect()
         self.listeners: dict[int, _Listener] = {}  # only worker 0 accepts
         self.closed: list[Closed] = []  # records waiting for collect()
         self.counters = {name: 0 for name in _STATS if name not in _GAUGES}
@@ -233,6 +257,7 @@ class _Worker:
 
     def _timeout(self) -> Optional[float]:
         times = [c.deadline for c in self.connecting if c.deadline is not None]
+        times += [c.xdeadline for c in self.exchanging if c.xdeadline is not None]
         times += [l.resume_at for l in self.listeners.values() if l.resume_at is not None]
         if not times:
             return None
@@ -244,6 +269,8 @@ class _Worker:
         for conn in [c for c in self.connecting if c.deadline is not None and c.deadline <= now]:
             self.counters["connect_timeouts"] += 1
             self._finish(conn, CloseReason.CONNECT_TIMEOUT, errno.ETIMEDOUT)
+        for conn in [c for c in self.exchanging if c.xdeadline is not None and c.xdeadline <= now]:
+            self._exchange_timer(conn)
         for lst in self.listeners.values():
             if lst.resume_at is not None and lst.resume_at <= now:
                 lst.resume_at = None
@@ -292,6 +319,7 @@ class _Worker:
             index = lst.pick()
             family, addr = lst.upstreams[index]
             conn = _Conn(self.engine._new_id(), sock, None, lst.id, index)
+            self._exchange_gate(lst, conn)
             self.engine._hand_over(conn, (family, addr, lst.connect_timeout), caller=self)
 
     def _pause(self, lst: _Listener) -> None:
@@ -348,6 +376,8 @@ class _Worker:
         try:
             if mask & _READ and conn.flows[side].reading:
                 self._read(conn, side)
+                if conn.closed:  # a bad exchange frame
+                    return
             if mask & _WRITE:
                 self._send(conn, 1 - side)  # the flow whose destination is this side
         except _SideError as exc:
@@ -372,9 +402,17 @@ class _Worker:
             return
         conn.deadline = None
         self.connecting.discard(conn)
+        if conn.xcan_send and conn.xside == UP:
+            self._send_local_frame(conn)  # outbound: the frame leads, before any app byte
+        elif conn.xhold:
+            assert conn.exchange is not None
+            self._exchange_deadline(conn, conn.exchange.detect_timeout)
         self._sync(conn)
 
     def _read(self, conn: _Conn, src: int) -> None:
+        if conn.xreading and src == conn.xside:
+            self._read_peer_frame(conn, src)
+            return
         try:
             data = conn.socks[src].recv(self.buffer_size)  # type: ignore[union-attr]
         except (BlockingIOError, InterruptedError):
@@ -404,6 +442,10 @@ class _Worker:
             except OSError as exc:
                 raise _SideError(dst, exc) from None
             flow.tx += sent
+            if flow.unseen:  # our exchange frame is not relayed bytes
+                hidden = min(sent, flow.unseen)
+                flow.unseen -= hidden
+                flow.tx -= hidden
             flow.pending = flow.pending[sent:] if sent < len(flow.pending) else _EMPTY
         if flow.eof and not flow.pending and not flow.shut:
             try:
@@ -416,7 +458,8 @@ class _Worker:
         if conn.deadline is not None:
             # Connecting: wait for the upstream; downstream bytes stay in the kernel.
             return _WRITE if side == UP else 0
-        want = _READ if conn.flows[side].reading else 0
+        held = conn.xhold and side != conn.xside  # inbound: the app waits for the client's first bytes
+        want = _READ if conn.flows[side].reading and not held else 0
         if conn.flows[1 - side].pending:
             want |= _WRITE
         return want
@@ -453,6 +496,9 @@ class _Worker:
         conn.masks = [0, 0]
         conn.deadline = None
         self.connecting.discard(conn)
+        self.exchanging.discard(conn)
+        if conn.xreport is not None:
+            self.peers.append(conn.xreport)
         self.conns.pop(conn.id, None)
         self.closed.append((conn.id, conn.listener_id, conn.upstream_index, int(reason), err,
                             *conn.take_deltas()))
@@ -470,7 +516,7 @@ class _Worker:
             self.drop_listener(lst)
 
     def collect_into(self, opened: list[Opened], updated: list[Updated],
-                     closed: list[Closed]) -> None:
+                     closed: list[Closed], peers: list[Peer]) -> None:
         for conn in self.conns.values():
             if not conn.announced:
                 conn.announced = True
@@ -478,8 +524,143 @@ class _Worker:
             deltas = conn.take_deltas()
             if any(deltas):
                 updated.append((conn.id, *deltas))
+            if conn.xreport is not None:
+                peers.append(conn.xreport)
+                conn.xreport = None
         closed.extend(self.closed)
         self.closed = []
+        peers.extend(self.peers)
+        self.peers = []
+
+    # -- peer metadata exchange
+
+    def _exchange_gate(self, lst: _Listener, conn: _Conn) -> None:
+        """Whether this connection exchanges metadata, decided once as it opens."""
+        settings = lst.exchange
+        if settings is None:
+            return
+        if not settings.exchanges_with(conn.upstream_index):
+            self.counters["exchange_disabled"] += 1
+            return
+        self.counters["exchange_enabled"] += 1
+        conn.exchange = settings
+        conn.xreading = conn.xcan_send = True
+        if settings.role == OUTBOUND:
+            conn.xside = UP
+        else:
+            conn.xside = DOWN
+            conn.xhold = True
+
+    def _exchange_deadline(self, conn: _Conn, seconds: float) -> None:
+        conn.xdeadline = time.monotonic() + seconds
+        self.exchanging.add(conn)
+
+    def _send_local_frame(self, conn: _Conn) -> None:
+        assert conn.exchange is not None
+        conn.xcan_send = False
+        flow = conn.flows[1 - conn.xside]
+        flow.pending = memoryview(conn.exchange.frame)
+        flow.unseen = len(conn.exchange.frame)
+        self.counters["exchange_frames_sent"] += 1
+
+    def _settle(self, conn: _Conn, payload: Optional[bytes]) -> None:
+        """The peer's first bytes are a frame (payload) or not a frame (None)."""
+        conn.xreading = False
+        conn.xreport = (conn.id, payload)
+        conn.xdeadline = None
+        self.exchanging.discard(conn)
+        if conn.xhold:
+            conn.xhold = False
+            if payload is not None and conn.xcan_send:
+                self._send_local_frame(conn)  # inbound answers only a peer that spoke the protocol
+        conn.xcan_send = False
+
+    def _not_a_frame(self, conn: _Conn, src: int) -> None:
+        """The bytes read while looking for a header are application bytes: pass them on."""
+        self.counters["exchange_no_frame"] += 1
+        head = bytes(conn.xhead)
+        conn.xhead = bytearray()
+        self._settle(conn, None)
+        if head:
+            flow = conn.flows[src]
+            flow.rx += len(head)
+            flow.pending = memoryview(head)
+            self._send(conn, src)
+
+    def _bad_frame(self, conn: _Conn, src: int, counter: str) -> None:
+        self.counters[counter] += 1
+        reason = CloseReason.DOWNSTREAM_PROTOCOL_ERROR if src == DOWN else CloseReason.UPSTREAM_PROTOCOL_ERROR
+        self._finish(conn, reason, errno.EPROTO, reset=(True, True))
+
+    def _read_peer_frame(self, conn: _Conn, src: int) -> None:
+        settings = conn.exchange
+        assert settings is not None
+        sock = conn.socks[src]
+        assert sock is not None
+        want = HEADER.size - len(conn.xhead) if conn.xpayload is None else conn.xlen - len(conn.xpayload)
+        try:
+            data = sock.recv(min(want, self.buffer_size)) if want else b""
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise _SideError(src, exc) from None
+        if conn.xpayload is None:
+            if not data:  # the stream ends before a header
+                if len(conn.xhead) >= len(MAGIC_BYTES):
+                    self._bad_frame(conn, src, "exchange_frames_truncated")
+                else:
+                    self._not_a_frame(conn, src)
+                return
+            conn.xhead += data
+            seen = min(len(conn.xhead), len(MAGIC_BYTES))
+            if conn.xhead[:seen] != MAGIC_BYTES[:seen]:
+                self._not_a_frame(conn, src)
+                return
+            if not conn.xstarted:
+                conn.xstarted = True
+                self._exchange_deadline(conn, settings.frame_timeout)
+            if len(conn.xhead) < HEADER.size:
+                return
+            _, size = HEADER.unpack(conn.xhead)
+            if size > settings.max_payload:
+                self._bad_frame(conn, src, "exchange_frames_too_large")
+                return
+            conn.xpayload, conn.xlen = bytearray(), size
+        else:
+            if not data and want:
+                self._bad_frame(conn, src, "exchange_frames_truncated")
+                return
+            conn.xpayload += data
+        if len(conn.xpayload) == conn.xlen:
+            self.counters["exchange_frames_received"] += 1
+            self._settle(conn, bytes(conn.xpayload))
+            conn.xpayload = None
+            self._sync(conn)
+
+    def _exchange_timer(self, conn: _Conn) -> None:
+        try:
+            self._exchange_deadline_passed(conn)
+        except _SideError as exc:
+            self.counters["resets_propagated"] += 1
+            reason = CloseReason.DOWNSTREAM_RESET if exc.side == DOWN else CloseReason.UPSTREAM_RESET
+            self._finish(conn, reason, exc.errno, reset=(exc.side != DOWN, exc.side != UP))
+
+    def _exchange_deadline_passed(self, conn: _Conn) -> None:
+        if conn.xstarted:
+            # A frame's first bytes and then silence: a whole magic is a frame that never
+            # completed; less than that is application bytes that happen to match.
+            if conn.xpayload is not None or len(conn.xhead) >= len(MAGIC_BYTES):
+                self._bad_frame(conn, conn.xside, "exchange_frames_timed_out")
+                return
+            self._not_a_frame(conn, conn.xside)
+        else:
+            # Inbound, nothing from the client yet: release the app's first bytes without
+            # our frame. A frame that still comes first is read as usual.
+            self.counters["exchange_detect_timeouts"] += 1
+            conn.xdeadline = None
+            self.exchanging.discard(conn)
+            conn.xhold = conn.xcan_send = False
+        self._sync(conn)
 
 
 class Engine:
@@ -552,15 +733,19 @@ class Engine:
             pass
 
     def add_listener(self, fd: int, upstreams: Sequence[tuple[str, int]],
-                     connect_timeout: float = 5.0) -> int:
+                     connect_timeout: float = 5.0,
+                     exchange: Optional[ExchangeSettings] = None) -> int:
         """Accept on a bound, listening, non-blocking socket (the caller keeps owning
         the fd) and relay each connection to the next upstream, round robin.
-        upstreams are numeric IPv4/IPv6 addresses. Returns the listener id."""
+        upstreams are numeric IPv4/IPv6 addresses. exchange: the peer metadata
+        exchange settings, or None for none. Returns the listener id."""
         targets = [_parse_upstream(u) for u in upstreams]
         if not targets:
             raise ValueError("a listener needs at least one upstream")
         if not connect_timeout > 0 or math.isinf(connect_timeout):
             raise ValueError(f"connect_timeout must be positive, not {connect_timeout!r}")
+        if exchange is not None:
+            exchange.check(len(targets), self._workers[0].buffer_size)
         dup = os.dup(fd)
         try:
             sock = socket.socket(fileno=dup)
@@ -573,7 +758,7 @@ class Engine:
             try:
                 if self._stopped:
                     raise RuntimeError("the engine is stopped")
-                lst = _Listener(self._listeners, sock, targets, float(connect_timeout))
+                lst = _Listener(self._listeners, sock, targets, float(connect_timeout), exchange)
                 worker.sel.register(sock, _READ, lst)
             except BaseException:
                 sock.close()
@@ -608,15 +793,16 @@ class Engine:
             self._hand_over(conn, None)
             return conn.id
 
-    def collect(self) -> tuple[list[Opened], list[Updated], list[Closed]]:
+    def collect(self) -> tuple[list[Opened], list[Updated], list[Closed], list[Peer]]:
         """Everything that changed since the previous call, in one batch."""
         opened: list[Opened] = []
         updated: list[Updated] = []
         closed: list[Closed] = []
+        peers: list[Peer] = []
         for worker in self._workers:
             with worker.lock:
-                worker.collect_into(opened, updated, closed)
-        return opened, updated, closed
+                worker.collect_into(opened, updated, closed, peers)
+        return opened, updated, closed, peers
 
     def stats(self) -> dict[str, int]:
         """Engine health counters, summed over the workers."""

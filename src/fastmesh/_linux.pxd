@@ -88,6 +88,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int SHUT_WR
     int MSG_NOSIGNAL
     int MSG_DONTWAIT
+    int MSG_PEEK
 
     int socket(int domain, int type, int protocol)
     int connect(int fd, const sockaddr *addr, socklen_t addrlen)
@@ -121,6 +122,7 @@ cdef extern from "<netinet/in.h>" nogil:
         uint32_t sin6_scope_id
 
     uint16_t htons(uint16_t x)
+    uint32_t ntohl(uint32_t x)
 
 
 cdef extern from "<netinet/tcp.h>" nogil:

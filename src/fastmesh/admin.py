@@ -11,7 +11,8 @@ from fastmesh.addr import Address
 from fastmesh.relay import Relay
 
 
-def make_app(relay: Relay, config: Callable[[], dict[str, Any]]) -> web.Application:
+def make_app(relay: Relay, config: Callable[[], dict[str, Any]],
+             exchange_counters: Callable[[], dict[str, int]] | None = None) -> web.Application:
     async def ready(_: web.Request) -> web.Response:
         # Envoy answers LIVE once its listeners are up; fastmesh binds them before this app starts.
         if relay.listeners and relay.engine.running:
@@ -19,9 +20,10 @@ def make_app(relay: Relay, config: Callable[[], dict[str, Any]]) -> web.Applicat
         return web.Response(status=503, text="NOT READY\n")
 
     async def stats(_: web.Request) -> web.Response:
-        return web.json_response(
-            {"implementation": relay.implementation, "engine": relay.stats(), "totals": relay.counters()}
-        )
+        body = {"implementation": relay.implementation, "engine": relay.stats(), "totals": relay.counters()}
+        if exchange_counters is not None:
+            body["exchange"] = exchange_counters()
+        return web.json_response(body)
 
     async def config_dump(_: web.Request) -> web.Response:
         return web.json_response(config())

@@ -86,6 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     telemetry.add_argument("--metrics", type=_address, default=Address("0.0.0.0", 15090), metavar="HOST:PORT",
                            help="Prometheus endpoint: /stats/prometheus and /metrics (default 0.0.0.0:15090)")
     telemetry.add_argument("--no-metrics", action="store_true", help="no telemetry and no metrics endpoint")
+    exchange = serve.add_argument_group(
+        "peer metadata exchange (istio-peer-exchange)",
+        "Sidecars tell each other their workload identity in the first bytes of each connection. "
+        "An inbound listener looks for a peer's frame in every client's first bytes and answers it; "
+        "an outbound listener sends its frame only to an upstream declared a mesh peer.")
+    exchange.add_argument("--mesh-peer", action="store_true",
+                          help="outbound: the upstreams are fastmesh (or exchanging) sidecars: exchange with them")
+    exchange.add_argument("--no-exchange", action="store_true",
+                          help="never exchange: relay every byte as it comes (peers stay unknown)")
+    exchange.add_argument("--exchange-max-payload", type=_positive_int, default=64 * 1024, metavar="BYTES",
+                          help="largest peer frame payload accepted; a larger one resets the connection "
+                               "(default 65536)")
+    exchange.add_argument("--exchange-timeout", type=_duration, default=5.0, metavar="DURATION",
+                          help="time for a peer frame to arrive whole once it has begun (default 5s)")
+    exchange.add_argument("--exchange-detect-timeout", type=_duration, default=0.1, metavar="DURATION",
+                          help="inbound: how long a server-first app's first bytes wait for the client's, "
+                               "so that a mesh client gets our frame first (default 100ms)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     metrics = commands.add_parser(
@@ -105,6 +122,8 @@ def _config(args: argparse.Namespace) -> "SidecarConfig":
     from fastmesh.identity import NodeMetadata, load_node_metadata
     from fastmesh.sidecar import SidecarConfig
 
+    if args.mesh_peer and args.direction == "inbound":
+        raise ValueError("--mesh-peer is for outbound listeners: an inbound one detects mesh clients itself")
     return SidecarConfig(
         listen=args.listen,
         upstreams=args.upstream,
@@ -120,6 +139,11 @@ def _config(args: argparse.Namespace) -> "SidecarConfig":
         node_metadata=load_node_metadata(args.node_metadata) if args.node_metadata else NodeMetadata(),
         destination_service=args.destination_service,
         reporting_duration=args.reporting_duration,
+        exchange=not args.no_exchange,
+        mesh_peer=args.mesh_peer,
+        exchange_max_payload=args.exchange_max_payload,
+        exchange_timeout=args.exchange_timeout,
+        exchange_detect_timeout=args.exchange_detect_timeout,
     )
 
 

@@ -3,8 +3,10 @@ the payload length, both big-endian) and a serialized google.protobuf.Any
 holding a google.protobuf.Struct with `x-envoy-peer-metadata` (the node
 metadata) and `x-envoy-peer-metadata-id` (the node id).
 
-This module builds and reads frames; wiring it into the engine's first bytes is
-issue 4's work.
+This module builds and reads frames, and holds the settings a listener gives
+the engine, which writes our frame and reads the peer's on the data path
+(fastmesh/_core.pyx, fastmesh/_engine_py.py). FrameReader is the reference
+reader the tests hold the engines to.
 """
 
 from __future__ import annotations
@@ -30,6 +32,65 @@ EXCHANGE_KEYS = (
     "NAME", "NAMESPACE", "OWNER", "WORKLOAD_NAME", "ISTIO_VERSION", "MESH_ID", "CLUSTER_ID",
     "LABELS", "PLATFORM_METADATA", "APP_CONTAINERS",
 )
+
+
+# Engine.stats() keys for the exchange, summed over the workers.
+EXCHANGE_STATS = (
+    "exchange_enabled",  # connections that exchange (Istio: alpn_protocol_found)
+    "exchange_disabled",  # connections on an exchanging listener that do not (alpn_protocol_not_found)
+    "exchange_frames_sent",  # our frame written (metadata_added)
+    "exchange_frames_received",  # a peer frame read off the stream (its payload is decoded in Python)
+    "exchange_no_frame",  # the peer's first bytes were not a frame: passed on (initial_header_not_found)
+    "exchange_detect_timeouts",  # inbound: the app's first bytes went on before the client spoke
+    "exchange_frames_too_large",  # declared payload above the limit: connection reset
+    "exchange_frames_truncated",  # the stream ended inside a frame: connection reset
+    "exchange_frames_timed_out",  # a frame started and did not complete in time: connection reset
+)
+
+OUTBOUND = "outbound"
+INBOUND = "inbound"
+
+
+@dataclass(frozen=True)
+class ExchangeSettings:
+    """How a listener exchanges metadata; given to Engine.add_listener(exchange=...).
+
+    outbound: our frame goes to each upstream marked a mesh peer as soon as the
+    connection is up (ahead of any application byte), and the upstream's first
+    bytes are read for its frame. inbound: the downstream's first bytes are read
+    for a frame; a client that sent one gets ours in answer, ahead of the app's
+    bytes, which wait for the client's first bytes for at most detect_timeout.
+    """
+
+    role: str
+    frame: bytes  # our whole frame, from encode_frame(), built once
+    mesh_peers: tuple[bool, ...] | None = None  # outbound: per upstream; None means all
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    frame_timeout: float = 5.0
+    detect_timeout: float = 0.1
+
+    def exchanges_with(self, upstream_index: int) -> bool:
+        if self.role == INBOUND or self.mesh_peers is None:
+            return True
+        return self.mesh_peers[upstream_index]
+
+    def check(self, upstreams: int, buffer_size: int) -> None:
+        """Raise ValueError for settings an engine cannot use."""
+        if self.role not in (OUTBOUND, INBOUND):
+            raise ValueError(f"exchange role must be {OUTBOUND!r} or {INBOUND!r}, not {self.role!r}")
+        if len(self.frame) < HEADER.size or not self.frame.startswith(MAGIC_BYTES):
+            raise ValueError("the exchange frame must start with the istio-peer-exchange header")
+        if len(self.frame) > buffer_size:
+            raise ValueError(f"the exchange frame ({len(self.frame)} bytes) exceeds the engine's "
+                             f"buffer size ({buffer_size} bytes)")
+        if self.mesh_peers is not None and len(self.mesh_peers) != upstreams:
+            raise ValueError(f"mesh_peers names {len(self.mesh_peers)} upstreams, the listener has {upstreams}")
+        if not 0 <= self.max_payload <= 0xFFFFFFFF:
+            raise ValueError(f"max_payload out of range: {self.max_payload}")
+        for name in ("frame_timeout", "detect_timeout"):
+            value = getattr(self, name)
+            if not 0 < value < 1e9:
+                raise ValueError(f"{name} must be positive, not {value!r}")
 
 
 class ExchangeError(ValueError):

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
+from fastmesh.peers import PeerDirectory
 from fastmesh.relay import Relay
 from fastmesh.telemetry import TCP_LABELS, TcpTelemetry
 
@@ -48,18 +49,41 @@ _HEALTH = (
     ("fastmesh_engine_loop_iterations", "Engine event loop iterations", "loop_iterations", True),
 )
 
+# The peer metadata exchange, as one counter family by event: Istio's
+# metadata_exchange stat names where the meaning is the same, then fastmesh's own.
+_EXCHANGE_EVENTS = (
+    ("alpn_protocol_found", "exchange_enabled"),  # plaintext: the listener's rules said exchange
+    ("alpn_protocol_not_found", "exchange_disabled"),
+    ("metadata_added", "exchange_frames_sent"),
+    ("initial_header_not_found", "exchange_no_frame"),
+    ("header_not_found", "exchange_payloads_invalid"),
+    ("peer_found", "exchange_peers_found"),
+    ("frame_too_large", "exchange_frames_too_large"),
+    ("frame_truncated", "exchange_frames_truncated"),
+    ("frame_timed_out", "exchange_frames_timed_out"),
+    ("detect_timeout", "exchange_detect_timeouts"),
+)
+
 
 class HealthCollector:
     """A prometheus_client collector over the engine's health counters."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, peers: PeerDirectory | None = None) -> None:
         self.relay = relay
+        self.peers = peers
 
     def collect(self) -> Iterator[Metric]:
         stats = self.relay.stats()
         for name, documentation, key, is_counter in _HEALTH:
             kind = CounterMetricFamily if is_counter else GaugeMetricFamily
             yield kind(name, documentation, value=stats[key])
+        if self.peers is not None:
+            stats.update(self.peers.counters())
+            family = CounterMetricFamily("fastmesh_metadata_exchange", "Peer metadata exchange events",
+                                         labels=["event"])
+            for event, key in _EXCHANGE_EVENTS:
+                family.add_metric([event], stats[key])
+            yield family
 
 
 def _escape(value: str) -> str:
@@ -97,10 +121,10 @@ class TcpSeriesRenderer:
 class MetricsEndpoint:
     """Everything the metrics port serves."""
 
-    def __init__(self, relay: Relay, telemetry: TcpTelemetry | None,
+    def __init__(self, relay: Relay, telemetry: TcpTelemetry | None, peers: PeerDirectory | None = None,
                  before_scrape: Callable[[], None] | None = None) -> None:
         self.health = CollectorRegistry(auto_describe=False)
-        self.health.register(HealthCollector(relay))
+        self.health.register(HealthCollector(relay, peers))
         self.tcp = TcpSeriesRenderer(telemetry) if telemetry is not None else None
         self.before_scrape = before_scrape
 

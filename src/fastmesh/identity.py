@@ -97,6 +97,14 @@ class NodeMetadata:
         return f"sidecar~{ip or '127.0.0.1'}~{name}.{namespace}~{namespace}.svc.cluster.local"
 
 
+def peer_workload(metadata: Mapping[str, Any]) -> Workload:
+    """The identity in a peer's exchanged metadata. Values of the wrong type are
+    ignored (as Istio's conversion to its FlatNode schema drops them), not trusted."""
+    labels = metadata.get("LABELS")
+    labels = {k: v for k, v in labels.items() if isinstance(v, str)} if isinstance(labels, Mapping) else {}
+    return NodeMetadata({**metadata, "LABELS": labels}).workload()
+
+
 class MetadataError(ValueError):
     """A node metadata file that cannot be used; the message names the file and field."""
 

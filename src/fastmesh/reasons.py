@@ -16,6 +16,10 @@ class CloseReason(enum.IntEnum):
     CONNECT_TIMEOUT = 6  # upstream did not answer within the connect timeout
     LOCAL_ERROR = 7  # this relay could not go on (errno recorded), both sides reset
     SHUTDOWN = 8  # the engine was stopped while the connection was open
+    # A peer metadata exchange frame that cannot be trusted (too large, truncated,
+    # never completed) came from that side: both sides reset.
+    DOWNSTREAM_PROTOCOL_ERROR = 9
+    UPSTREAM_PROTOCOL_ERROR = 10
 
     @property
     def is_connect_failure(self) -> bool:

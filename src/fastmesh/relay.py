@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple, Sequence
 
 from fastmesh.addr import Address, bind_listener, parse_address, resolve
 from fastmesh.engine import IMPLEMENTATION, Engine
+from fastmesh.exchange import ExchangeSettings
 from fastmesh.reasons import CloseReason, describe
 
 log = logging.getLogger("fastmesh.relay")
@@ -33,6 +34,7 @@ class Batch(NamedTuple):
     opened: list[tuple[int, int, int]]
     updated: list[tuple[int, int, int, int, int]]
     closed: list[tuple[int, int, int, int, int, int, int, int, int]]
+    peers: Sequence[tuple[int, bytes | None]] = ()  # exchange outcomes: (conn_id, peer payload or None)
 
 
 BatchConsumer = Callable[[Batch], None]
@@ -103,8 +105,10 @@ class Relay:
         upstreams: Sequence[str | Address],
         *,
         connect_timeout: float = 5.0,
+        exchange: ExchangeSettings | None = None,
     ) -> Listener:
-        """Bind `listen` and relay every connection to `upstreams`, round robin."""
+        """Bind `listen` and relay every connection to `upstreams`, round robin,
+        with the peer metadata exchange if `exchange` is given."""
         address = listen if isinstance(listen, Address) else parse_address(listen, allow_port_zero=True)
         targets: list[Address] = []
         for upstream in upstreams:
@@ -114,7 +118,10 @@ class Relay:
             raise ValueError("a listener needs at least one upstream")
         sock = bind_listener(address, self.backlog)
         try:
-            listener_id = self.engine.add_listener(sock.fileno(), targets, connect_timeout)
+            if exchange is not None and exchange.mesh_peers is not None and len(targets) != len(upstreams):
+                # One name resolved to several addresses: each inherits its name's mesh flag.
+                raise ValueError("mesh_peers per upstream needs numeric upstream addresses")
+            listener_id = self.engine.add_listener(sock.fileno(), targets, connect_timeout, exchange)
         except BaseException:
             sock.close()
             raise

@@ -1,6 +1,6 @@
-"""One sidecar: a relay with its listener, Istio TCP telemetry reported every
-`reporting_duration`, the metrics port and the admin port, started and stopped
-together on the running event loop."""
+"""One sidecar: a relay with its listener, the peer metadata exchange, Istio
+TCP telemetry reported every `reporting_duration`, the metrics port and the
+admin port, started and stopped together on the running event loop."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from fastmesh._version import __version__
 from fastmesh.addr import Address
 from fastmesh.admin import make_app, serve_app
 from fastmesh.engine import IMPLEMENTATION
+from fastmesh.exchange import DEFAULT_MAX_PAYLOAD, INBOUND, ExchangeSettings, encode_frame
 from fastmesh.exposition import MetricsEndpoint
 from fastmesh.identity import NodeMetadata
+from fastmesh.peers import PeerDirectory
 from fastmesh.relay import Relay
 from fastmesh.telemetry import OUTBOUND, ListenerTelemetry, TcpTelemetry
 
@@ -39,6 +41,26 @@ class SidecarConfig:
     node_metadata: NodeMetadata = dataclasses.field(default_factory=NodeMetadata)
     destination_service: str = ""
     reporting_duration: float = 15.0
+    # Peer metadata exchange: an inbound listener looks for it in every client's
+    # first bytes; an outbound one sends to its upstreams only when they are mesh peers.
+    exchange: bool = True
+    mesh_peer: bool = False
+    exchange_max_payload: int = DEFAULT_MAX_PAYLOAD
+    exchange_timeout: float = 5.0
+    exchange_detect_timeout: float = 0.1
+
+    def exchange_settings(self) -> ExchangeSettings | None:
+        """What the listener's engine does about the exchange: the plaintext rules, in one place."""
+        if not self.exchange or (self.direction != INBOUND and not self.mesh_peer):
+            return None
+        metadata = self.node_metadata
+        return ExchangeSettings(
+            role=self.direction,
+            frame=encode_frame(metadata.values, metadata.node_id()),  # once, not per connection
+            max_payload=self.exchange_max_payload,
+            frame_timeout=self.exchange_timeout,
+            detect_timeout=self.exchange_detect_timeout,
+        )
 
 
 class Sidecar:
@@ -53,7 +75,9 @@ class Sidecar:
             max_pipes=config.max_pipes,
             splice=config.splice,
         )
-        self.telemetry: TcpTelemetry | None = TcpTelemetry() if config.metrics is not None else None
+        self.peers = PeerDirectory()
+        self.telemetry: TcpTelemetry | None = (
+            TcpTelemetry(peer_of=self.peers.peer_of) if config.metrics is not None else None)
         self.admin_address: Address | None = None
         self.metrics_address: Address | None = None
         self._runners: list[web.AppRunner] = []
@@ -63,19 +87,24 @@ class Sidecar:
         """Bind everything; on failure, undo what was started and raise OSError or ValueError."""
         config = self.config
         try:
+            exchange = config.exchange_settings()
             listener = await self.relay.listen(config.listen, config.upstreams,
-                                               connect_timeout=config.connect_timeout)
+                                               connect_timeout=config.connect_timeout, exchange=exchange)
+            if exchange is not None:
+                self.peers.listeners[listener.id] = exchange
+            self.relay.add_consumer(self.peers.on_batch)  # before telemetry: it asks for peers
             if self.telemetry is not None:
                 self.telemetry.listeners[listener.id] = ListenerTelemetry(
                     config.direction, config.node_metadata.workload(), config.destination_service)
                 self.relay.add_consumer(self.telemetry.on_batch)
-                endpoint = MetricsEndpoint(self.relay, self.telemetry, before_scrape=self.relay.collect)
+                endpoint = MetricsEndpoint(self.relay, self.telemetry, self.peers,
+                                           before_scrape=self.relay.collect)
                 runner, self.metrics_address = await serve_app(endpoint.app(), config.metrics)
                 self._runners.append(runner)
                 log.info("metrics on http://%s/stats/prometheus", self.metrics_address)
                 self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
             if config.admin is not None:
-                runner, self.admin_address = await serve_app(make_app(self.relay, self.config_dump),
+                runner, self.admin_address = await serve_app(make_app(self.relay, self.config_dump, self.peers.counters),
                                                                config.admin)
                 self._runners.append(runner)
                 log.info("admin on http://%s/", self.admin_address)
@@ -126,6 +155,13 @@ class Sidecar:
                 "destination_service": config.destination_service,
                 "node_metadata": dict(config.node_metadata.values),
                 "metrics": str(self.metrics_address),
+            },
+            "exchange": None if (exchange := config.exchange_settings()) is None else {
+                "role": exchange.role,
+                "frame_bytes": len(exchange.frame),
+                "max_payload_bytes": exchange.max_payload,
+                "frame_timeout_seconds": exchange.frame_timeout,
+                "detect_timeout_seconds": exchange.detect_timeout,
             },
             "drain_timeout_seconds": config.drain_timeout,
             "admin": str(self.admin_address) if self.admin_address else None,

@@ -34,13 +34,16 @@ OUTBOUND = "outbound"
 
 # Envoy's short response flags for the ways a connection can end badly before
 # its labels are fixed: UF upstream connection failure, DC/UC downstream/upstream
-# connection termination.
+# connection termination, DPE/UPE downstream/upstream protocol error (here, a
+# peer exchange frame that could not be trusted).
 _RESPONSE_FLAGS = {
     CloseReason.CONNECT_FAILED: "UF",
     CloseReason.CONNECT_TIMEOUT: "UF",
     CloseReason.LOCAL_ERROR: "UF",
     CloseReason.DOWNSTREAM_RESET: "DC",
     CloseReason.UPSTREAM_RESET: "UC",
+    CloseReason.DOWNSTREAM_PROTOCOL_ERROR: "DPE",
+    CloseReason.UPSTREAM_PROTOCOL_ERROR: "UPE",
 }
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pytest
+from google.protobuf import any_pb2, struct_pb2
 
 from fastmesh import _engine_py
+from fastmesh.exchange import HEADER, MAGIC
 from fastmesh.identity import NodeMetadata
 from fastmesh.sidecar import BackgroundSidecar
 
@@ -253,3 +255,15 @@ RATINGS_V2 = NodeMetadata({"NAME": "ratings-v2-1", "NAMESPACE": "default", "WORK
 MONGODB_V1 = NodeMetadata({"NAME": "mongodb-v1-0", "NAMESPACE": "default", "WORKLOAD_NAME": "mongodb-v1",
                            "LABELS": {"app": "mongodb", "version": "v1"}, "CLUSTER_ID": "Kubernetes"})
 MONGODB_SERVICE = "mongodb.default.svc.cluster.local"
+
+
+def independent_frame(metadata: dict, node_id: str, type_url: str | None = None) -> bytes:
+    """An istio-peer-exchange frame built the way the spec describes it, without fastmesh's code."""
+    outer = struct_pb2.Struct()
+    outer.update({"x-envoy-peer-metadata": metadata, "x-envoy-peer-metadata-id": node_id})
+    envelope = any_pb2.Any()
+    envelope.Pack(outer, deterministic=True)
+    if type_url is not None:
+        envelope.type_url = type_url
+    payload = envelope.SerializeToString(deterministic=True)
+    return HEADER.pack(MAGIC, len(payload)) + payload

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from conftest import independent_frame
 from google.protobuf import any_pb2, struct_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,18 +15,6 @@ from fastmesh.exchange import MAGIC, FrameReader, Outcome, ReadResult, decode_pa
 
 NODE = {"NAME": "p", "NAMESPACE": "default", "LABELS": {"app": "a"}}
 NODE_ID = "sidecar~10.0.0.1~p.default~default.svc.cluster.local"
-
-
-def independent_frame(metadata: dict, node_id: str, type_url: str | None = None) -> bytes:
-    """A frame built the way the spec describes it, without fastmesh's code."""
-    outer = struct_pb2.Struct()
-    outer.update({"x-envoy-peer-metadata": metadata, "x-envoy-peer-metadata-id": node_id})
-    envelope = any_pb2.Any()
-    envelope.Pack(outer, deterministic=True)
-    if type_url is not None:
-        envelope.type_url = type_url
-    payload = envelope.SerializeToString(deterministic=True)
-    return struct.pack("!II", MAGIC, len(payload)) + payload
 
 
 def test_frame_layout_matches_the_spec_derived_example():

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(iperf3 redis-server redis-tools prometheus)
+DEBIAN_PACKAGES=(iperf3 redis-server redis-tools prometheus mariadb-server)
 
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
@@ -14,7 +14,7 @@ if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # Debian starts these as services on install; the tests start their own.
-    for service in redis-server prometheus; do
+    for service in redis-server prometheus mariadb; do
         systemctl disable --now "$service" >/dev/null 2>&1 || service "$service" stop >/dev/null 2>&1 || true
     done
 fi

@@ -168,6 +168,45 @@ def test_config_dump_shows_the_effective_configuration(serve, upstream):
     assert proxy.stop() == 0
 
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "node-metadata"
+
+
+def test_two_serve_processes_learn_each_others_identity(serve, upstream):
+    def hello(conn: socket.socket) -> None:
+        conn.sendall(b"hello " + conn.recv(64))
+
+    server = upstream(hello)
+    common = ("--destination-service", "mongodb.default.svc.cluster.local", "--reporting-duration", "500ms")
+    inbound = serve(server.address, "--direction", "inbound",
+                    "--node-metadata", str(EXAMPLES / "mongodb-v1.yaml"), *common)
+    outbound = serve(inbound.listen, "--mesh-peer", "--node-metadata", str(EXAMPLES / "ratings-v2.yaml"), *common)
+    with socket.create_connection(outbound.listen) as client:
+        client.sendall(b"world\n")
+        assert client.recv(64) == b"hello world\n"
+    for proxy, peer_label in ((outbound, 'destination_workload="mongodb-v1"'),
+                              (inbound, 'source_workload="ratings-v2"')):
+        deadline = time.monotonic() + 20
+        while True:
+            url = "http://%s:%d/stats/prometheus" % proxy.metrics
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            opened = [line for line in text.splitlines() if line.startswith("istio_tcp_connections_opened_total")]
+            if opened or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(opened) == 1 and peer_label in opened[0] and opened[0].endswith(" 1"), opened
+        assert proxy.stats()["exchange"] == {"exchange_peers_found": 1, "exchange_payloads_invalid": 0}
+    assert json.loads(outbound.get("/config_dump")[1])["exchange"]["role"] == "outbound"
+    assert outbound.stop() == 0 and inbound.stop() == 0
+
+
+def test_mesh_peer_on_an_inbound_listener_is_refused():
+    result = run_cli("serve", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--direction", "inbound",
+                     "--mesh-peer", "--no-admin", "--no-metrics")
+    assert result.returncode == 1
+    assert "--mesh-peer is for outbound listeners" in result.stderr
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fastmesh", *args], capture_output=True, text=True, timeout=60)
 
@@ -182,6 +221,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["serve", "--listen", ":1", "--upstream", "h:1", "--workers", "0"], "'0' is not a positive whole number"),
         (["serve", "--listen", ":1", "--upstream", "h:1", "--connect-timeout", "5"], "'5' is not a duration"),
         (["serve", "--listen", ":1", "--upstream", "h:1", "--direction", "sideways"], "invalid choice: 'sideways'"),
+        (["serve", "--listen", ":1", "--upstream", "h:1", "--exchange-max-payload", "-1"],
+         "'-1' is not a positive whole number"),
+        (["serve", "--listen", ":1", "--upstream", "h:1", "--exchange-timeout", "soon"], "'soon' is not a duration"),
     ],
 )
 def test_bad_command_lines_get_precise_errors(args, message):
@@ -211,5 +253,7 @@ def test_an_unresolvable_upstream_is_a_clear_error():
 def test_help_names_every_serve_option():
     result = run_cli("serve", "--help")
     assert result.returncode == 0
-    for option in ("--listen", "--upstream", "--workers", "--admin", "--connect-timeout", "--drain-timeout"):
+    for option in ("--listen", "--upstream", "--workers", "--admin", "--connect-timeout", "--drain-timeout",
+                   "--mesh-peer", "--no-exchange", "--exchange-max-payload", "--exchange-timeout",
+                   "--exchange-detect-timeout"):
         assert option in result.stdout

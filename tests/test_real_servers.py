@@ -41,7 +41,7 @@ pytestmark = pytest.mark.bench_tools
 MiB = 1 << 20
 SETUP_HINT = (
     "run the README's test set-up, `bash ci/install-test-deps.sh` (as root), which installs "
-    "the Debian packages iperf3, redis-server and redis-tools"
+    "the Debian packages iperf3, redis-server, redis-tools, prometheus and mariadb-server"
 )
 PIPE_SIZE = MiB  # the engine's default pipe_size: the most one direction holds in the relay
 

@@ -1,0 +1,192 @@
+"""A pair of sidecars (outbound, then inbound) in front of real databases, driven
+by real clients: Redis (the client speaks first) and MariaDB (the server greets
+first, as for Bookinfo's ratings-v2-mysql). Both reporters' metrics must carry
+the other side's identity, learnt over istio-peer-exchange, with exact counts
+and the same byte totals on both sides (frames are never counted)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pymysql
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import RATINGS_V2
+from fastmesh.addr import Address
+from fastmesh.identity import NodeMetadata
+from fastmesh.sidecar import SidecarConfig
+from fastmesh.telemetry import INBOUND, OUTBOUND
+from test_real_servers import listens, start_until_ready, stop_server, tool
+
+pytestmark = pytest.mark.bench_tools
+
+LOOPBACK_ANY_PORT = Address("127.0.0.1", 0)
+REDIS_V1 = NodeMetadata({"NAME": "redis-v1-0", "NAMESPACE": "default", "WORKLOAD_NAME": "redis-v1",
+                         "LABELS": {"app": "redis", "version": "v1"}, "CLUSTER_ID": "Kubernetes"})
+MYSQLDB_V1 = NodeMetadata({"NAME": "mysqldb-v1-0", "NAMESPACE": "default", "WORKLOAD_NAME": "mysqldb-v1",
+                           "LABELS": {"app": "mysqldb", "version": "v1"}, "CLUSTER_ID": "Kubernetes"})
+
+
+def start_pair(sidecar, database: tuple[str, int], database_node: NodeMetadata, service: str):
+    """The database's inbound sidecar, then ratings-v2's outbound sidecar in front of it."""
+    inbound = sidecar(SidecarConfig(
+        listen=LOOPBACK_ANY_PORT, upstreams=[Address(*database)], admin=None, metrics=LOOPBACK_ANY_PORT,
+        direction=INBOUND, node_metadata=database_node, destination_service=service, reporting_duration=0.5))
+    outbound = sidecar(SidecarConfig(
+        listen=LOOPBACK_ANY_PORT, upstreams=[inbound.listen], admin=None, metrics=LOOPBACK_ANY_PORT,
+        direction=OUTBOUND, node_metadata=RATINGS_V2, destination_service=service, reporting_duration=0.5,
+        mesh_peer=True))
+    return outbound, inbound
+
+
+def samples(running) -> dict[str, list]:
+    _, text = running.scrape()
+    found: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append(sample)
+    return found
+
+
+def wait_closed(running, connections: int, timeout: float = 20.0) -> dict[str, list]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = samples(running)
+        closed = sum(s.value for s in found.get("istio_tcp_connections_closed_total", []))
+        if closed >= connections or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def expected_labels(reporter: str, database: NodeMetadata, service: str) -> dict[str, str]:
+    client, server = RATINGS_V2.workload(), database.workload()
+    return {
+        "reporter": reporter,
+        "source_workload": client.workload, "source_workload_namespace": "default",
+        "source_principal": "unknown", "source_app": client.app, "source_version": client.version,
+        "source_canonical_service": client.app, "source_canonical_revision": client.version,
+        "source_cluster": "Kubernetes",
+        "destination_workload": server.workload, "destination_workload_namespace": "default",
+        "destination_principal": "unknown", "destination_app": server.app,
+        "destination_version": server.version, "destination_service": service,
+        "destination_service_name": service.split(".")[0], "destination_service_namespace": "default",
+        "destination_canonical_service": server.app, "destination_canonical_revision": server.version,
+        "destination_cluster": "Kubernetes",
+        "request_protocol": "tcp", "response_flags": "-",
+        "connection_security_policy": "unknown" if reporter == "source" else "none",
+    }
+
+
+def check_both_reporters(outbound, inbound, connections: int, database: NodeMetadata, service: str) -> None:
+    seen = {}
+    for running, reporter in ((outbound, "source"), (inbound, "destination")):
+        found = wait_closed(running, connections)
+        values = {}
+        for name in ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total",
+                     "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total"):
+            (sample,) = found[name]  # one label set: every connection learnt the same peer
+            assert sample.labels == expected_labels(reporter, database, service), name
+            values[name] = sample.value
+        assert values["istio_tcp_connections_opened_total"] == connections
+        assert values["istio_tcp_connections_closed_total"] == connections
+        events = {s.labels["event"]: s.value for s in found["fastmesh_metadata_exchange_total"]}
+        assert events["metadata_added"] == events["peer_found"] == connections, events
+        assert events["header_not_found"] == events["initial_header_not_found"] == 0, events
+        seen[reporter] = values
+    # Both sidecars counted the application's bytes and nothing else: a frame
+    # counted on either side would make these differ by its size.
+    assert seen["source"]["istio_tcp_sent_bytes_total"] == seen["destination"]["istio_tcp_sent_bytes_total"] > 0
+    assert (seen["source"]["istio_tcp_received_bytes_total"]
+            == seen["destination"]["istio_tcp_received_bytes_total"] > 0)
+
+
+# ---------------------------------------------------------------- Redis: the client speaks first
+
+
+@pytest.fixture
+def redis_port(tmp_path):
+    server = tool("redis-server")
+    port, proc = start_until_ready(
+        "redis-server",
+        lambda port: [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                      "--appendonly", "no", "--dir", str(tmp_path)],
+        listens, tmp_path / "redis-server.log",
+    )
+    yield port
+    stop_server(proc)
+
+
+def test_a_sidecar_pair_in_front_of_redis_learns_both_identities(redis_port, sidecar):
+    service = "redis.default.svc.cluster.local"
+    outbound, inbound = start_pair(sidecar, ("127.0.0.1", redis_port), REDIS_V1, service)
+    value = bytes(range(256)) * 4096  # 1 MiB: the exchange ends, then splicing takes over
+    for i in range(5):
+        client = redis.Redis(host="127.0.0.1", port=outbound.listen.port, socket_timeout=10)
+        assert client.ping()
+        assert client.set(f"key{i}", value)
+        assert client.get(f"key{i}") == value
+        client.close()
+    check_both_reporters(outbound, inbound, 5, REDIS_V1, service)
+
+
+# ---------------------------------------------------------------- MariaDB: the server greets first
+
+
+@pytest.fixture
+def mariadb_port(tmp_path):
+    datadir = tmp_path / "mariadb"
+    install = subprocess.run(
+        [tool("mariadb-install-db"), "--no-defaults", f"--datadir={datadir}", "--user=root",
+         "--auth-root-authentication-method=normal", "--skip-test-db"],
+        capture_output=True, timeout=120)
+    assert install.returncode == 0, install.stderr.decode(errors="replace")[-2000:]
+    server = tool("mariadbd")
+    port, proc = start_until_ready(
+        "mariadbd",
+        lambda port: [server, "--no-defaults", f"--datadir={datadir}", "--user=root", f"--port={port}",
+                      "--bind-address=127.0.0.1", f"--socket={datadir}/mariadb.sock", "--skip-log-bin",
+                      "--skip-name-resolve", "--innodb-buffer-pool-size=16M"],
+        listens, tmp_path / "mariadbd.log",
+    )
+    yield port
+    stop_server(proc)
+
+
+def test_a_sidecar_pair_in_front_of_mariadb_learns_both_identities(mariadb_port, sidecar):
+    service = "mysqldb.default.svc.cluster.local"
+    outbound, inbound = start_pair(sidecar, ("127.0.0.1", mariadb_port), MYSQLDB_V1, service)
+
+    def connect() -> pymysql.connections.Connection:
+        return pymysql.connect(host="127.0.0.1", port=outbound.listen.port, user="root",
+                               connect_timeout=10, read_timeout=10, autocommit=True)
+
+    with connect() as db, db.cursor() as cursor:  # Bookinfo's ratings table
+        cursor.execute("CREATE DATABASE test")
+        cursor.execute("CREATE TABLE test.ratings (ReviewID INT PRIMARY KEY, Rating INT)")
+        cursor.execute("INSERT INTO test.ratings VALUES (1, 5), (2, 4)")
+    for _ in range(3):
+        with connect() as db, db.cursor() as cursor:
+            cursor.execute("SELECT ReviewID, Rating FROM test.ratings ORDER BY ReviewID")
+            assert cursor.fetchall() == ((1, 5), (2, 4))
+    check_both_reporters(outbound, inbound, 4, MYSQLDB_V1, service)
+    # The greeting never waited for the detect timeout: the mesh client's frame was there first.
+    assert "detect_timeout" not in {
+        s.labels["event"] for s in samples(inbound)["fastmesh_metadata_exchange_total"] if s.value}
+
+
+def test_a_plain_mariadb_client_through_an_inbound_sidecar_is_an_unknown_source(mariadb_port, sidecar):
+    service = "mysqldb.default.svc.cluster.local"
+    _, inbound = start_pair(sidecar, ("127.0.0.1", mariadb_port), MYSQLDB_V1, service)
+    with pymysql.connect(host="127.0.0.1", port=inbound.listen.port, user="root", connect_timeout=10) as db:
+        with db.cursor() as cursor:
+            cursor.execute("SELECT 1 + 1")
+            assert cursor.fetchall() == ((2,),)
+    found = wait_closed(inbound, 1)
+    (opened,) = found["istio_tcp_connections_opened_total"]
+    assert opened.value == 1
+    assert opened.labels["source_workload"] == "unknown" and opened.labels["destination_workload"] == "mysqldb-v1"
+    events = {s.labels["event"]: s.value for s in found["fastmesh_metadata_exchange_total"]}
+    assert events["detect_timeout"] == 1 and events["metadata_added"] == 0, events

@@ -139,23 +139,23 @@ def tree(root: int) -> list[int]:
     return out
 
 
-def cpu_seconds(root: int) -> float:
-    """utime+stime+cutime+cstime over the live tree: a live process counts its own
+def cpu_seconds(*roots: int) -> float:
+    """utime+stime+cutime+cstime over the live trees: a live process counts its own
     time, one that exited and was reaped shows up in its parent's c-times, so
     each process is counted once. A process's stat already sums its threads."""
     ticks = 0
-    for pid in tree(root):
+    for pid in (pid for root in roots for pid in tree(root)):
         st = _stat(pid)
         if st:
             ticks += sum(int(x) for x in st[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def memory_kib(root: int) -> dict[str, int]:
-    """VmRSS and Pss summed over the tree. RSS counts shared pages once per
+def memory_kib(*roots: int) -> dict[str, int]:
+    """VmRSS and Pss summed over the trees. RSS counts shared pages once per
     process; PSS splits them, which is the honest sum for forking relays."""
     rss = pss = n = 0
-    for pid in tree(root):
+    for pid in (pid for root in roots for pid in tree(root)):
         try:
             with open(f"/proc/{pid}/status") as f:
                 rss += next((int(l.split()[1]) for l in f if l.startswith("VmRSS:")), 0)
@@ -241,10 +241,25 @@ def stop_all() -> None:
 
 @dataclass
 class RelaySpec:
-    name: str                # row label: direct, fastmesh, fastmesh[py], haproxy, ...
-    kind: str                # direct | fastmesh | haproxy | nginx | socat
-    args: list[str] = field(default_factory=list)   # extra CLI args (fastmesh variants)
+    name: str                # row label: direct, fastmesh, fastmesh[py], haproxy, pair[exchange], ...
+    kind: str                # direct | fastmesh | haproxy | nginx | socat | pair
+    args: list[str] = field(default_factory=list)   # extra CLI args (fastmesh variants; a pair's outbound)
     env: dict[str, str] = field(default_factory=dict)
+    inbound_args: list[str] = field(default_factory=list)  # a pair's inbound sidecar
+
+
+NODE_METADATA = REPO / "examples" / "node-metadata"
+
+
+def sidecar_pairs() -> list[RelaySpec]:
+    """Two fastmesh sidecars in a row (ratings-v2's outbound, then the database's
+    inbound), with the peer metadata exchange on and off: issue 4's bars."""
+    outbound = ["--node-metadata", str(NODE_METADATA / "ratings-v2.yaml")]
+    inbound = ["--direction", "inbound", "--node-metadata", str(NODE_METADATA / "mongodb-v1.yaml")]
+    return [
+        RelaySpec("pair[exchange]", "pair", [*outbound, "--mesh-peer"], inbound_args=inbound),
+        RelaySpec("pair[no-exchange]", "pair", [*outbound, "--no-exchange"], inbound_args=[*inbound, "--no-exchange"]),
+    ]
 
 
 def parse_variant(text: str) -> RelaySpec:
@@ -353,10 +368,12 @@ class Relay:
     name: str
     port: int                # where clients connect
     proc: Proc | None        # None for direct
+    behind: Proc | None = None  # a pair's inbound sidecar
 
     @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+    def pids(self) -> list[int]:
+        """The relay's processes (CPU and memory are summed over their trees)."""
+        return [p.pid for p in (self.proc, self.behind) if p is not None]
 
 
 @contextmanager
@@ -364,6 +381,12 @@ def running(spec: RelaySpec, upstream: int, tmp: Path, opts: Options) -> Iterato
     """Start the relay in front of `upstream`, yield once it listens, always stop it."""
     if spec.kind == "direct":
         yield Relay(spec.name, upstream, None)
+        return
+    if spec.kind == "pair":
+        with running(RelaySpec(spec.name + ":inbound", "fastmesh", spec.inbound_args, spec.env),
+                     upstream, tmp, opts) as inbound:
+            with running(RelaySpec(spec.name, "fastmesh", spec.args, spec.env), inbound.port, tmp, opts) as outbound:
+                yield Relay(spec.name, outbound.port, outbound.proc, behind=inbound.proc)
         return
     port = free_port()
     env = None

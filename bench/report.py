@@ -34,14 +34,23 @@ def ratios(values: dict[str, dict[str, float | None]]) -> dict[str, dict[str, di
 
 
 def checks(values: dict[str, dict[str, float | None]]) -> list[dict]:
-    """The bars fastmesh must clear, for every fastmesh row. A bar whose reference is missing is SKIP."""
+    """The bars fastmesh must clear, for every fastmesh row and the exchange pair. A bar whose
+    reference is missing is SKIP."""
     def get(relay, metric):
         return values.get(relay, {}).get(metric)
 
-    out = []
-    for relay in (r for r in values if r.startswith("fastmesh")):
+    def bars_for(relay: str) -> list[tuple]:
+        if relay == "pair[exchange]":  # the exchange's cost, against the same pair without it
+            return [
+                ("reconnect >= 0.9 x pair without exchange", "redis_reconnect", ">=", 0.9,
+                 get("pair[no-exchange]", "redis_reconnect")),
+                ("iperf3 1 stream >= 0.95 x pair without exchange", "iperf_1", ">=", 0.95,
+                 get("pair[no-exchange]", "iperf_1")),
+            ]
+        if not relay.startswith("fastmesh"):
+            return []
         refs_keep = [v for v in (get("haproxy", "redis_keepalive"), get("nginx", "redis_keepalive")) if v is not None]
-        bars = [
+        return [
             ("iperf3 1 stream >= 0.70 x direct", "iperf_1", ">=", 0.70, get("direct", "iperf_1")),
             ("iperf3 1 stream >= 1.5 x haproxy", "iperf_1", ">=", 1.5, get("haproxy", "iperf_1")),
             ("redis keep-alive >= 1.0 x max(haproxy, nginx)", "redis_keepalive", ">=", 1.0,
@@ -50,7 +59,10 @@ def checks(values: dict[str, dict[str, float | None]]) -> list[dict]:
             ("CPU/GB <= haproxy", "cpu_per_gb", "<=", 1.0, get("haproxy", "cpu_per_gb")),
             ("idle RSS growth <= 20 MiB", "idle_rss", "<=", None, 20.0),
         ]
-        for name, metric, op, factor, ref in bars:
+
+    out = []
+    for relay in values:
+        for name, metric, op, factor, ref in bars_for(relay):
             value = get(relay, metric)
             bar = None if ref is None else (ref if factor is None else factor * ref)
             if value is None or bar is None:

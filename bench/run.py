@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fastmesh-variant", action="append", default=[], metavar="NAME=ARGS",
                    help="extra row fastmesh[NAME]: leading VAR=VALUE words set the environment, the rest are "
                         "serve options, e.g. 'py=FASTMESH_NO_EXTENSIONS=1' or 'w2=--workers 2' (repeatable)")
+    p.add_argument("--pairs", action="store_true",
+                   help="add rows pair[exchange] and pair[no-exchange]: an outbound and an inbound fastmesh "
+                        "in a row, with the peer metadata exchange on and off")
     p.add_argument("--haproxy-threads", type=int, default=1, help="haproxy nbthread (default 1)")
     p.add_argument("--socat-backlog", type=int,
                    help="add backlog=N to socat's listener (default: socat's own, 5; see README)")
@@ -70,6 +73,8 @@ def relay_specs(a: argparse.Namespace) -> list[RelaySpec]:
             specs.append(RelaySpec(kind, kind))
         if kind == "fastmesh":
             specs += [peers.parse_variant(v) for v in a.fastmesh_variant]
+            if a.pairs:
+                specs += peers.sidecar_pairs()
     # A bench of fastmesh without fastmesh means nothing: a row that cannot even
     # print its version stops the run.
     for s in specs:

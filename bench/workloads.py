@@ -54,12 +54,12 @@ def iperf(relay: Relay, seconds: float, streams: int) -> dict:
     """Bits per second received by the backend; with the relay's CPU seconds spent meanwhile."""
     argv = [which("iperf3"), "-c", HOST, "-p", str(relay.port), "-t", str(seconds), "-P", str(streams),
             "-J", "--connect-timeout", "5000"]
-    cpu0 = cpu_seconds(relay.pid) if relay.pid else None
+    cpu0 = cpu_seconds(*relay.pids) if relay.pids else None
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
     except subprocess.TimeoutExpired:
         raise MeasureError("iperf3 client timed out") from None
-    cpu1 = cpu_seconds(relay.pid) if relay.pid else None
+    cpu1 = cpu_seconds(*relay.pids) if relay.pids else None
     try:
         doc = json.loads(r.stdout)
     except json.JSONDecodeError:
@@ -163,7 +163,7 @@ def idle_rss(relay: Relay, backend: HoldServer, conns: int, timeout: float = 120
     Connects are paced to at most `window` not yet through to the backend: socat
     listens with a backlog of 5, and overflowing an accept queue costs a 1 s SYN
     retransmit, which would measure the ramp rather than the memory."""
-    base = memory_kib(relay.pid)
+    base = memory_kib(*relay.pids)
     clients: list[socket.socket] = []
     t0 = time.monotonic()
     deadline = t0 + timeout
@@ -184,7 +184,7 @@ def idle_rss(relay: Relay, backend: HoldServer, conns: int, timeout: float = 120
             raise MeasureError(f"backend holds {len(backend.held)} of {conns} connections after {timeout:.0f}s")
         ramp = time.monotonic() - t0
         time.sleep(0.5)  # let the relay finish whatever it allocates per connection
-        held = memory_kib(relay.pid)
+        held = memory_kib(*relay.pids)
     finally:
         for s in clients:
             s.close()

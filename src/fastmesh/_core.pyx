@@ -106,6 +106,9 @@ cdef enum:
     XR_PAYLOAD = 2             # header taken; reading exactly its payload
 
 cdef enum:
+    FRAME_HEADER = 8           # magic and payload length, both big-endian uint32
+
+cdef enum:
     PEER_NONE = 0              # nothing to report
     PEER_NOT_FOUND = 1         # the first bytes were not a frame: application bytes, passed on
     PEER_FOUND = 2             # a frame was read; its payload goes with the report
@@ -189,7 +192,7 @@ cdef struct Conn:
     bint xstarted              # frame bytes have been seen: the frame deadline runs
     int xreport                # PEER_* waiting for collect()
     double xdeadline
-    char *xbuf                 # the peer's payload
+    char *xbuf                 # the peer's frame, header included
     uint32_t xlen
     uint32_t xgot
 
@@ -202,7 +205,7 @@ cdef struct ClosedRecord:
     int err
     uint64_t delta[4]
     int peer_state             # PEER_*
-    char *peer                 # the payload of a PEER_FOUND, owned by the record
+    char *peer                 # the frame of a PEER_FOUND, header included, owned by the record
     uint32_t peer_len
 
 
@@ -655,15 +658,15 @@ cdef int read_peer_frame(Worker *w, Conn *c, int s) noexcept nogil:
     MOVED: settled, application bytes follow. FAILED or GONE as fill()."""
     cdef Listener *l = w.listeners[c.listener_id]
     cdef End *src = &c.ends[s]
-    cdef unsigned char header[8]
+    cdef unsigned char header[FRAME_HEADER]
     cdef ssize_t n
     cdef uint32_t size
     if c.xread == XR_HEADER:
         # Peeked, not read: bytes that turn out not to be a frame stay in the
         # socket and go on by the ordinary path.
-        n = recv(src.fd, header, 8, MSG_PEEK | MSG_DONTWAIT)
+        n = recv(src.fd, header, FRAME_HEADER, MSG_PEEK | MSG_DONTWAIT)
         while n < 0 and errno == EINTR:
-            n = recv(src.fd, header, 8, MSG_PEEK | MSG_DONTWAIT)
+            n = recv(src.fd, header, FRAME_HEADER, MSG_PEEK | MSG_DONTWAIT)
         if n < 0:
             if errno == EAGAIN:
                 src.readable = False
@@ -674,7 +677,7 @@ cdef int read_peer_frame(Worker *w, Conn *c, int s) noexcept nogil:
             w.x_no_frame += 1
             exchange_settled(w, c, PEER_NOT_FOUND)
             return MOVED
-        if n < 8:
+        if n < FRAME_HEADER:
             if src.hup:  # the stream ends here
                 if n < 4:  # a prefix of the magic is just application bytes
                     w.x_no_frame += 1
@@ -691,12 +694,12 @@ cdef int read_peer_frame(Worker *w, Conn *c, int s) noexcept nogil:
         if size > l.xmax_payload:
             w.x_too_large += 1
             return exchange_failed(w, c, s)
-        c.xbuf = <char *>malloc(size if size > 0 else 1)
+        # The whole frame, header included, usually in one recv: exactly its bytes.
+        c.xbuf = <char *>malloc(FRAME_HEADER + size)
         if c.xbuf == NULL:
             w.err = ENOMEM
             return FAILED
-        recv(src.fd, header, 8, MSG_DONTWAIT)  # the 8 bytes peeked above: now take them
-        c.xlen = size
+        c.xlen = FRAME_HEADER + size
         c.xgot = 0
         c.xread = XR_PAYLOAD
         if not c.xstarted:
@@ -824,6 +827,13 @@ cdef int fill(Worker *w, Conn *c, int s) noexcept nogil:
         if room == 0:
             return IDLE
         n = splice(src.fd, NULL, f.pipe_w, NULL, room, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+    elif f.unseen > 0 and f.unseen == f.pending and f.buf_off == 0 and f.pending < <uint32_t>w.buffer_size:
+        # Only our exchange frame waits: the first application bytes join it, so
+        # both leave in one send (and usually one segment).
+        room = <size_t>w.buffer_size - f.pending
+        n = recv(src.fd, f.buf + f.pending, room, MSG_DONTWAIT)
+        if n > 0 and <size_t>n < room and not src.hup:
+            src.readable = False
     elif f.pending == 0:
         f.buf_off = 0
         n = recv(src.fd, f.buf, <size_t>w.buffer_size, MSG_DONTWAIT)
@@ -1175,6 +1185,15 @@ cdef int fill_sockaddr(sockaddr_storage *ss, socklen_t *length, object host, int
     return 0
 
 
+cdef object payload_of(char *frame, uint32_t length, object previous):
+    """The payload of a frame as bytes: the previous object again when equal, so
+    that its hash is computed once for the whole batch."""
+    cdef Py_ssize_t size = length - FRAME_HEADER
+    if previous is not None and len(<bytes>previous) == size and memcmp(<char *><bytes>previous, frame + FRAME_HEADER, size) == 0:
+        return previous
+    return frame[FRAME_HEADER:length]
+
+
 cdef class Engine:
     """Relays TCP between socket pairs in native worker threads."""
 
@@ -1447,6 +1466,7 @@ cdef class Engine:
         """Everything that changed since the previous call, in one batch:
         (opened, updated, closed, peers) as described in fastmesh/_core.pyi."""
         cdef list opened = [], updated = [], closed = [], peers = []
+        cdef object last_payload = None  # peers send the same frame every time: share one bytes object
         cdef Worker *w
         cdef Conn *c
         cdef ClosedRecord *r
@@ -1472,7 +1492,11 @@ cdef class Engine:
                 if changed:
                     updated.append((c.id, d[0], d[1], d[2], d[3]))
                 if c.xreport != PEER_NONE:
-                    peers.append((c.id, c.xbuf[:c.xlen] if c.xreport == PEER_FOUND else None))
+                    if c.xreport == PEER_FOUND:
+                        last_payload = payload_of(c.xbuf, c.xlen, last_payload)
+                        peers.append((c.id, last_payload))
+                    else:
+                        peers.append((c.id, None))
                     c.xreport = PEER_NONE
                     free(c.xbuf)
                     c.xbuf = NULL
@@ -1482,7 +1506,11 @@ cdef class Engine:
                 closed.append((r.id, r.listener_id, r.upstream_index, r.reason, r.err,
                                r.delta[0], r.delta[1], r.delta[2], r.delta[3]))
                 if r.peer_state != PEER_NONE:
-                    peers.append((r.id, r.peer[:r.peer_len] if r.peer_state == PEER_FOUND else None))
+                    if r.peer_state == PEER_FOUND:
+                        last_payload = payload_of(r.peer, r.peer_len, last_payload)
+                        peers.append((r.id, last_payload))
+                    else:
+                        peers.append((r.id, None))
                     free(r.peer)
                     r.peer = NULL
             w.nclosed = 0

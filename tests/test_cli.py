@@ -161,8 +161,14 @@ def test_config_dump_shows_the_effective_configuration(serve, upstream):
     assert config["listeners"] == [
         {
             "address": "127.0.0.1:%d" % proxy.listen[1],
-            "upstreams": ["%s:%d" % server.address],
-            "connect_timeout_seconds": 0.75,
+            "direction": "outbound",
+            "destination_service": "",
+            "clusters": [{
+                "name": "upstream", "service": "", "endpoints": ["%s:%d" % server.address], "mesh_peers": [False],
+                "load_balancer": "ROUND_ROBIN", "max_connections": 0, "connect_timeout_seconds": 0.75,
+            }],
+            "routes": [{"cluster": "upstream", "weight": 1}],
+            "exchange": None,
         }
     ]
     assert proxy.stop() == 0
@@ -196,7 +202,7 @@ def test_two_serve_processes_learn_each_others_identity(serve, upstream):
             time.sleep(0.1)
         assert len(opened) == 1 and peer_label in opened[0] and opened[0].endswith(" 1"), opened
         assert proxy.stats()["exchange"] == {"exchange_peers_found": 1, "exchange_payloads_invalid": 0}
-    assert json.loads(outbound.get("/config_dump")[1])["exchange"]["role"] == "outbound"
+    assert json.loads(outbound.get("/config_dump")[1])["listeners"][0]["exchange"]["role"] == "outbound"
     assert outbound.stop() == 0 and inbound.stop() == 0
 
 

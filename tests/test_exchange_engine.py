@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from fastmesh.exchange import MAGIC, ExchangeSettings, FrameReader, Outcome, decode_payload
 from fastmesh.reasons import CloseReason
+from fastmesh.routing import RouteTable
 
 CLIENT = {"NAME": "ratings-v2-1", "NAMESPACE": "default", "WORKLOAD_NAME": "ratings-v2",
           "LABELS": {"app": "ratings", "version": "v2"}}
@@ -30,11 +31,12 @@ class Side:
     """One engine with one exchanging listener, like one sidecar."""
 
     def __init__(self, make_engine: Any, role: str, frame: bytes, upstream: tuple[str, int],
-                 **settings: Any) -> None:
+                 mesh_peer: bool = True, **settings: Any) -> None:
         self.engine = make_engine()
         self.sock = listening_socket()
         self.sock.setblocking(False)
-        self.engine.add_listener(self.sock.fileno(), [upstream], 5.0, ExchangeSettings(role, frame, **settings))
+        routes = RouteTable.single([upstream], mesh_peer=mesh_peer)
+        self.engine.add_listener(self.sock.fileno(), routes, 5.0, ExchangeSettings(role, frame, **settings))
         self.engine.start()
         self.address = self.sock.getsockname()
         self.peers: dict[int, bytes | None] = {}
@@ -170,7 +172,7 @@ def test_a_plain_client_of_a_server_first_app_gets_the_greeting_after_the_detect
 
 def test_an_outbound_listener_exchanges_only_with_upstreams_marked_mesh_peers(make_engine, upstream):
     app = upstream(echo_exact(5))
-    outbound = Side(make_engine, "outbound", CLIENT_FRAME, app.address, mesh_peers=(False,))
+    outbound = Side(make_engine, "outbound", CLIENT_FRAME, app.address, mesh_peer=False)
     with socket.create_connection(outbound.address) as client:
         client.sendall(b"hello")
         assert client.recv(5, socket.MSG_WAITALL) == b"hello"

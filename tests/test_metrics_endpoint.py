@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
@@ -70,10 +72,11 @@ def wait_for(scrape, predicate, timeout: float = 20.0):
         time.sleep(0.1)
 
 
-def test_both_reporters_count_istios_reference_traffic_exactly(upstream, sidecar):
+@pytest.mark.parametrize("exchange", [False, True], ids=["peer-unknown", "peer-exchanged"])
+def test_both_reporters_count_istios_reference_traffic_exactly(upstream, sidecar, exchange):
     server = upstream(hello_server)
-    inbound = sidecar(config(server.address, INBOUND, MONGODB_V1, reporting_duration=0.5))
-    outbound = sidecar(config(inbound.listen, OUTBOUND, RATINGS_V2, reporting_duration=0.5))
+    inbound = sidecar(config(server.address, INBOUND, MONGODB_V1, reporting_duration=0.5))  # detects mesh clients
+    outbound = sidecar(config(inbound.listen, OUTBOUND, RATINGS_V2, reporting_duration=0.5, mesh_peer=exchange))
     send_world(outbound.listen, 10)
     server.wait(10)
 
@@ -81,30 +84,36 @@ def test_both_reporters_count_istios_reference_traffic_exactly(upstream, sidecar
         series = wait_for(running.scrape, lambda s: s.get(
             ("istio_tcp_connections_closed_total", reporter), {}).get("value") == 10)
         values = {name: s["value"] for (name, rep), s in series.items() if rep == reporter}
+        # Exactly what the clients sent and received: the exchange frames are never counted.
         assert values == {
             "istio_tcp_connections_opened_total": 10,
             "istio_tcp_connections_closed_total": 10,
             "istio_tcp_received_bytes_total": 60,
             "istio_tcp_sent_bytes_total": 120,
         }
-    source = tcp_series(outbound.scrape()[1])[("istio_tcp_connections_opened_total", "source")]["labels"]
-    assert source == {
-        "reporter": "source", "source_workload": "ratings-v2", "source_workload_namespace": "default",
-        "source_principal": "unknown", "source_app": "ratings", "source_version": "v2",
-        "source_canonical_service": "ratings", "source_canonical_revision": "v2",
-        "source_cluster": "Kubernetes", "destination_workload": "unknown",
-        "destination_workload_namespace": "unknown", "destination_principal": "unknown",
-        "destination_app": "unknown", "destination_version": "unknown", "destination_service": MONGODB,
-        "destination_service_name": "mongodb", "destination_service_namespace": "default",
-        "destination_canonical_service": "unknown", "destination_canonical_revision": "latest",
-        "destination_cluster": "unknown", "request_protocol": "tcp", "response_flags": "-",
-        "connection_security_policy": "unknown",
+    server_side = {
+        "destination_workload": "mongodb-v1", "destination_workload_namespace": "default",
+        "destination_app": "mongodb", "destination_version": "v1", "destination_canonical_service": "mongodb",
+        "destination_canonical_revision": "v1", "destination_cluster": "Kubernetes",
     }
+    client_side = {
+        "source_workload": "ratings-v2", "source_workload_namespace": "default", "source_app": "ratings",
+        "source_version": "v2", "source_canonical_service": "ratings", "source_canonical_revision": "v2",
+        "source_cluster": "Kubernetes",
+    }
+    unknown_server = {k: ("latest" if k.endswith("revision") else "unknown") for k in server_side}
+    unknown_client = {k: ("latest" if k.endswith("revision") else "unknown") for k in client_side}
+    common = {
+        "source_principal": "unknown", "destination_principal": "unknown", "destination_service": MONGODB,
+        "destination_service_name": "mongodb", "destination_service_namespace": "default",
+        "request_protocol": "tcp", "response_flags": "-",
+    }
+    source = tcp_series(outbound.scrape()[1])[("istio_tcp_connections_opened_total", "source")]["labels"]
+    assert source == {"reporter": "source", **client_side, **(server_side if exchange else unknown_server),
+                      **common, "connection_security_policy": "unknown"}
     destination = tcp_series(inbound.scrape()[1])[("istio_tcp_connections_opened_total", "destination")]["labels"]
-    assert destination["destination_workload"] == "mongodb-v1"
-    assert destination["destination_canonical_revision"] == "v1"
-    assert destination["source_workload"] == "unknown"  # no peer exchange yet
-    assert destination["connection_security_policy"] == "none"
+    assert destination == {"reporter": "destination", **(client_side if exchange else unknown_client),
+                           **server_side, **common, "connection_security_policy": "none"}
 
 
 def test_an_open_connection_is_reported_every_period(upstream, sidecar):

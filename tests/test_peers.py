@@ -11,6 +11,7 @@ from fastmesh.exchange import HEADER, ExchangeSettings, encode_frame
 from fastmesh.identity import UNKNOWN_WORKLOAD, Workload
 from fastmesh.peers import PeerDirectory
 from fastmesh.relay import Batch
+from fastmesh.routing import RouteTable
 from fastmesh.telemetry import INBOUND, ListenerTelemetry, TcpTelemetry
 
 INBOUND_LISTENER, PLAIN_LISTENER = 0, 1
@@ -19,7 +20,8 @@ RATINGS_PAYLOAD = encode_frame(RATINGS_V2.values, "ratings")[HEADER.size:]
 
 def directory() -> PeerDirectory:
     peers = PeerDirectory()
-    peers.listeners[INBOUND_LISTENER] = ExchangeSettings(INBOUND, encode_frame(MONGODB_V1.values))
+    peers.listeners[INBOUND_LISTENER] = (ExchangeSettings(INBOUND, encode_frame(MONGODB_V1.values)),
+                                         RouteTable.single([("127.0.0.1", 27017)]))
     return peers
 
 

@@ -33,10 +33,12 @@ from libc.errno cimport (
 from fastmesh._linux cimport *
 
 import ipaddress
+import os
 import threading
 
 from fastmesh.reasons import CloseReason
 from fastmesh.exchange import EXCHANGE_STATS
+from fastmesh.routing import LB_POLICIES, ROUTING_STATS, RouteTable
 
 IMPLEMENTATION = "cython"
 SPLICE_SUPPORTED = True
@@ -47,10 +49,18 @@ cdef extern from *:
     static inline unsigned long long fm_fetch_inc(unsigned long long *p) {
         return __atomic_fetch_add(p, 1ULL, __ATOMIC_RELAXED);
     }
+    static inline unsigned long long fm_fetch_dec(unsigned long long *p) {
+        return __atomic_fetch_sub(p, 1ULL, __ATOMIC_RELAXED);
+    }
+    static inline unsigned long long fm_load(unsigned long long *p) {
+        return __atomic_load_n(p, __ATOMIC_RELAXED);
+    }
     /* istio-peer-exchange's magic, big-endian, as it starts a frame on the wire */
     static const unsigned char fm_exchange_magic[4] = {0x3D, 0x23, 0x04, 0x67};
     """
     unsigned long long fm_fetch_inc(unsigned long long *p) nogil
+    unsigned long long fm_fetch_dec(unsigned long long *p) nogil
+    unsigned long long fm_load(unsigned long long *p) nogil
     const unsigned char fm_exchange_magic[4]
 
 
@@ -125,6 +135,15 @@ cdef enum:
     R_SHUTDOWN = 8
     R_DOWNSTREAM_PROTOCOL_ERROR = 9
     R_UPSTREAM_PROTOCOL_ERROR = 10
+    R_NO_ROUTE = 11
+    R_NO_HEALTHY_UPSTREAM = 12
+    R_OVERFLOW = 13
+
+# A cluster's load-balancing policy (fastmesh.routing.LB_POLICIES).
+cdef enum:
+    LB_ROUND_ROBIN = 0
+    LB_LEAST_CONN = 1
+    LB_RANDOM = 2
 
 for _name, _code in (
     ("DOWNSTREAM_CLOSE", R_DOWNSTREAM_CLOSE), ("UPSTREAM_CLOSE", R_UPSTREAM_CLOSE),
@@ -133,6 +152,7 @@ for _name, _code in (
     ("LOCAL_ERROR", R_LOCAL_ERROR), ("SHUTDOWN", R_SHUTDOWN),
     ("DOWNSTREAM_PROTOCOL_ERROR", R_DOWNSTREAM_PROTOCOL_ERROR),
     ("UPSTREAM_PROTOCOL_ERROR", R_UPSTREAM_PROTOCOL_ERROR),
+    ("NO_ROUTE", R_NO_ROUTE), ("NO_HEALTHY_UPSTREAM", R_NO_HEALTHY_UPSTREAM), ("OVERFLOW", R_OVERFLOW),
 ):
     if CloseReason[_name] != _code:
         raise ImportError(f"fastmesh._core close code {_name} does not match fastmesh.reasons")
@@ -209,19 +229,35 @@ cdef struct ClosedRecord:
     uint32_t peer_len
 
 
+cdef struct Cluster:
+    int first                  # its endpoints are Listener.ups[first:first + count]
+    int count
+    int lb                     # LB_*
+    unsigned long long max_connections  # 0: no limit
+    unsigned long long active  # open connections (atomic: workers share listeners)
+    unsigned long long rr
+    double connect_timeout
+
+
 cdef struct Listener:
     int id
     int fd
     bint active
-    int nup
+    # routing (fastmesh.routing.RouteTable): a route, then an endpoint of its cluster
+    int nup                    # endpoints of all clusters
     sockaddr_storage *ups
     socklen_t *uplens
+    int *ep_cluster            # endpoint -> its cluster
+    unsigned long long *ep_active  # open connections per endpoint, for LEAST_CONN
+    int nclusters
+    Cluster *clusters
+    int nsched                 # 0: no route
+    int *sched                 # cluster indexes in weighted round-robin order
     unsigned long long rr
-    double connect_timeout
     double paused_until[MAX_WORKERS]  # per worker: accept paused after EMFILE and the like
     # peer metadata exchange
     int xrole                  # X_*
-    unsigned char *mesh_peer   # per upstream: the outbound exchange is on toward it
+    unsigned char *mesh_peer   # per endpoint: the outbound exchange is on toward it
     char *xframe               # our frame, header included
     uint32_t xframe_len
     uint32_t xmax_payload
@@ -245,6 +281,7 @@ cdef struct Worker:
     uint64_t seq
     int err                    # errno of the last failed pump
     int npaused
+    uint64_t random_state      # xorshift64 for LB_RANDOM
     Listener **listeners
     int *nlisteners
     # configuration
@@ -277,6 +314,9 @@ cdef struct Worker:
     uint64_t loop_iterations
     uint64_t resets
     uint64_t records_dropped
+    uint64_t no_route
+    uint64_t no_healthy_upstream
+    uint64_t overflows
     # exchange counters (Istio's metadata_exchange stats, and why frames were refused)
     uint64_t x_enabled
     uint64_t x_disabled
@@ -503,6 +543,8 @@ cdef void finish(Worker *w, Conn *c, int reason, int err) noexcept nogil:
         unlink_connecting(w, c)
     if c.xlisted:
         unlink_exchanging(w, c)
+    if c.listener_id >= 0 and c.upstream_index >= 0:
+        release_endpoint(w.listeners[c.listener_id], c.upstream_index)
     for s in range(2):
         release_flow(w, &c.flows[s])
     r = record_closed(w, c.id, c.listener_id, c.upstream_index, reason, err,
@@ -948,20 +990,74 @@ cdef void on_conn_event(Worker *w, Conn *c, int s, uint32_t events) noexcept nog
     enqueue(w, c)
 
 
+cdef void release_endpoint(Listener *l, int idx) noexcept nogil:
+    fm_fetch_dec(&l.ep_active[idx])
+    fm_fetch_dec(&l.clusters[l.ep_cluster[idx]].active)
+
+
+cdef int pick_endpoint(Worker *w, Cluster *cl, Listener *l) noexcept nogil:
+    cdef int i, best, idx
+    cdef unsigned long long load, least
+    if cl.count == 1:
+        return cl.first
+    if cl.lb == LB_RANDOM:
+        w.random_state ^= w.random_state << 13
+        w.random_state ^= w.random_state >> 7
+        w.random_state ^= w.random_state << 17
+        return cl.first + <int>(w.random_state % <uint64_t>cl.count)
+    best = cl.first + <int>(fm_fetch_inc(&cl.rr) % <unsigned long long>cl.count)
+    if cl.lb == LB_LEAST_CONN:
+        # The fewest open connections; ties go round robin (the scan starts at the rr pick).
+        least = fm_load(&l.ep_active[best])
+        for i in range(1, cl.count):
+            idx = cl.first + (best - cl.first + i) % cl.count
+            load = fm_load(&l.ep_active[idx])
+            if load < least:
+                least = load
+                best = idx
+    return best
+
+
+cdef void refuse(Worker *w, Listener *l, int down_fd, int upstream_index, int reason) noexcept nogil:
+    # No upstream connection for this client (NR, UH, UO): close it, record why.
+    close(down_fd)
+    record_closed(w, next_id(w), l.id, upstream_index, reason, 0, 0, 0, 0, 0)
+
+
 cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
-    cdef int idx = <int>(fm_fetch_inc(&l.rr) % <unsigned long long>l.nup)
-    cdef sockaddr_storage *sa = &l.ups[idx]
-    cdef int up_fd, err
+    cdef int ci, idx, up_fd, err
+    cdef Cluster *cl
+    cdef sockaddr_storage *sa
     cdef Conn *c
+    if l.nsched == 0:
+        w.no_route += 1
+        refuse(w, l, down_fd, -1, R_NO_ROUTE)
+        return
+    ci = l.sched[fm_fetch_inc(&l.rr) % <unsigned long long>l.nsched]
+    cl = &l.clusters[ci]
+    if cl.count == 0:
+        w.no_healthy_upstream += 1
+        refuse(w, l, down_fd, -2 - ci, R_NO_HEALTHY_UPSTREAM)
+        return
+    if fm_fetch_inc(&cl.active) >= cl.max_connections and cl.max_connections > 0:
+        fm_fetch_dec(&cl.active)
+        w.overflows += 1
+        refuse(w, l, down_fd, -2 - ci, R_OVERFLOW)
+        return
+    idx = pick_endpoint(w, cl, l)
+    fm_fetch_inc(&l.ep_active[idx])
+    sa = &l.ups[idx]
     up_fd = socket(sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if up_fd < 0:
         err = errno
+        release_endpoint(l, idx)
         close_with_reset(down_fd)  # a local error resets the client: it must not look like a clean end
         record_closed(w, next_id(w), l.id, idx, R_LOCAL_ERROR, err, 0, 0, 0, 0)
         return
     set_nodelay(up_fd)
     c = new_conn(w, down_fd, up_fd, l.id, idx, CONNECTING)
     if c == NULL:
+        release_endpoint(l, idx)
         close(up_fd)
         close_with_reset(down_fd)
         record_closed(w, next_id(w), l.id, idx, R_LOCAL_ERROR, ENOMEM, 0, 0, 0, 0)
@@ -976,7 +1072,7 @@ cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
         finish(w, c, R_LOCAL_ERROR, w.err)
         return
     # A connect that completed at once still reports EPOLLOUT, which opens the conn.
-    c.deadline = now_s() + l.connect_timeout
+    c.deadline = now_s() + cl.connect_timeout
     c.cnext = w.connecting
     if w.connecting != NULL:
         w.connecting.cprev = c
@@ -1185,6 +1281,18 @@ cdef int fill_sockaddr(sockaddr_storage *ss, socklen_t *length, object host, int
     return 0
 
 
+cdef void free_listener(Listener *l) noexcept nogil:
+    free(l.ups)
+    free(l.uplens)
+    free(l.mesh_peer)
+    free(l.ep_cluster)
+    free(l.ep_active)
+    free(l.clusters)
+    free(l.sched)
+    free(l.xframe)
+    free(l)
+
+
 cdef object payload_of(char *frame, uint32_t length, object previous):
     """The payload of a frame as bytes: the previous object again when equal, so
     that its hash is computed once for the whole batch."""
@@ -1237,6 +1345,7 @@ cdef class Engine:
             w.max_pipes = max(1, max_pipes // workers) if max_pipes else 0
             w.buffer_size = buffer_size
             w.use_splice = splice and max_pipes > 0
+            w.random_state = int.from_bytes(os.urandom(8), "little") | 1
             w.epfd = epoll_create1(EPOLL_CLOEXEC)
             w.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
             if w.epfd < 0 or w.wakefd < 0:
@@ -1269,11 +1378,7 @@ cdef class Engine:
                 pthread_mutex_destroy(&w.lock)
             free(self._workers)
         for i in range(self._nlisteners):
-            free(self._listeners[i].ups)
-            free(self._listeners[i].uplens)
-            free(self._listeners[i].mesh_peer)
-            free(self._listeners[i].xframe)
-            free(self._listeners[i])
+            free_listener(self._listeners[i])
 
     @property
     def workers(self):
@@ -1340,47 +1445,71 @@ cdef class Engine:
             self._listeners[i].active = False
         self._unlock_all()
 
-    def add_listener(self, int fd, upstreams, double connect_timeout=5.0, exchange=None):
-        """Accept on a bound, listening, non-blocking socket (the caller keeps
-        owning the fd) and relay each connection to the next upstream, round robin.
-        exchange: a fastmesh.exchange.ExchangeSettings, or None for no exchange."""
+    def add_listener(self, int fd, routes, double connect_timeout=5.0, exchange=None):
+        """Accept on a bound, listening, non-blocking socket (the caller keeps owning the
+        fd) and route each connection: `routes` is a fastmesh.routing.RouteTable, or a list
+        of (ip, port) upstreams used round robin with `connect_timeout`. exchange: a
+        fastmesh.exchange.ExchangeSettings, or None for no exchange."""
         cdef Listener *l
-        cdef int i, nup
+        cdef int i, j, nup, nclusters
         cdef bytes frame = b""
-        upstreams = [(str(h), int(p)) for h, p in upstreams]
-        nup = len(upstreams)
-        if nup == 0:
-            raise ValueError("a listener needs at least one upstream")
-        if connect_timeout <= 0:
-            raise ValueError(f"connect_timeout must be positive, not {connect_timeout}")
+        if not isinstance(routes, RouteTable):
+            if connect_timeout <= 0:
+                raise ValueError(f"connect_timeout must be positive, not {connect_timeout}")
+            upstreams = [(str(h), int(p)) for h, p in routes]
+            if not upstreams:
+                raise ValueError("a listener needs at least one upstream")
+            for host, port in upstreams:
+                if not 0 < port < 65536:
+                    raise ValueError(f"upstream port out of range: {port}")
+                try:
+                    ipaddress.ip_address(host)
+                except ValueError:
+                    raise ValueError(f"upstream address must be a numeric IP address, not {host!r}") from None
+            routes = RouteTable.single(upstreams, connect_timeout)
         if self._nlisteners >= MAX_LISTENERS:
             raise ValueError(f"at most {MAX_LISTENERS} listeners per engine")
         if self._stopped:
             raise RuntimeError("the engine is stopped")
-        for host, port in upstreams:
-            if not 0 < port < 65536:
-                raise ValueError(f"upstream port out of range: {port}")
-            try:
-                ipaddress.ip_address(host)
-            except ValueError:
-                raise ValueError(f"upstream address must be a numeric IP address, not {host!r}") from None
+        endpoints = routes.endpoints()
+        schedule = routes.schedule()
+        nup = len(endpoints)
+        nclusters = len(routes.clusters)
         if exchange is not None:
-            exchange.check(nup, self._workers[0].buffer_size)
+            exchange.check(self._workers[0].buffer_size)
             frame = bytes(exchange.frame)
         l = <Listener *>calloc(1, sizeof(Listener))
         if l == NULL:
             raise MemoryError()
-        l.ups = <sockaddr_storage *>calloc(nup, sizeof(sockaddr_storage))
-        l.uplens = <socklen_t *>calloc(nup, sizeof(socklen_t))
-        l.mesh_peer = <unsigned char *>calloc(nup, 1)
+        l.ups = <sockaddr_storage *>calloc(nup + 1, sizeof(sockaddr_storage))
+        l.uplens = <socklen_t *>calloc(nup + 1, sizeof(socklen_t))
+        l.mesh_peer = <unsigned char *>calloc(nup + 1, 1)
+        l.ep_cluster = <int *>calloc(nup + 1, sizeof(int))
+        l.ep_active = <unsigned long long *>calloc(nup + 1, sizeof(unsigned long long))
+        l.clusters = <Cluster *>calloc(nclusters + 1, sizeof(Cluster))
+        l.sched = <int *>calloc(len(schedule) + 1, sizeof(int))
         l.xframe = <char *>malloc(len(frame) + 1)
-        if l.ups == NULL or l.uplens == NULL or l.mesh_peer == NULL or l.xframe == NULL:
-            free(l.ups)
-            free(l.uplens)
-            free(l.mesh_peer)
-            free(l.xframe)
-            free(l)
+        if (l.ups == NULL or l.uplens == NULL or l.mesh_peer == NULL or l.ep_cluster == NULL
+                or l.ep_active == NULL or l.clusters == NULL or l.sched == NULL or l.xframe == NULL):
+            free_listener(l)
             raise MemoryError()
+        l.nup = nup
+        l.nclusters = nclusters
+        l.nsched = len(schedule)
+        for i, cluster_index in enumerate(schedule):
+            l.sched[i] = cluster_index
+        j = 0
+        for i, cluster in enumerate(routes.clusters):
+            l.clusters[i].first = j
+            l.clusters[i].count = len(cluster.endpoints)
+            l.clusters[i].lb = LB_POLICIES.index(cluster.lb)
+            l.clusters[i].max_connections = cluster.max_connections
+            l.clusters[i].connect_timeout = cluster.connect_timeout
+            for k, (host, port) in enumerate(cluster.endpoints):
+                fill_sockaddr(&l.ups[j], &l.uplens[j], host, port)
+                l.ep_cluster[j] = i
+                l.mesh_peer[j] = cluster.is_mesh_peer(k)
+                j += 1
         if exchange is not None:
             l.xrole = X_OUTBOUND if exchange.role == "outbound" else X_INBOUND
             memcpy(l.xframe, <char *>frame, len(frame))
@@ -1388,14 +1517,8 @@ cdef class Engine:
             l.xmax_payload = exchange.max_payload
             l.xframe_timeout = exchange.frame_timeout
             l.xdetect_timeout = exchange.detect_timeout
-            for i in range(nup):
-                l.mesh_peer[i] = exchange.exchanges_with(i)
-        l.nup = nup
         l.fd = fd
         set_nodelay(fd)  # accepted sockets inherit it: one setsockopt per listener, not per connection
-        l.connect_timeout = connect_timeout
-        for i, (host, port) in enumerate(upstreams):
-            fill_sockaddr(&l.ups[i], &l.uplens[i], host, port)
         self._lock_all()
         l.id = self._nlisteners
         l.active = True
@@ -1552,7 +1675,7 @@ cdef class Engine:
             "active_connections", "connections_accepted", "connections_relayed",
             "connect_failures", "connect_timeouts", "accept_errors", "accept_paused",
             "pipes_in_use", "pipes_pooled", "buffers_in_use", "splice_fallbacks",
-            "loop_iterations", "resets_propagated", "records_dropped") + EXCHANGE_STATS, 0)
+            "loop_iterations", "resets_propagated", "records_dropped") + ROUTING_STATS + EXCHANGE_STATS, 0)
         for i in range(self._nworkers):
             w = &self._workers[i]
             with nogil:
@@ -1571,6 +1694,9 @@ cdef class Engine:
             totals["loop_iterations"] += w.loop_iterations
             totals["resets_propagated"] += w.resets
             totals["records_dropped"] += w.records_dropped
+            totals["no_route"] += w.no_route
+            totals["no_healthy_upstream"] += w.no_healthy_upstream
+            totals["upstream_overflows"] += w.overflows
             totals["exchange_enabled"] += w.x_enabled
             totals["exchange_disabled"] += w.x_disabled
             totals["exchange_frames_sent"] += w.x_frames_sent

@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import os
+import random
 import selectors
 import socket
 import struct
@@ -30,6 +31,7 @@ from typing import Optional, Sequence
 
 from fastmesh.exchange import EXCHANGE_STATS, HEADER, MAGIC_BYTES, OUTBOUND, ExchangeSettings
 from fastmesh.reasons import CloseReason
+from fastmesh.routing import ROUTING_STATS, RouteTable
 
 IMPLEMENTATION = "python"
 SPLICE_SUPPORTED = False
@@ -46,12 +48,14 @@ _ACCEPT_PAUSE = 0.1
 _ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # A connection that died in the backlog: skip it and accept the next one.
 _ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO})
+_REFUSAL_COUNTERS = {CloseReason.NO_ROUTE: "no_route", CloseReason.NO_HEALTHY_UPSTREAM: "no_healthy_upstream",
+                     CloseReason.OVERFLOW: "upstream_overflows"}
 _STATS = (
     "active_connections", "connections_accepted", "connections_relayed",
     "connect_failures", "connect_timeouts", "accept_errors", "accept_paused",
     "pipes_in_use", "pipes_pooled", "buffers_in_use", "splice_fallbacks",
     "loop_iterations", "resets_propagated", "records_dropped",
-) + EXCHANGE_STATS
+) + ROUTING_STATS + EXCHANGE_STATS
 # Computed by stats() from live state, or always 0 here (no pipes; closed records
 # are kept in an unbounded list); the others are counters kept by each worker.
 _GAUGES = ("active_connections", "pipes_in_use", "pipes_pooled", "buffers_in_use",
@@ -149,6 +153,7 @@ class _Conn:
         self.first_eof = -1
         self.announced = False
         self.closed = False
+        self.listener: Optional[_Listener] = None  # for an accepted connection: its endpoint is released at close
         self._reported = (0, 0, 0, 0)
         # peer metadata exchange (see the Cython engine for the rules)
         self.exchange: Optional[ExchangeSettings] = None
@@ -173,24 +178,69 @@ class _Conn:
 
 
 class _Listener:
-    """A caller's listening socket (our own dup of it) and its upstreams."""
+    """A caller's listening socket (our own dup of it) and its route table."""
 
-    def __init__(self, listener_id: int, sock: socket.socket,
-                 upstreams: list[tuple[int, tuple[str, int]]], connect_timeout: float,
+    def __init__(self, listener_id: int, sock: socket.socket, routes: RouteTable,
                  exchange: Optional[ExchangeSettings]) -> None:
         self.id = listener_id
         self.sock = sock
-        self.upstreams = upstreams
-        self.connect_timeout = connect_timeout
+        self.routes = routes
+        self.targets = [_parse_upstream(e) for e in routes.endpoints()]
         self.exchange = exchange
         self.resume_at: Optional[float] = None  # paused after an accept error until then
         self.closed = False
+        self._schedule = routes.schedule()
         self._next = 0
+        self._lock = threading.Lock()  # the counts below: connections close on any worker
+        self._cluster_active = [0] * len(routes.clusters)
+        self._cluster_rr = [0] * len(routes.clusters)
+        self._endpoint_active = [0] * len(self.targets)
+        self._first = []
+        first = 0
+        for cluster in routes.clusters:
+            self._first.append(first)
+            first += len(cluster.endpoints)
 
-    def pick(self) -> int:
-        index = self._next
-        self._next = (index + 1) % len(self.upstreams)
-        return index
+    def pick(self) -> tuple[int, Optional[CloseReason]]:
+        """(upstream index, None) for a connection to make, or (index, reason) for a
+        client to turn away: -1 with NO_ROUTE, -2 - cluster with NO_HEALTHY_UPSTREAM
+        or OVERFLOW, as the Cython engine reports them."""
+        if not self._schedule:
+            return -1, CloseReason.NO_ROUTE
+        with self._lock:
+            ci = self._schedule[self._next % len(self._schedule)]
+            self._next += 1
+            cluster = self.routes.clusters[ci]
+            count = len(cluster.endpoints)
+            if count == 0:
+                return -2 - ci, CloseReason.NO_HEALTHY_UPSTREAM
+            if cluster.max_connections and self._cluster_active[ci] >= cluster.max_connections:
+                return -2 - ci, CloseReason.OVERFLOW
+            first = self._first[ci]
+            if cluster.lb == "RANDOM":
+                index = first + random.randrange(count)
+            else:
+                start = self._cluster_rr[ci] % count
+                self._cluster_rr[ci] += 1
+                index = first + start
+                if cluster.lb == "LEAST_CONN":  # fewest open connections, ties round robin
+                    order = [first + (start + i) % count for i in range(count)]
+                    index = min(order, key=lambda e: self._endpoint_active[e])
+            self._cluster_active[ci] += 1
+            self._endpoint_active[index] += 1
+            return index, None
+
+    def release(self, index: int) -> None:
+        with self._lock:
+            self._endpoint_active[index] -= 1
+            located = self.routes.locate(index)
+            assert located is not None
+            self._cluster_active[located[0]] -= 1
+
+    def connect_timeout(self, index: int) -> float:
+        located = self.routes.locate(index)
+        assert located is not None
+        return self.routes.clusters[located[0]].connect_timeout
 
 
 class _Worker:
@@ -316,11 +366,17 @@ class _Worker:
                 self._pause(lst)
                 return
             self.counters["connections_accepted"] += 1
-            index = lst.pick()
-            family, addr = lst.upstreams[index]
+            index, refusal = lst.pick()
+            if refusal is not None:
+                self.counters[_REFUSAL_COUNTERS[refusal]] += 1
+                _close(sock)
+                self.closed.append((self.engine._new_id(), lst.id, index, int(refusal), 0, 0, 0, 0, 0))
+                continue
+            family, addr = lst.targets[index]
             conn = _Conn(self.engine._new_id(), sock, None, lst.id, index)
+            conn.listener = lst
             self._exchange_gate(lst, conn)
-            self.engine._hand_over(conn, (family, addr, lst.connect_timeout), caller=self)
+            self.engine._hand_over(conn, (family, addr, lst.connect_timeout(index)), caller=self)
 
     def _pause(self, lst: _Listener) -> None:
         self.sel.unregister(lst.sock)
@@ -494,6 +550,8 @@ class _Worker:
                     pass
             _close(sock, reset[side])
         conn.masks = [0, 0]
+        if conn.listener is not None:
+            conn.listener.release(conn.upstream_index)
         conn.deadline = None
         self.connecting.discard(conn)
         self.exchanging.discard(conn)
@@ -539,7 +597,7 @@ class _Worker:
         settings = lst.exchange
         if settings is None:
             return
-        if not settings.exchanges_with(conn.upstream_index):
+        if not settings.exchanges_with(lst.routes.is_mesh_peer(conn.upstream_index)):
             self.counters["exchange_disabled"] += 1
             return
         self.counters["exchange_enabled"] += 1
@@ -732,20 +790,23 @@ class Engine:
         except Exception:
             pass
 
-    def add_listener(self, fd: int, upstreams: Sequence[tuple[str, int]],
+    def add_listener(self, fd: int, routes: RouteTable | Sequence[tuple[str, int]],
                      connect_timeout: float = 5.0,
                      exchange: Optional[ExchangeSettings] = None) -> int:
-        """Accept on a bound, listening, non-blocking socket (the caller keeps owning
-        the fd) and relay each connection to the next upstream, round robin.
-        upstreams are numeric IPv4/IPv6 addresses. exchange: the peer metadata
-        exchange settings, or None for none. Returns the listener id."""
-        targets = [_parse_upstream(u) for u in upstreams]
-        if not targets:
-            raise ValueError("a listener needs at least one upstream")
-        if not connect_timeout > 0 or math.isinf(connect_timeout):
-            raise ValueError(f"connect_timeout must be positive, not {connect_timeout!r}")
+        """Accept on a bound, listening, non-blocking socket (the caller keeps owning the
+        fd) and route each connection: `routes` is a fastmesh.routing.RouteTable, or a list
+        of numeric (ip, port) upstreams used round robin with `connect_timeout`.
+        exchange: the peer metadata exchange settings, or None for none. Returns the
+        listener id."""
+        if not isinstance(routes, RouteTable):
+            targets = [_parse_upstream(u) for u in routes]
+            if not targets:
+                raise ValueError("a listener needs at least one upstream")
+            if not connect_timeout > 0 or math.isinf(connect_timeout):
+                raise ValueError(f"connect_timeout must be positive, not {connect_timeout!r}")
+            routes = RouteTable.single([addr for _, addr in targets], connect_timeout)
         if exchange is not None:
-            exchange.check(len(targets), self._workers[0].buffer_size)
+            exchange.check(self._workers[0].buffer_size)
         dup = os.dup(fd)
         try:
             sock = socket.socket(fileno=dup)
@@ -758,7 +819,7 @@ class Engine:
             try:
                 if self._stopped:
                     raise RuntimeError("the engine is stopped")
-                lst = _Listener(self._listeners, sock, targets, float(connect_timeout), exchange)
+                lst = _Listener(self._listeners, sock, routes, exchange)
                 worker.sel.register(sock, _READ, lst)
             except BaseException:
                 sock.close()

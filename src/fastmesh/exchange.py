@@ -55,7 +55,7 @@ INBOUND = "inbound"
 class ExchangeSettings:
     """How a listener exchanges metadata; given to Engine.add_listener(exchange=...).
 
-    outbound: our frame goes to each upstream marked a mesh peer as soon as the
+    outbound: our frame goes to each upstream endpoint that is a mesh peer as soon as the
     connection is up (ahead of any application byte), and the upstream's first
     bytes are read for its frame. inbound: the downstream's first bytes are read
     for a frame; a client that sent one gets ours in answer, ahead of the app's
@@ -64,17 +64,16 @@ class ExchangeSettings:
 
     role: str
     frame: bytes  # our whole frame, from encode_frame(), built once
-    mesh_peers: tuple[bool, ...] | None = None  # outbound: per upstream; None means all
     max_payload: int = DEFAULT_MAX_PAYLOAD
     frame_timeout: float = 5.0
     detect_timeout: float = 0.1
 
-    def exchanges_with(self, upstream_index: int) -> bool:
-        if self.role == INBOUND or self.mesh_peers is None:
-            return True
-        return self.mesh_peers[upstream_index]
+    def exchanges_with(self, is_mesh_peer: bool) -> bool:
+        """Whether a connection exchanges: every one inbound; outbound, those whose
+        upstream endpoint is a mesh peer (fastmesh.routing.Cluster.mesh_peers)."""
+        return self.role == INBOUND or is_mesh_peer
 
-    def check(self, upstreams: int, buffer_size: int) -> None:
+    def check(self, buffer_size: int) -> None:
         """Raise ValueError for settings an engine cannot use."""
         if self.role not in (OUTBOUND, INBOUND):
             raise ValueError(f"exchange role must be {OUTBOUND!r} or {INBOUND!r}, not {self.role!r}")
@@ -83,8 +82,6 @@ class ExchangeSettings:
         if len(self.frame) > buffer_size:
             raise ValueError(f"the exchange frame ({len(self.frame)} bytes) exceeds the engine's "
                              f"buffer size ({buffer_size} bytes)")
-        if self.mesh_peers is not None and len(self.mesh_peers) != upstreams:
-            raise ValueError(f"mesh_peers names {len(self.mesh_peers)} upstreams, the listener has {upstreams}")
         if not 0 <= self.max_payload <= 0xFFFFFFFF:
             raise ValueError(f"max_payload out of range: {self.max_payload}")
         for name in ("frame_timeout", "detect_timeout"):

@@ -9,6 +9,7 @@ import logging
 from fastmesh.exchange import ExchangeError, ExchangeSettings, decode_payload
 from fastmesh.identity import UNKNOWN_WORKLOAD, Workload, peer_workload
 from fastmesh.relay import Batch
+from fastmesh.routing import RouteTable
 
 log = logging.getLogger("fastmesh.exchange")
 
@@ -21,8 +22,8 @@ class PeerDirectory:
     consumer; TcpTelemetry asks it for each connection's peer with peer_of()."""
 
     def __init__(self) -> None:
-        # Listener id -> its exchange settings, for the listeners that exchange.
-        self.listeners: dict[int, ExchangeSettings] = {}
+        # Listener id -> its exchange settings and routes, for the listeners that exchange.
+        self.listeners: dict[int, tuple[ExchangeSettings, RouteTable]] = {}
         self.payloads_decoded = 0  # peers found (valid payloads)
         self.payloads_invalid = 0  # a frame whose payload is not an Any holding a Struct (header_not_found)
         self._decoded: dict[bytes, Workload | None] = {}
@@ -37,8 +38,8 @@ class PeerDirectory:
             self._awaiting.discard(conn_id)
         listeners = self.listeners
         for conn_id, listener_id, upstream_index in batch.opened:
-            settings = listeners.get(listener_id)
-            if settings is not None and settings.exchanges_with(upstream_index):
+            exchanging = listeners.get(listener_id)
+            if exchanging is not None and exchanging[0].exchanges_with(exchanging[1].is_mesh_peer(upstream_index)):
                 self._awaiting.add(conn_id)
         for conn_id, payload in batch.peers:
             self._awaiting.discard(conn_id)

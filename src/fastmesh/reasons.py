@@ -20,6 +20,10 @@ class CloseReason(enum.IntEnum):
     # never completed) came from that side: both sides reset.
     DOWNSTREAM_PROTOCOL_ERROR = 9
     UPSTREAM_PROTOCOL_ERROR = 10
+    # No upstream connection was attempted: the client's connection is closed.
+    NO_ROUTE = 11  # the listener has no route (Envoy's NR)
+    NO_HEALTHY_UPSTREAM = 12  # the routed cluster has no endpoint (UH)
+    OVERFLOW = 13  # the routed cluster is at its maxConnections (UO)
 
     @property
     def is_connect_failure(self) -> bool:

@@ -20,12 +20,16 @@ from typing import Callable, NamedTuple, Sequence
 from fastmesh.addr import Address, bind_listener, parse_address, resolve
 from fastmesh.engine import IMPLEMENTATION, Engine
 from fastmesh.exchange import ExchangeSettings
+from fastmesh.routing import RouteTable
 from fastmesh.reasons import CloseReason, describe
 
 log = logging.getLogger("fastmesh.relay")
 
 # Closes that mean the upstream was never reached: logged, grouped per upstream and cause.
-_FAILURE_REASONS = frozenset({CloseReason.CONNECT_FAILED, CloseReason.CONNECT_TIMEOUT, CloseReason.LOCAL_ERROR})
+_FAILURE_REASONS = frozenset({
+    CloseReason.CONNECT_FAILED, CloseReason.CONNECT_TIMEOUT, CloseReason.LOCAL_ERROR,
+    CloseReason.NO_ROUTE, CloseReason.NO_HEALTHY_UPSTREAM, CloseReason.OVERFLOW,
+})
 
 
 class Batch(NamedTuple):
@@ -44,9 +48,22 @@ BatchConsumer = Callable[[Batch], None]
 class Listener:
     id: int
     address: Address  # as bound (port 0 resolved)
-    upstreams: list[Address]
-    connect_timeout: float
+    routes: RouteTable
     sock: socket.socket
+
+    @property
+    def upstreams(self) -> list[Address]:
+        return [Address(host, port) for host, port in self.routes.endpoints()]
+
+    def target(self, upstream_index: int) -> str:
+        """The endpoint (or, for a connection refused before one was picked, the cluster) for logs."""
+        located = self.routes.locate(upstream_index)
+        if located is None:
+            return "no route"
+        cluster = self.routes.clusters[located[0]]
+        if located[1] < 0:
+            return f"cluster {cluster.name}"
+        return str(Address(*cluster.endpoints[located[1]]))
 
 
 @dataclasses.dataclass
@@ -102,34 +119,38 @@ class Relay:
     async def listen(
         self,
         listen: str | Address,
-        upstreams: Sequence[str | Address],
+        upstreams: Sequence[str | Address] | RouteTable,
         *,
         connect_timeout: float = 5.0,
         exchange: ExchangeSettings | None = None,
+        mesh_peer: bool = False,
     ) -> Listener:
-        """Bind `listen` and relay every connection to `upstreams`, round robin,
-        with the peer metadata exchange if `exchange` is given."""
+        """Bind `listen` and route every connection: to `upstreams` round robin (names
+        resolved now; `mesh_peer`: they run sidecars that exchange metadata), or by a
+        RouteTable. With `exchange`, the listener runs the peer metadata exchange."""
         address = listen if isinstance(listen, Address) else parse_address(listen, allow_port_zero=True)
-        targets: list[Address] = []
-        for upstream in upstreams:
-            parsed = upstream if isinstance(upstream, Address) else parse_address(upstream)
-            targets.extend(await resolve(parsed))
-        if not targets:
-            raise ValueError("a listener needs at least one upstream")
+        if isinstance(upstreams, RouteTable):
+            routes = upstreams
+        else:
+            targets: list[Address] = []
+            for upstream in upstreams:
+                parsed = upstream if isinstance(upstream, Address) else parse_address(upstream)
+                targets.extend(await resolve(parsed))
+            if not targets:
+                raise ValueError("a listener needs at least one upstream")
+            routes = RouteTable.single([(t.host, t.port) for t in targets], connect_timeout, mesh_peer)
         sock = bind_listener(address, self.backlog)
         try:
-            if exchange is not None and exchange.mesh_peers is not None and len(targets) != len(upstreams):
-                # One name resolved to several addresses: each inherits its name's mesh flag.
-                raise ValueError("mesh_peers per upstream needs numeric upstream addresses")
-            listener_id = self.engine.add_listener(sock.fileno(), targets, connect_timeout, exchange)
+            listener_id = self.engine.add_listener(sock.fileno(), routes, connect_timeout, exchange)
         except BaseException:
             sock.close()
             raise
         bound = Address(*sock.getsockname()[:2])
-        listener = Listener(listener_id, bound, targets, connect_timeout, sock)
+        listener = Listener(listener_id, bound, routes, sock)
         self.listeners[listener_id] = listener
         self.start()
-        log.info("listening on %s, relaying to %s", bound, ", ".join(map(str, targets)))
+        log.info("listening on %s, routing to %s", bound,
+                 "; ".join(f"{c.name} ({len(c.endpoints)} endpoint(s))" for c in routes.clusters) or "nothing")
         return listener
 
     def start(self) -> None:
@@ -176,11 +197,7 @@ class Relay:
         for (listener_id, upstream_index, reason, err), count in failures.items():
             listener = self.listeners.get(listener_id)
             where = str(listener.address) if listener else f"listener {listener_id}"
-            target = (
-                str(listener.upstreams[upstream_index])
-                if listener and 0 <= upstream_index < len(listener.upstreams)
-                else "upstream"
-            )
+            target = listener.target(upstream_index) if listener else "upstream"
             cause = f"{errno_names.errorcode.get(err, err)}: {os.strerror(err)}" if err else describe(reason)
             log.warning(
                 "%s: %d connection(s) closed, %s to %s (%s)",

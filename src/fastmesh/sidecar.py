@@ -12,23 +12,39 @@ from typing import Any
 from aiohttp import web
 
 from fastmesh._version import __version__
-from fastmesh.addr import Address
+from fastmesh.addr import Address, resolve
 from fastmesh.admin import make_app, serve_app
 from fastmesh.engine import IMPLEMENTATION
 from fastmesh.exchange import DEFAULT_MAX_PAYLOAD, INBOUND, ExchangeSettings, encode_frame
 from fastmesh.exposition import MetricsEndpoint
 from fastmesh.identity import NodeMetadata
 from fastmesh.peers import PeerDirectory
-from fastmesh.relay import Relay
+from fastmesh.relay import Listener, Relay
+from fastmesh.routing import RouteTable
 from fastmesh.telemetry import OUTBOUND, ListenerTelemetry, TcpTelemetry
 
 log = logging.getLogger("fastmesh")
 
 
 @dataclasses.dataclass
-class SidecarConfig:
+class ListenerConfig:
+    """One listener: where it accepts, where connections go, and how they are labelled."""
+
     listen: Address
-    upstreams: list[Address]
+    upstreams: list[Address] | RouteTable  # addresses: one cluster, round robin
+    direction: str = OUTBOUND
+    destination_service: str = ""  # a RouteTable's clusters name their own service
+    mesh_peer: bool = False  # address upstreams run sidecars (a RouteTable says so per endpoint)
+    connect_timeout: float = 5.0
+
+
+@dataclasses.dataclass
+class SidecarConfig:
+    # The command line's one listener (`serve --listen/--upstream`); a config file
+    # adds `listeners`.
+    listen: Address | None = None
+    upstreams: list[Address] = dataclasses.field(default_factory=list)
+    listeners: list[ListenerConfig] = dataclasses.field(default_factory=list)
     workers: int = 1
     connect_timeout: float = 5.0
     drain_timeout: float = 5.0
@@ -49,13 +65,21 @@ class SidecarConfig:
     exchange_timeout: float = 5.0
     exchange_detect_timeout: float = 0.1
 
-    def exchange_settings(self) -> ExchangeSettings | None:
-        """What the listener's engine does about the exchange: the plaintext rules, in one place."""
-        if not self.exchange or (self.direction != INBOUND and not self.mesh_peer):
+    def all_listeners(self) -> list[ListenerConfig]:
+        own = [] if self.listen is None else [ListenerConfig(
+            self.listen, self.upstreams, self.direction, self.destination_service, self.mesh_peer,
+            self.connect_timeout)]
+        return own + self.listeners
+
+    def exchange_settings(self, direction: str, routes: RouteTable) -> ExchangeSettings | None:
+        """What a listener's engine does about the exchange: the plaintext rules, in one place
+        (the engine then asks, per connection, whether its endpoint is a mesh peer)."""
+        endpoints = range(len(routes.endpoints()))
+        if not self.exchange or (direction != INBOUND and not any(map(routes.is_mesh_peer, endpoints))):
             return None
         metadata = self.node_metadata
         return ExchangeSettings(
-            role=self.direction,
+            role=direction,
             frame=encode_frame(metadata.values, metadata.node_id()),  # once, not per connection
             max_payload=self.exchange_max_payload,
             frame_timeout=self.exchange_timeout,
@@ -65,6 +89,8 @@ class SidecarConfig:
 
 class Sidecar:
     def __init__(self, config: SidecarConfig) -> None:
+        if not config.all_listeners():
+            raise ValueError("a sidecar needs at least one listener")
         self.config = config
         # Closes are read every second (or faster with a shorter reporting
         # period); open connections' bytes are added every reporting period.
@@ -80,22 +106,40 @@ class Sidecar:
             TcpTelemetry(peer_of=self.peers.peer_of) if config.metrics is not None else None)
         self.admin_address: Address | None = None
         self.metrics_address: Address | None = None
+        self.exchange: dict[int, ExchangeSettings] = {}  # listener id -> its exchange, if any
+        self.directions: dict[int, ListenerConfig] = {}  # listener id -> its config
         self._runners: list[web.AppRunner] = []
         self._reporter: asyncio.Task[None] | None = None
+
+    async def _listen(self, listener_config: ListenerConfig) -> None:
+        config = self.config
+        upstreams = listener_config.upstreams
+        if not isinstance(upstreams, RouteTable):
+            targets = [a for u in upstreams for a in await resolve(u)]
+            if not targets:
+                raise ValueError("a listener needs at least one upstream")
+            upstreams = RouteTable.single([(t.host, t.port) for t in targets], listener_config.connect_timeout,
+                                          listener_config.mesh_peer)
+        exchange = config.exchange_settings(listener_config.direction, upstreams)
+        listener = await self.relay.listen(listener_config.listen, upstreams,
+                                           connect_timeout=listener_config.connect_timeout, exchange=exchange)
+        self.directions[listener.id] = listener_config
+        if exchange is not None:
+            self.exchange[listener.id] = exchange
+            self.peers.listeners[listener.id] = (exchange, upstreams)
+        if self.telemetry is not None:
+            self.telemetry.listeners[listener.id] = ListenerTelemetry(
+                listener_config.direction, config.node_metadata.workload(), listener_config.destination_service,
+                upstreams)
 
     async def start(self) -> None:
         """Bind everything; on failure, undo what was started and raise OSError or ValueError."""
         config = self.config
         try:
-            exchange = config.exchange_settings()
-            listener = await self.relay.listen(config.listen, config.upstreams,
-                                               connect_timeout=config.connect_timeout, exchange=exchange)
-            if exchange is not None:
-                self.peers.listeners[listener.id] = exchange
+            for listener_config in config.all_listeners():
+                await self._listen(listener_config)
             self.relay.add_consumer(self.peers.on_batch)  # before telemetry: it asks for peers
             if self.telemetry is not None:
-                self.telemetry.listeners[listener.id] = ListenerTelemetry(
-                    config.direction, config.node_metadata.workload(), config.destination_service)
                 self.relay.add_consumer(self.telemetry.on_batch)
                 endpoint = MetricsEndpoint(self.relay, self.telemetry, self.peers,
                                            before_scrape=self.relay.collect)
@@ -104,8 +148,8 @@ class Sidecar:
                 log.info("metrics on http://%s/stats/prometheus", self.metrics_address)
                 self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
             if config.admin is not None:
-                runner, self.admin_address = await serve_app(make_app(self.relay, self.config_dump, self.peers.counters),
-                                                               config.admin)
+                runner, self.admin_address = await serve_app(
+                    make_app(self.relay, self.config_dump, self.peers.counters), config.admin)
                 self._runners.append(runner)
                 log.info("admin on http://%s/", self.admin_address)
         except BaseException:
@@ -130,6 +174,36 @@ class Sidecar:
             await runner.cleanup()
         self._runners.clear()
 
+    def _listener_dump(self, listener: Listener) -> dict[str, Any]:
+        routes = listener.routes
+        exchange = self.exchange.get(listener.id)
+        listener_config = self.directions.get(listener.id)
+        return {
+            "address": str(listener.address),
+            "direction": listener_config.direction if listener_config else None,
+            "destination_service": listener_config.destination_service if listener_config else "",
+            "clusters": [
+                {
+                    "name": cluster.name,
+                    "service": cluster.service,
+                    "endpoints": [str(Address(*e)) for e in cluster.endpoints],
+                    "mesh_peers": [cluster.is_mesh_peer(i) for i in range(len(cluster.endpoints))],
+                    "load_balancer": cluster.lb,
+                    "max_connections": cluster.max_connections,
+                    "connect_timeout_seconds": cluster.connect_timeout,
+                }
+                for cluster in routes.clusters
+            ],
+            "routes": [{"cluster": routes.clusters[i].name, "weight": w} for i, w in routes.routes],
+            "exchange": None if exchange is None else {
+                "role": exchange.role,
+                "frame_bytes": len(exchange.frame),
+                "max_payload_bytes": exchange.max_payload,
+                "frame_timeout_seconds": exchange.frame_timeout,
+                "detect_timeout_seconds": exchange.detect_timeout,
+            },
+        }
+
     def config_dump(self) -> dict[str, Any]:
         config = self.config
         return {
@@ -141,27 +215,11 @@ class Sidecar:
                 "pipe_size": config.pipe_size,
                 "max_pipes": config.max_pipes,
             },
-            "listeners": [
-                {
-                    "address": str(listener.address),
-                    "upstreams": [str(u) for u in listener.upstreams],
-                    "connect_timeout_seconds": listener.connect_timeout,
-                }
-                for listener in self.relay.listeners.values()
-            ],
+            "listeners": [self._listener_dump(listener) for listener in self.relay.listeners.values()],
             "telemetry": None if self.telemetry is None else {
-                "direction": config.direction,
                 "reporting_duration_seconds": config.reporting_duration,
-                "destination_service": config.destination_service,
                 "node_metadata": dict(config.node_metadata.values),
                 "metrics": str(self.metrics_address),
-            },
-            "exchange": None if (exchange := config.exchange_settings()) is None else {
-                "role": exchange.role,
-                "frame_bytes": len(exchange.frame),
-                "max_payload_bytes": exchange.max_payload,
-                "frame_timeout_seconds": exchange.frame_timeout,
-                "detect_timeout_seconds": exchange.detect_timeout,
             },
             "drain_timeout_seconds": config.drain_timeout,
             "admin": str(self.admin_address) if self.admin_address else None,
@@ -184,7 +242,8 @@ class BackgroundSidecar:
         except BaseException:
             self._end_loop()
             raise
-        self.listen = next(iter(self.sidecar.relay.listeners.values())).address
+        self.listeners = [listener.address for listener in self.sidecar.relay.listeners.values()]
+        self.listen = self.listeners[0]
 
     def call(self, coroutine: Any, timeout: float = 30.0) -> Any:
         """Run a coroutine on the sidecar's loop and return its result."""

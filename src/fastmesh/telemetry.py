@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 from fastmesh.identity import LATEST, UNKNOWN, UNKNOWN_WORKLOAD, Workload
 from fastmesh.reasons import CloseReason
 from fastmesh.relay import Batch
+from fastmesh.routing import RouteTable
 
 # Istio >= 1.10 standard TCP labels (response_code and grpc_response_status are not TCP labels).
 TCP_LABELS = (
@@ -35,7 +36,8 @@ OUTBOUND = "outbound"
 # Envoy's short response flags for the ways a connection can end badly before
 # its labels are fixed: UF upstream connection failure, DC/UC downstream/upstream
 # connection termination, DPE/UPE downstream/upstream protocol error (here, a
-# peer exchange frame that could not be trusted).
+# peer exchange frame that could not be trusted), NR no route, UH no healthy
+# upstream, UO upstream overflow (the cluster's maxConnections).
 _RESPONSE_FLAGS = {
     CloseReason.CONNECT_FAILED: "UF",
     CloseReason.CONNECT_TIMEOUT: "UF",
@@ -44,6 +46,9 @@ _RESPONSE_FLAGS = {
     CloseReason.UPSTREAM_RESET: "UC",
     CloseReason.DOWNSTREAM_PROTOCOL_ERROR: "DPE",
     CloseReason.UPSTREAM_PROTOCOL_ERROR: "UPE",
+    CloseReason.NO_ROUTE: "NR",
+    CloseReason.NO_HEALTHY_UPSTREAM: "UH",
+    CloseReason.OVERFLOW: "UO",
 }
 
 
@@ -73,11 +78,19 @@ class ListenerTelemetry:
     direction: str  # INBOUND (reporter=destination) or OUTBOUND (reporter=source)
     local: Workload
     destination_service: str = ""  # FQDN, e.g. mongodb.default.svc.cluster.local
+    routes: RouteTable | None = None  # a routed listener: each cluster names its own service
 
-    def labels(self, peer: Workload, flags: str) -> tuple[str, ...]:
+    def service_for(self, upstream_index: int) -> str:
+        """destination_service of a connection: its routed cluster's host, else the listener's."""
+        located = self.routes.locate(upstream_index) if self.routes is not None else None
+        if located is not None and self.routes is not None and self.routes.clusters[located[0]].service:
+            return self.routes.clusters[located[0]].service
+        return self.destination_service
+
+    def labels(self, peer: Workload, flags: str, service: str | None = None) -> tuple[str, ...]:
         outbound = self.direction == OUTBOUND
         source, destination = (self.local, peer) if outbound else (peer, self.local)
-        host = self.destination_service
+        host = self.destination_service if service is None else service
         # Istio takes the namespace from the destination node only; fastmesh falls back
         # to the service host's namespace when the peer is unknown (see README).
         namespace = destination.namespace or service_namespace(host)
@@ -104,10 +117,12 @@ class TcpSeries:
 
 
 class _Conn:
-    __slots__ = ("listener_id", "series", "pending_received", "pending_sent", "opened_reported")
+    __slots__ = ("listener_id", "upstream_index", "series", "pending_received", "pending_sent",
+                 "opened_reported")
 
-    def __init__(self, listener_id: int) -> None:
+    def __init__(self, listener_id: int, upstream_index: int) -> None:
         self.listener_id = listener_id
+        self.upstream_index = upstream_index
         self.series: TcpSeries | None = None
         self.pending_received = 0
         self.pending_sent = 0
@@ -127,10 +142,11 @@ class TcpTelemetry:
         self.series: dict[tuple[str, ...], TcpSeries] = {}
         self.peer_of: PeerLookup = peer_of or (lambda conn_id: UNKNOWN_WORKLOAD)
         self._open: dict[int, _Conn] = {}
-        self._by_origin: dict[tuple[int, Workload, str], TcpSeries] = {}
+        self._by_origin: dict[tuple[int, str, Workload, str], TcpSeries] = {}
         self._dirty: set[int] = set()  # open connections with something to report
 
-    def _series_for(self, conn_id: int, listener_id: int, reason: int | None) -> TcpSeries | None:
+    def _series_for(self, conn_id: int, listener_id: int, upstream_index: int,
+                    reason: int | None) -> TcpSeries | None:
         """The series a connection reports to, or None to wait (peer still unknown) or
         to skip (not a telemetry listener, e.g. a pair given to Engine.relay)."""
         peer = self.peer_of(conn_id)
@@ -139,24 +155,26 @@ class TcpTelemetry:
                 return None  # the peer may still make itself known: wait
             peer = UNKNOWN_WORKLOAD  # closed without one: recorded anyway, unlike Istio 1.7
         flags = response_flags(reason)
+        listener = self.listeners.get(listener_id)
+        if listener is None:
+            return None
+        service = listener.service_for(upstream_index)
         # Looked up by what decides the labels, so the 23 labels are built once per
         # label set, not once per connection.
-        series = self._by_origin.get((listener_id, peer, flags))
+        origin = (listener_id, service, peer, flags)
+        series = self._by_origin.get(origin)
         if series is None:
-            listener = self.listeners.get(listener_id)
-            if listener is None:
-                return None
-            key = listener.labels(peer, flags)
+            key = listener.labels(peer, flags, service)
             series = self.series.get(key)
             if series is None:
                 series = self.series[key] = TcpSeries()
-            self._by_origin[(listener_id, peer, flags)] = series
+            self._by_origin[origin] = series
         return series
 
     def on_batch(self, batch: Batch) -> None:
         open_conns = self._open
-        for conn_id, listener_id, _ in batch.opened:
-            open_conns[conn_id] = _Conn(listener_id)
+        for conn_id, listener_id, upstream_index in batch.opened:
+            open_conns[conn_id] = _Conn(listener_id, upstream_index)
             self._dirty.add(conn_id)
         for conn_id, received, sent, _, _ in batch.updated:
             conn = open_conns.get(conn_id)
@@ -165,10 +183,10 @@ class TcpTelemetry:
                 conn.pending_sent += sent
                 self._dirty.add(conn_id)
         dirty = self._dirty
-        for conn_id, listener_id, _, reason, _, received, sent, _, _ in batch.closed:
+        for conn_id, listener_id, upstream_index, reason, _, received, sent, _, _ in batch.closed:
             conn = open_conns.pop(conn_id, None)
             if conn is None:  # opened and closed between two reads: no state was kept
-                series = self._series_for(conn_id, listener_id, reason)
+                series = self._series_for(conn_id, listener_id, upstream_index, reason)
                 if series is not None:
                     series.opened += 1
                     series.closed += 1
@@ -176,7 +194,7 @@ class TcpTelemetry:
                     series.sent += sent
                 continue
             dirty.discard(conn_id)
-            series = conn.series or self._series_for(conn_id, listener_id, reason)
+            series = conn.series or self._series_for(conn_id, listener_id, upstream_index, reason)
             if series is None:
                 continue
             if not conn.opened_reported:
@@ -192,7 +210,7 @@ class TcpTelemetry:
             conn = self._open[conn_id]
             series = conn.series
             if series is None:
-                series = conn.series = self._series_for(conn_id, conn.listener_id, None)
+                series = conn.series = self._series_for(conn_id, conn.listener_id, conn.upstream_index, None)
                 if series is None:
                     if conn.listener_id in self.listeners:
                         still_dirty.add(conn_id)  # waiting for its peer

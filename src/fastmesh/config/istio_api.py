@@ -1,0 +1,245 @@
+"""The Kubernetes-style documents fastmesh reads: Istio's networking.istio.io
+kinds (the fields that matter to TCP, as Istio documents them) and fastmesh's
+own Sidecar kind. Models are strict: a misspelt field is an error, not ignored.
+
+Fields Istio defines but fastmesh does not act on for TCP (HTTP routes, outlier
+detection, consistent hashing, ...) are accepted so that Istio's files load
+unchanged; fastmesh.config.mesh says which ones it ignores.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from fastmesh.durations import parse_duration
+
+
+class Model(BaseModel):
+    # camelCase in YAML, as in Istio's API; unknown fields are rejected.
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+def _duration(value: Optional[str]) -> Optional[str]:
+    if value is not None:
+        parse_duration(value)  # raises ValueError with the reason
+    return value
+
+
+Port = Field(ge=1, le=65535)
+
+
+class ObjectMeta(BaseModel):
+    # Kubernetes adds many fields (uid, resourceVersion, ...) to what `kubectl get -o yaml` prints.
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(min_length=1)
+    namespace: str = "default"
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+
+
+# ---------------------------------------------------------------- DestinationRule
+
+
+class PortSelector(Model):
+    number: int = Port
+
+
+class TcpSettings(Model):
+    max_connections: Optional[int] = Field(default=None, ge=0)
+    connect_timeout: Optional[str] = None
+    tcp_keepalive: Optional[dict[str, Any]] = None
+
+    _check_timeout = field_validator("connect_timeout")(_duration)
+
+
+class ConnectionPool(Model):
+    tcp: Optional[TcpSettings] = None
+    http: Optional[dict[str, Any]] = None
+
+
+LbPolicy = Literal["ROUND_ROBIN", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "LEAST_REQUEST", "UNSPECIFIED"]
+
+
+class LoadBalancer(Model):
+    simple: Optional[LbPolicy] = None
+    consistent_hash: Optional[dict[str, Any]] = None
+    locality_lb_setting: Optional[dict[str, Any]] = None
+    warmup_duration_secs: Optional[str] = None
+
+
+class ClientTLS(Model):
+    mode: Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]
+    client_certificate: Optional[str] = None
+    private_key: Optional[str] = None
+    ca_certificates: Optional[str] = None
+    credential_name: Optional[str] = None
+    subject_alt_names: list[str] = []
+    sni: Optional[str] = None
+    insecure_skip_verify: Optional[bool] = None
+
+
+class PortTrafficPolicy(Model):
+    port: Optional[PortSelector] = None
+    load_balancer: Optional[LoadBalancer] = None
+    connection_pool: Optional[ConnectionPool] = None
+    outlier_detection: Optional[dict[str, Any]] = None
+    tls: Optional[ClientTLS] = None
+
+
+class TrafficPolicy(Model):
+    load_balancer: Optional[LoadBalancer] = None
+    connection_pool: Optional[ConnectionPool] = None
+    outlier_detection: Optional[dict[str, Any]] = None
+    tls: Optional[ClientTLS] = None
+    port_level_settings: list[PortTrafficPolicy] = []
+    tunnel: Optional[dict[str, Any]] = None
+
+
+class Subset(Model):
+    name: str = Field(min_length=1)
+    labels: dict[str, str] = {}
+    traffic_policy: Optional[TrafficPolicy] = None
+
+
+class DestinationRule(Model):
+    host: str = Field(min_length=1)
+    traffic_policy: Optional[TrafficPolicy] = None
+    subsets: list[Subset] = []
+    export_to: list[str] = []
+    workload_selector: Optional[dict[str, Any]] = None
+
+
+# ---------------------------------------------------------------- VirtualService
+
+
+class Destination(Model):
+    host: str = Field(min_length=1)
+    subset: Optional[str] = None
+    port: Optional[PortSelector] = None
+
+
+class RouteDestination(Model):
+    destination: Destination
+    weight: Optional[int] = Field(default=None, ge=0, le=100)
+
+
+class L4MatchAttributes(Model):
+    destination_subnets: list[str] = []
+    port: Optional[int] = Field(default=None, ge=1, le=65535)
+    source_subnet: Optional[str] = None
+    source_labels: dict[str, str] = {}
+    gateways: list[str] = []
+    source_namespace: Optional[str] = None
+
+
+class TCPRoute(Model):
+    match: list[L4MatchAttributes] = []
+    route: list[RouteDestination] = Field(min_length=1)
+
+
+class VirtualService(Model):
+    hosts: list[str] = []
+    gateways: list[str] = []
+    http: list[dict[str, Any]] = []
+    tls: list[dict[str, Any]] = []
+    tcp: list[TCPRoute] = []
+    export_to: list[str] = []
+
+
+# ---------------------------------------------------------------- ServiceEntry, WorkloadEntry, Gateway
+
+
+class ServicePort(Model):
+    number: int = Port
+    protocol: Optional[str] = None
+    name: str = Field(min_length=1)
+    target_port: Optional[int] = Field(default=None, ge=1, le=65535)
+
+
+class WorkloadEntry(Model):
+    address: str = Field(min_length=1)
+    ports: dict[str, int] = {}
+    labels: dict[str, str] = {}
+    network: Optional[str] = None
+    locality: Optional[str] = None
+    weight: Optional[int] = Field(default=None, ge=0)
+    service_account: Optional[str] = None
+
+
+class WorkloadSelector(Model):
+    labels: dict[str, str] = {}
+
+
+class ServiceEntry(Model):
+    hosts: list[str] = Field(min_length=1)
+    addresses: list[str] = []
+    ports: list[ServicePort] = []
+    location: Optional[Literal["MESH_EXTERNAL", "MESH_INTERNAL"]] = None
+    resolution: Optional[Literal["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"]] = None
+    endpoints: list[WorkloadEntry] = []
+    workload_selector: Optional[WorkloadSelector] = None
+    export_to: list[str] = []
+    subject_alt_names: list[str] = []
+
+
+class Gateway(Model):
+    # Accepted so that Istio's samples load; fastmesh is not a gateway.
+    selector: dict[str, str] = {}
+    servers: list[dict[str, Any]] = []
+
+
+# ---------------------------------------------------------------- fastmesh's own kind
+
+
+class InboundListener(Model):
+    port: int = Port  # where the sidecar accepts
+    bind: str = "0.0.0.0"
+    target_port: int = Port  # the local app's port, on 127.0.0.1
+    service: str = ""  # destination_service, e.g. mongodb.default.svc.cluster.local
+
+
+class OutboundListener(Model):
+    port: int = Port  # where the local app connects
+    bind: str = "127.0.0.1"
+    host: str = Field(min_length=1)  # the service it reaches, routed by the VirtualServices
+    service_port: Optional[int] = Field(default=None, ge=1, le=65535)  # defaults to `port`
+
+
+class ExchangeOptions(Model):
+    enabled: bool = True
+    max_payload: int = Field(default=64 * 1024, ge=0, le=0xFFFFFFFF)
+    timeout: str = "5s"
+    detect_timeout: str = "100ms"
+
+    _check_durations = field_validator("timeout", "detect_timeout")(_duration)
+
+
+class Sidecar(Model):
+    node_metadata: dict[str, Any] = {}
+    inbound: list[InboundListener] = []
+    outbound: list[OutboundListener] = []
+    tcp_reporting_duration: str = "15s"
+    metrics: Optional[str] = "0.0.0.0:15090"
+    admin: Optional[str] = "127.0.0.1:15000"
+    exchange: ExchangeOptions = ExchangeOptions()
+    connect_timeout: str = "10s"  # Istio's default; a DestinationRule's connectTimeout overrides it
+    workers: int = Field(default=1, ge=1, le=64)
+
+    _check_durations = field_validator("tcp_reporting_duration", "connect_timeout")(_duration)
+
+
+# (apiVersion group, kind) -> spec model
+ISTIO_GROUP = "networking.istio.io"
+FASTMESH_GROUP = "fastmesh.io"
+KINDS: dict[tuple[str, str], type[BaseModel]] = {
+    (ISTIO_GROUP, "DestinationRule"): DestinationRule,
+    (ISTIO_GROUP, "VirtualService"): VirtualService,
+    (ISTIO_GROUP, "ServiceEntry"): ServiceEntry,
+    (ISTIO_GROUP, "WorkloadEntry"): WorkloadEntry,
+    (ISTIO_GROUP, "Gateway"): Gateway,
+    (FASTMESH_GROUP, "Sidecar"): Sidecar,
+}
+API_VERSIONS = {ISTIO_GROUP: ("v1alpha3", "v1beta1", "v1"), FASTMESH_GROUP: ("v1alpha1",)}

@@ -51,11 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="relay a listener to an upstream",
-        description="Accept TCP connections on --listen and relay each one, byte for byte, to --upstream.",
+        description="Accept TCP connections on --listen and relay each one, byte for byte, to --upstream; "
+                    "or run the sidecar that config files (-c) describe.",
     )
-    serve.add_argument("--listen", type=_address, required=True, metavar="HOST:PORT",
+    serve.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
+                       help="YAML file(s) of Istio DestinationRule, VirtualService, ServiceEntry, WorkloadEntry "
+                            "and one fastmesh Sidecar document; repeatable (instead of --listen/--upstream)")
+    serve.add_argument("--listen", type=_address, metavar="HOST:PORT",
                        help="address to accept on, e.g. 0.0.0.0:15001 or [::]:15001")
-    serve.add_argument("--upstream", type=_address, required=True, action="append", metavar="HOST:PORT",
+    serve.add_argument("--upstream", type=_address, action="append", metavar="HOST:PORT",
                        help="where to relay; repeat for several upstreams (round robin); host names are resolved once")
     serve.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                        help="relay threads (default 1; one epoll loop each, without the GIL)")
@@ -105,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "so that a mesh client gets our frame first (default 100ms)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
+    check = commands.add_parser(
+        "check",
+        help="validate config files without serving",
+        description="Read config files as `serve -c` would, report every problem (file, document, field, what "
+                    "was expected) and what each listener would do.",
+    )
+    check.add_argument("-c", "--config", action="append", required=True, metavar="FILE", help="YAML file (repeatable)")
+
     metrics = commands.add_parser(
         "metrics",
         help="show a sidecar's istio_tcp_* series as a table",
@@ -122,6 +134,17 @@ def _config(args: argparse.Namespace) -> "SidecarConfig":
     from fastmesh.identity import NodeMetadata, load_node_metadata
     from fastmesh.sidecar import SidecarConfig
 
+    if args.config:
+        if args.listen or args.upstream:
+            raise ValueError("give either -c/--config or --listen/--upstream, not both")
+        from fastmesh.config import load_documents, plan
+
+        built = plan(load_documents(args.config))
+        for warning in built.warnings:
+            log.warning("%s", warning)
+        return built.sidecar
+    if args.listen is None or not args.upstream:
+        raise ValueError("serve needs --listen and --upstream, or -c/--config FILE")
     if args.mesh_peer and args.direction == "inbound":
         raise ValueError("--mesh-peer is for outbound listeners: an inbound one detects mesh clients itself")
     return SidecarConfig(
@@ -174,6 +197,37 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def check(paths: list[str]) -> int:
+    """`fastmesh check`: problems to stderr (exit 1), else a summary of each listener (exit 0)."""
+    from fastmesh.config import ConfigError, load_documents, plan
+    from fastmesh.config.istio_api import Sidecar
+
+    try:
+        documents = load_documents(paths)
+        built = plan(documents) if any(isinstance(d.spec, Sidecar) for d in documents) else None
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    print(f"{len(documents)} document(s) OK")
+    if built is None:
+        return 0
+    for warning in built.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for listener in built.sidecar.listeners:
+        routes = listener.upstreams
+        assert not isinstance(routes, list)
+        print(f"{listener.direction} {listener.listen}:")
+        if not routes.routes:
+            print("  no route (NR)")
+        for index, weight in routes.routes:
+            cluster = routes.clusters[index]
+            endpoints = ", ".join(f"{h}:{p}{' (mesh)' if cluster.is_mesh_peer(i) else ''}"
+                                  for i, (h, p) in enumerate(cluster.endpoints)) or "no endpoint (UH)"
+            print(f"  weight {weight}: {cluster.name} [{cluster.lb}] -> {endpoints}")
+    return 0
+
+
 def run(coro_fn: Any, *args: Any) -> int:
     """Run a coroutine function on uvloop, or on asyncio's own loop without it."""
     try:
@@ -193,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "serve":
         return run(serve, args)
+    if args.command == "check":
+        return check(args.config)
     if args.command == "metrics":
         from fastmesh import metrics_view
 

@@ -194,15 +194,18 @@ class Gateway(Model):
 # ---------------------------------------------------------------- fastmesh's own kind
 
 
+ListenPort = Field(ge=0, le=65535)  # 0: any free port (tests, embedding)
+
+
 class InboundListener(Model):
-    port: int = Port  # where the sidecar accepts
+    port: int = ListenPort  # where the sidecar accepts
     bind: str = "0.0.0.0"
     target_port: int = Port  # the local app's port, on 127.0.0.1
     service: str = ""  # destination_service, e.g. mongodb.default.svc.cluster.local
 
 
 class OutboundListener(Model):
-    port: int = Port  # where the local app connects
+    port: int = ListenPort  # where the local app connects
     bind: str = "127.0.0.1"
     host: str = Field(min_length=1)  # the service it reaches, routed by the VirtualServices
     service_port: Optional[int] = Field(default=None, ge=1, le=65535)  # defaults to `port`

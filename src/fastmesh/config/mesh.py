@@ -1,0 +1,289 @@
+"""From Istio's documents to what one sidecar runs: for each outbound listener,
+the VirtualService tcp route that applies, its weighted destinations as
+clusters (ServiceEntry endpoints, narrowed to a DestinationRule subset, with
+its load balancer and connection pool); for each inbound listener, the local
+app. Problems that make the config unusable are ConfigErrors; things Istio
+would also accept but that will not work as written are warnings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from fastmesh.addr import Address, parse_address
+from fastmesh.config.istio_api import (
+    DestinationRule, ServiceEntry, Sidecar, TrafficPolicy, VirtualService, WorkloadEntry,
+)
+from fastmesh.config.loader import ConfigError, Document
+from fastmesh.durations import parse_duration
+from fastmesh.identity import MetadataError, parse_node_metadata
+from fastmesh.routing import Cluster, RouteTable
+from fastmesh.sidecar import ListenerConfig, SidecarConfig
+from fastmesh.telemetry import INBOUND, OUTBOUND
+
+# The endpoint label Istio's auto-mTLS reads: the endpoint runs a sidecar.
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
+MESH_GATEWAY = "mesh"
+_LB = {"ROUND_ROBIN": "ROUND_ROBIN", "UNSPECIFIED": "ROUND_ROBIN", "LEAST_CONN": "LEAST_CONN",
+       "LEAST_REQUEST": "LEAST_CONN", "RANDOM": "RANDOM"}
+
+
+def fqdn(host: str, namespace: str) -> str:
+    """Istio's short-name rule: `reviews` in namespace default is reviews.default.svc.cluster.local."""
+    return host if "." in host or host == "*" else f"{host}.{namespace}.svc.cluster.local"
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:])
+    return pattern == host
+
+
+@dataclass
+class Plan:
+    """A sidecar's config built from documents, and what deserves a warning."""
+
+    sidecar: SidecarConfig
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Registry:
+    services: list[tuple[Document, ServiceEntry]]
+    workloads: list[tuple[Document, WorkloadEntry]]
+    rules: list[tuple[Document, DestinationRule]]
+    routes: list[tuple[Document, VirtualService]]
+
+    @classmethod
+    def of(cls, documents: Iterable[Document]) -> "_Registry":
+        registry = cls([], [], [], [])
+        for document in documents:
+            target = {ServiceEntry: registry.services, WorkloadEntry: registry.workloads,
+                      DestinationRule: registry.rules, VirtualService: registry.routes}.get(type(document.spec))
+            if target is not None:
+                target.append((document, document.spec))  # type: ignore[arg-type]
+        return registry
+
+    def service(self, host: str) -> tuple[Document, ServiceEntry] | None:
+        for document, entry in self.services:
+            if any(fqdn(h, document.namespace) == host for h in entry.hosts):
+                return document, entry
+        return None
+
+    def rule(self, host: str) -> DestinationRule | None:
+        for document, rule in self.rules:
+            if fqdn(rule.host, document.namespace) == host:
+                return rule
+        return None
+
+    def endpoints(self, document: Document, entry: ServiceEntry) -> list[WorkloadEntry]:
+        found = list(entry.endpoints)
+        if entry.workload_selector is not None:
+            wanted = entry.workload_selector.labels.items()
+            found += [w for d, w in self.workloads
+                      if d.namespace == document.namespace and wanted <= w.labels.items()]
+        return found
+
+
+def _policy(rule: DestinationRule | None, subset: str | None, port: int) -> dict[str, Any]:
+    """lb, max_connections and connect_timeout for one subset and port: the rule's
+    policy, then its port-level settings, then the subset's (and its port level)."""
+    result: dict[str, Any] = {}
+
+    def apply(policy: TrafficPolicy | None) -> None:
+        if policy is None:
+            return
+        layers: list[Any] = [policy]
+        layers += [p for p in policy.port_level_settings if p.port is not None and p.port.number == port]
+        for layer in layers:
+            if layer.load_balancer is not None and layer.load_balancer.simple is not None:
+                result["lb"] = layer.load_balancer.simple
+            tcp = layer.connection_pool.tcp if layer.connection_pool is not None else None
+            if tcp is not None and tcp.max_connections is not None:
+                result["max_connections"] = tcp.max_connections
+            if tcp is not None and tcp.connect_timeout is not None:
+                result["connect_timeout"] = parse_duration(tcp.connect_timeout)
+
+    if rule is not None:
+        apply(rule.traffic_policy)
+        for candidate in rule.subsets:
+            if candidate.name == subset:
+                apply(candidate.traffic_policy)
+    return result
+
+
+class _Builder:
+    def __init__(self, documents: list[Document], sidecar_doc: Document) -> None:
+        self.registry = _Registry.of(documents)
+        self.doc = sidecar_doc
+        self.spec: Sidecar = sidecar_doc.spec  # type: ignore[assignment]
+        self.namespace = sidecar_doc.namespace
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        try:
+            self.node = parse_node_metadata(self.spec.node_metadata, f"{sidecar_doc.source}: spec.nodeMetadata")
+        except MetadataError as exc:
+            self.problems.append(str(exc))
+            self.node = parse_node_metadata({})
+        self.labels = dict(self.node.labels)
+        self.connect_timeout = parse_duration(self.spec.connect_timeout)
+
+    def cluster(self, host: str, subset: str | None, port: int, where: str) -> Cluster:
+        name = f"outbound|{port}|{subset or ''}|{host}"
+        rule = self.registry.rule(host)
+        policy = _policy(rule, subset, port)
+        lb = policy.get("lb", "ROUND_ROBIN")
+        if lb == "PASSTHROUGH":
+            self.problems.append(f"{where}: loadBalancer PASSTHROUGH for {host} needs the caller's original "
+                                 "destination (transparent capture), which fastmesh does not do yet")
+            lb = "ROUND_ROBIN"
+        found = self.registry.service(host)
+        endpoints: list[tuple[str, int]] = []
+        mesh: list[bool] = []
+        if found is None:
+            self.warnings.append(f"{where}: no ServiceEntry defines {host}: its connections will fail with UH")
+        else:
+            document, entry = found
+            service_port = next((p for p in entry.ports if p.number == port), None)
+            if service_port is None:
+                self.warnings.append(f"{where}: {host} has no port {port} in {document.source}: "
+                                     "its connections will fail with UH")
+            else:
+                wanted: dict[str, str] = {}
+                if subset is not None:
+                    match = next((s for s in rule.subsets if s.name == subset), None) if rule else None
+                    if match is None:
+                        self.warnings.append(f"{where}: subset {subset!r} of {host} is not defined by any "
+                                             "DestinationRule: its connections will fail with UH")
+                        service_port = None
+                    else:
+                        wanted = match.labels
+                for workload in self.registry.endpoints(document, entry) if service_port else []:
+                    if not wanted.items() <= workload.labels.items():
+                        continue
+                    target = workload.ports.get(service_port.name, service_port.target_port or service_port.number)
+                    try:
+                        address = parse_address(f"{workload.address}:{target}" if ":" not in workload.address
+                                                else f"[{workload.address}]:{target}")
+                    except ValueError as exc:
+                        self.problems.append(f"{document.source}: endpoint {workload.address!r}: {exc}")
+                        continue
+                    endpoints.append((address.host, address.port))
+                    mesh.append(workload.labels.get(TLS_MODE_LABEL) == "istio")
+        try:
+            return Cluster(name, host, tuple(endpoints), tuple(mesh), _LB[lb],
+                           policy.get("max_connections", 0), policy.get("connect_timeout", self.connect_timeout))
+        except ValueError as exc:  # an endpoint address that is a name: resolution is not done here
+            self.problems.append(f"{where}: {exc}")
+            return Cluster(name, host, (), (), _LB[lb], 0, self.connect_timeout)
+
+    def outbound(self, index: int) -> ListenerConfig:
+        listener = self.spec.outbound[index]
+        where = f"{self.doc.source}: spec.outbound[{index}]"
+        host = fqdn(listener.host, self.namespace)
+        port = listener.service_port or listener.port
+        routes: list[tuple[Any, int, str]] | None = None  # (destination, weight, namespace)
+        for document, service in self.registry.routes:
+            if service.gateways and MESH_GATEWAY not in service.gateways:
+                continue  # bound to gateways only: not a sidecar's route
+            if not any(host_matches(fqdn(h, document.namespace), host) for h in service.hosts):
+                continue
+            routes = []
+            for route in service.tcp:
+                if not route.match or any(self._matches(m, port) for m in route.match):
+                    routes = self._weighted(route.route, document, where)
+                    break
+            break
+        if routes is None:  # no VirtualService: straight to the service
+            routes = [(None, 100, self.namespace)]
+        clusters: list[Cluster] = []
+        table: list[tuple[int, int]] = []
+        for destination, weight, namespace in routes:
+            target = host if destination is None else fqdn(destination.host, namespace)
+            target_port = destination.port.number if destination is not None and destination.port else port
+            cluster = self.cluster(target, destination.subset if destination else None, target_port, where)
+            if cluster.name not in [c.name for c in clusters]:
+                clusters.append(cluster)
+            table.append(([c.name for c in clusters].index(cluster.name), weight))
+        if not table:
+            self.warnings.append(f"{where}: a VirtualService names {host} but none of its tcp routes matches "
+                                 f"port {port}: connections will be closed with NR")
+        return ListenerConfig(self._address(listener.bind, listener.port, where), RouteTable(tuple(clusters),
+                              tuple(table)), OUTBOUND, host, connect_timeout=self.connect_timeout)
+
+    def _matches(self, match: Any, port: int) -> bool:
+        if match.port is not None and match.port != port:
+            return False
+        if match.gateways and MESH_GATEWAY not in match.gateways:
+            return False
+        if match.source_namespace is not None and match.source_namespace != self.node.get("NAMESPACE"):
+            return False
+        return match.source_labels.items() <= self.labels.items()
+
+    def _weighted(self, destinations: list[Any], document: Document, where: str) -> list[tuple[Any, int, str]]:
+        if len(destinations) == 1:
+            return [(destinations[0].destination, 100, document.namespace)]
+        weights = [d.weight for d in destinations]
+        if any(w is None for w in weights) or sum(weights) != 100:  # type: ignore[arg-type]
+            self.problems.append(f"{document.source}: a tcp route with several destinations needs weights "
+                                 f"adding up to 100, got {weights}")
+        return [(d.destination, d.weight or 0, document.namespace) for d in destinations]
+
+    def inbound(self, index: int) -> ListenerConfig:
+        listener = self.spec.inbound[index]
+        where = f"{self.doc.source}: spec.inbound[{index}]"
+        app = Cluster(f"inbound|{listener.port}||{listener.service}", listener.service,
+                      (("127.0.0.1", listener.target_port),), connect_timeout=self.connect_timeout)
+        return ListenerConfig(self._address(listener.bind, listener.port, where), RouteTable((app,), ((0, 1),)),
+                              INBOUND, fqdn(listener.service, self.namespace) if listener.service else "",
+                              connect_timeout=self.connect_timeout)
+
+    def _address(self, bind: str, port: int, where: str) -> Address:
+        try:
+            return parse_address(f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}", allow_port_zero=True)
+        except ValueError as exc:
+            self.problems.append(f"{where}.bind: {exc}")
+            return Address("127.0.0.1", port)
+
+    def optional_address(self, text: str | None, name: str) -> Address | None:
+        if text is None:
+            return None
+        try:
+            return parse_address(text, allow_port_zero=True)
+        except ValueError as exc:
+            self.problems.append(f"{self.doc.source}: spec.{name}: {exc}")
+            return None
+
+    def build(self) -> Plan:
+        spec = self.spec
+        listeners = [self.inbound(i) for i in range(len(spec.inbound))]
+        listeners += [self.outbound(i) for i in range(len(spec.outbound))]
+        if not listeners:
+            self.problems.append(f"{self.doc.source}: spec: a sidecar needs at least one inbound or outbound listener")
+        config = SidecarConfig(
+            listeners=listeners,
+            workers=spec.workers,
+            admin=self.optional_address(spec.admin, "admin"),
+            metrics=self.optional_address(spec.metrics, "metrics"),
+            node_metadata=self.node,
+            reporting_duration=parse_duration(spec.tcp_reporting_duration),
+            exchange=spec.exchange.enabled,
+            exchange_max_payload=spec.exchange.max_payload,
+            exchange_timeout=parse_duration(spec.exchange.timeout),
+            exchange_detect_timeout=parse_duration(spec.exchange.detect_timeout),
+        )
+        if self.problems:
+            raise ConfigError(self.problems)
+        return Plan(config, self.warnings)
+
+
+def plan(documents: list[Document]) -> Plan:
+    """The sidecar the documents describe (there must be exactly one fastmesh Sidecar)."""
+    sidecars = [d for d in documents if isinstance(d.spec, Sidecar)]
+    if len(sidecars) != 1:
+        where = ", ".join(d.source for d in sidecars) or "none found"
+        raise ConfigError([f"expected exactly one fastmesh.io/v1alpha1 Sidecar document to serve, "
+                           f"got {len(sidecars)} ({where})"])
+    return _Builder(documents, sidecars[0]).build()

@@ -220,7 +220,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["serve", "--upstream", "127.0.0.1:1"], "the following arguments are required: --listen"),
+        (["serve", "--upstream", "127.0.0.1:1"], "serve needs --listen and --upstream, or -c/--config FILE"),
+        (["serve", "-c", "x.yaml", "--listen", ":1"], "give either -c/--config or --listen and --upstream"),
         (["serve", "--listen", "nonsense", "--upstream", "127.0.0.1:1"], "'nonsense': expected HOST:PORT"),
         (["serve", "--listen", "127.0.0.1:99999", "--upstream", "127.0.0.1:1"], "port 99999 is out of range"),
         (["serve", "--listen", ":1", "--upstream", "::1:80"], "write IPv6 addresses as [ADDRESS]:PORT"),

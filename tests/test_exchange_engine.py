@@ -234,8 +234,11 @@ def test_a_frame_that_cannot_be_trusted_resets_the_connection_and_leaks_nothing(
     inbound = Side(make_engine, "inbound", SERVER_FRAME, app.address, frame_timeout=0.2)
     client = socket.create_connection(inbound.address)
     client.sendall(sent)
-    if not pause:
-        client.shutdown(socket.SHUT_WR)
+    try:
+        if not pause:
+            client.shutdown(socket.SHUT_WR)
+    except OSError:  # the reset may already be in (a too-large header is refused at once)
+        pass
     try:
         assert client.recv(100) == b""
     except ConnectionResetError:

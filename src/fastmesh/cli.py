@@ -135,16 +135,13 @@ def _config(args: argparse.Namespace) -> "SidecarConfig":
     from fastmesh.sidecar import SidecarConfig
 
     if args.config:
-        if args.listen or args.upstream:
-            raise ValueError("give either -c/--config or --listen/--upstream, not both")
         from fastmesh.config import load_documents, plan
 
         built = plan(load_documents(args.config))
         for warning in built.warnings:
             log.warning("%s", warning)
         return built.sidecar
-    if args.listen is None or not args.upstream:
-        raise ValueError("serve needs --listen and --upstream, or -c/--config FILE")
+
     if args.mesh_peer and args.direction == "inbound":
         raise ValueError("--mesh-peer is for outbound listeners: an inbound one detects mesh clients itself")
     return SidecarConfig(
@@ -239,7 +236,13 @@ def run(coro_fn: Any, *args: Any) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        if args.config and (args.listen or args.upstream):
+            parser.error("give either -c/--config or --listen and --upstream, not both")
+        if not args.config and (args.listen is None or not args.upstream):
+            parser.error("serve needs --listen and --upstream, or -c/--config FILE")
     logging.basicConfig(
         level=getattr(logging, getattr(args, "log_level", "info").upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

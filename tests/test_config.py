@@ -19,7 +19,7 @@ from fastmesh.routing import RouteTable
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "tests" / "fixtures" / "istio").glob("*.yaml"))
-BOOKINFO = ROOT / "examples" / "bookinfo-tcp"
+BOOKINFO = ROOT / "src" / "fastmesh" / "bookinfo"
 
 
 def write(tmp_path: Path, text: str, name: str = "mesh.yaml") -> Path:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import subprocess
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -116,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "was expected) and what each listener would do.",
     )
     check.add_argument("-c", "--config", action="append", required=True, metavar="FILE", help="YAML file (repeatable)")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run Istio's TCP metrics task (Bookinfo's ratings-v2 and its database) on this machine",
+        description="Start a database (MariaDB or Redis if installed, else an embedded service), its inbound "
+                    "sidecar and ratings-v2's outbound sidecar from the Istio files in fastmesh/bookinfo/, send "
+                    "traffic, show both reporters' istio_tcp_* series, and clean up. Uses ports 15000, 15001, "
+                    "15006, 15010, 15090, 15091 and 27018 on 127.0.0.1.",
+    )
+    demo.add_argument("--requests", type=_positive_int, default=10, metavar="N",
+                      help="database queries ratings-v2 sends, one connection each (default 10)")
+    demo.add_argument("--database", choices=["auto", "mariadb", "redis", "embedded"], default="auto",
+                      help="the database behind the sidecars (default: MariaDB if installed, else Redis, else an "
+                           "embedded TCP service)")
+    demo.add_argument("--prometheus", action="store_true",
+                      help="also run a Prometheus server scraping both sidecars and print its PromQL answers")
 
     metrics = commands.add_parser(
         "metrics",
@@ -250,6 +267,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "serve":
         return run(serve, args)
+    if args.command == "demo":
+        from fastmesh import demo
+
+        def progress(message: str) -> None:
+            print(f"==> {message}", file=sys.stderr, flush=True)
+
+        try:
+            logging.getLogger("fastmesh").setLevel(logging.WARNING)  # the demo reports its own progress
+            return run(demo.run, args.requests, args.prometheus, args.database, sys.stdout, progress)
+        except (demo.DemoError, OSError, subprocess.CalledProcessError) as exc:
+            log.error("demo: %s", exc)
+            return 1
+        except KeyboardInterrupt:
+            progress("interrupted: everything the demo started is stopped")
+            return 130
     if args.command == "check":
         return check(args.config)
     if args.command == "metrics":

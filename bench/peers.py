@@ -242,13 +242,60 @@ def stop_all() -> None:
 @dataclass
 class RelaySpec:
     name: str                # row label: direct, fastmesh, fastmesh[py], haproxy, pair[exchange], ...
-    kind: str                # direct | fastmesh | haproxy | nginx | socat | pair
+    kind: str                # direct | fastmesh | haproxy | nginx | socat | pair | routed
     args: list[str] = field(default_factory=list)   # extra CLI args (fastmesh variants; a pair's outbound)
     env: dict[str, str] = field(default_factory=dict)
     inbound_args: list[str] = field(default_factory=list)  # a pair's inbound sidecar
 
 
 NODE_METADATA = REPO / "examples" / "node-metadata"
+
+
+ROUTED = "fastmesh[routed]"
+
+
+def routed_spec() -> RelaySpec:
+    """fastmesh configured by Istio's kinds (ServiceEntry, WorkloadEntry, DestinationRule with a
+    subset and LEAST_CONN, VirtualService tcp route): issue 5's routing-overhead bar."""
+    return RelaySpec(ROUTED, "routed")
+
+
+def _routed_config(port: int, upstream: int, tmp: Path) -> Path:
+    path = tmp / f"routed-{port}.yaml"
+    path.write_text(f"""\
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: backend}}
+spec:
+  hosts: [backend.default.svc.cluster.local]
+  ports: [{{number: {upstream}, name: tcp}}]
+  resolution: STATIC
+  endpoints: [{{address: {HOST}, labels: {{version: v1}}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: backend}}
+spec:
+  host: backend
+  trafficPolicy: {{loadBalancer: {{simple: LEAST_CONN}}, connectionPool: {{tcp: {{maxConnections: 100000}}}}}}
+  subsets: [{{name: v1, labels: {{version: v1}}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: backend}}
+spec:
+  hosts: [backend]
+  tcp: [{{route: [{{destination: {{host: backend, subset: v1}}, weight: 100}}]}}]
+---
+apiVersion: fastmesh.io/v1alpha1
+kind: Sidecar
+metadata: {{name: bench}}
+spec:
+  outbound: [{{port: {port}, bind: {HOST}, host: backend, servicePort: {upstream}}}]
+  metrics: {HOST}:0
+  admin: {HOST}:0
+""")
+    return path
 
 
 def sidecar_pairs() -> list[RelaySpec]:
@@ -392,6 +439,9 @@ def running(spec: RelaySpec, upstream: int, tmp: Path, opts: Options) -> Iterato
     env = None
     if spec.kind == "fastmesh":
         argv, env = _fastmesh(spec, port, upstream), fastmesh_env(spec.env)
+    elif spec.kind == "routed":
+        argv = [sys.executable, "-m", "fastmesh", "serve", "-c", str(_routed_config(port, upstream, tmp))]
+        env = fastmesh_env(spec.env)
     else:
         argv = {"haproxy": _haproxy, "nginx": _nginx, "socat": _socat}[spec.kind](port, upstream, tmp, opts)
     proc = Proc(spec.name, argv, tmp, env=env, cwd=tmp)

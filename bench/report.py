@@ -47,6 +47,9 @@ def checks(values: dict[str, dict[str, float | None]]) -> list[dict]:
                 ("iperf3 1 stream >= 0.95 x pair without exchange", "iperf_1", ">=", 0.95,
                  get("pair[no-exchange]", "iperf_1")),
             ]
+        if relay == "fastmesh[routed]":  # routing by Istio's kinds, against the plain listener
+            return [("redis keep-alive >= 0.97 x plain fastmesh", "redis_keepalive", ">=", 0.97,
+                     get("fastmesh", "redis_keepalive"))]
         if not relay.startswith("fastmesh"):
             return []
         refs_keep = [v for v in (get("haproxy", "redis_keepalive"), get("nginx", "redis_keepalive")) if v is not None]

@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", action="store_true",
                    help="add rows pair[exchange] and pair[no-exchange]: an outbound and an inbound fastmesh "
                         "in a row, with the peer metadata exchange on and off")
+    p.add_argument("--routed", action="store_true",
+                   help="add row fastmesh[routed]: fastmesh configured by Istio ServiceEntry, DestinationRule "
+                        "and VirtualService files (serve -c) instead of --listen/--upstream")
     p.add_argument("--haproxy-threads", type=int, default=1, help="haproxy nbthread (default 1)")
     p.add_argument("--socat-backlog", type=int,
                    help="add backlog=N to socat's listener (default: socat's own, 5; see README)")
@@ -75,6 +78,8 @@ def relay_specs(a: argparse.Namespace) -> list[RelaySpec]:
             specs += [peers.parse_variant(v) for v in a.fastmesh_variant]
             if a.pairs:
                 specs += peers.sidecar_pairs()
+            if a.routed:
+                specs.append(peers.routed_spec())
     # A bench of fastmesh without fastmesh means nothing: a row that cannot even
     # print its version stops the run.
     for s in specs:

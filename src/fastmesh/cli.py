@@ -218,7 +218,7 @@ def check(paths: list[str]) -> int:
 
     try:
         documents = load_documents(paths)
-        built = plan(documents) if any(isinstance(d.spec, Sidecar) for d in documents) else None
+        built = plan(documents, resolve=False) if any(isinstance(d.spec, Sidecar) for d in documents) else None
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)

@@ -7,6 +7,8 @@ would also accept but that will not work as written are warnings."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -115,8 +117,9 @@ def _policy(rule: DestinationRule | None, subset: str | None, port: int) -> dict
 
 
 class _Builder:
-    def __init__(self, documents: list[Document], sidecar_doc: Document) -> None:
+    def __init__(self, documents: list[Document], sidecar_doc: Document, resolve: bool) -> None:
         self.registry = _Registry.of(documents)
+        self.resolve = resolve
         self.doc = sidecar_doc
         self.spec: Sidecar = sidecar_doc.spec  # type: ignore[assignment]
         self.namespace = sidecar_doc.namespace
@@ -164,20 +167,36 @@ class _Builder:
                     if not wanted.items() <= workload.labels.items():
                         continue
                     target = workload.ports.get(service_port.name, service_port.target_port or service_port.number)
-                    try:
-                        address = parse_address(f"{workload.address}:{target}" if ":" not in workload.address
-                                                else f"[{workload.address}]:{target}")
-                    except ValueError as exc:
-                        self.problems.append(f"{document.source}: endpoint {workload.address!r}: {exc}")
-                        continue
-                    endpoints.append((address.host, address.port))
-                    mesh.append(workload.labels.get(TLS_MODE_LABEL) == "istio")
+                    for ip in self.addresses(workload.address, entry, document):
+                        endpoints.append((ip, target))
+                        mesh.append(workload.labels.get(TLS_MODE_LABEL) == "istio")
         try:
             return Cluster(name, host, tuple(endpoints), tuple(mesh), _LB[lb],
                            policy.get("max_connections", 0), policy.get("connect_timeout", self.connect_timeout))
         except ValueError as exc:  # an endpoint address that is a name: resolution is not done here
             self.problems.append(f"{where}: {exc}")
             return Cluster(name, host, (), (), _LB[lb], 0, self.connect_timeout)
+
+    def addresses(self, address: str, entry: ServiceEntry, document: Document) -> list[str]:
+        """An endpoint's IP addresses: itself, or what its name resolves to now for
+        resolution DNS (as `serve --upstream` resolves names once, at start)."""
+        try:
+            return [str(ipaddress.ip_address(address))]
+        except ValueError:
+            pass
+        if entry.resolution not in ("DNS", "DNS_ROUND_ROBIN"):
+            self.problems.append(f"{document.source}: endpoint address {address!r} is a name: give an IP "
+                                 "address, or set resolution: DNS")
+            return []
+        if not self.resolve:
+            self.warnings.append(f"{document.source}: endpoint {address!r} will be resolved when serving")
+            return []
+        try:
+            infos = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            self.problems.append(f"{document.source}: cannot resolve endpoint {address!r}: {exc}")
+            return []
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
     def outbound(self, index: int) -> ListenerConfig:
         listener = self.spec.outbound[index]
@@ -279,11 +298,12 @@ class _Builder:
         return Plan(config, self.warnings)
 
 
-def plan(documents: list[Document]) -> Plan:
-    """The sidecar the documents describe (there must be exactly one fastmesh Sidecar)."""
+def plan(documents: list[Document], resolve: bool = True) -> Plan:
+    """The sidecar the documents describe (there must be exactly one fastmesh Sidecar).
+    resolve=False leaves DNS endpoints out (with a warning) instead of resolving them."""
     sidecars = [d for d in documents if isinstance(d.spec, Sidecar)]
     if len(sidecars) != 1:
         where = ", ".join(d.source for d in sidecars) or "none found"
         raise ConfigError([f"expected exactly one fastmesh.io/v1alpha1 Sidecar document to serve, "
                            f"got {len(sidecars)} ({where})"])
-    return _Builder(documents, sidecars[0]).build()
+    return _Builder(documents, sidecars[0], resolve).build()

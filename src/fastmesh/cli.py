@@ -198,8 +198,17 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    log.info("ready: %s engine, %d worker(s)", IMPLEMENTATION, args.workers)
+    watching = None
+    if args.config:
+        from fastmesh.reload import ConfigWatcher
+
+        watcher = ConfigWatcher(args.config, sidecar, lambda: _config(args))
+        loop.add_signal_handler(signal.SIGHUP, watcher.request)
+        watching = loop.create_task(watcher.run())
+    log.info("ready: %s engine, %d worker(s)", IMPLEMENTATION, sidecar.config.workers)
     await stop.wait()
+    if watching is not None:
+        watching.cancel()
 
     log.info("stopping: no longer accepting, draining for up to %gs", args.drain_timeout)
     await sidecar.stop()

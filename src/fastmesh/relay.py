@@ -100,7 +100,9 @@ class Relay:
         self.engine = engine if engine is not None else Engine(workers, **engine_options)
         self.collect_interval = collect_interval
         self.backlog = backlog
-        self.listeners: dict[int, Listener] = {}
+        self.listeners: dict[int, Listener] = {}  # accepting now
+        self.retired: dict[int, Listener] = {}  # replaced or stopped; their connections may still be open
+        self._exchange: dict[int, ExchangeSettings | None] = {}
         self.totals = Totals()
         self._seen: set[int] = set()  # open connection ids already counted as opened
         self._consumers: list[BatchConsumer] = []
@@ -148,6 +150,7 @@ class Relay:
         bound = Address(*sock.getsockname()[:2])
         listener = Listener(listener_id, bound, routes, sock)
         self.listeners[listener_id] = listener
+        self._exchange[listener_id] = exchange
         self.start()
         log.info("listening on %s, routing to %s", bound,
                  "; ".join(f"{c.name} ({len(c.endpoints)} endpoint(s))" for c in routes.clusters) or "nothing")
@@ -195,7 +198,7 @@ class Relay:
         # One line per (listener, upstream, cause) per read: a dead upstream under
         # load is reported, not a log line per refused connection.
         for (listener_id, upstream_index, reason, err), count in failures.items():
-            listener = self.listeners.get(listener_id)
+            listener = self.listeners.get(listener_id) or self.retired.get(listener_id)
             where = str(listener.address) if listener else f"listener {listener_id}"
             target = listener.target(upstream_index) if listener else "upstream"
             cause = f"{errno_names.errorcode.get(err, err)}: {os.strerror(err)}" if err else describe(reason)
@@ -235,6 +238,36 @@ class Relay:
             self._warned_dropped = True
             log.error("the engine dropped %d closed-connection records", stats["records_dropped"])
         return stats
+
+    def reroute(self, listener_id: int, routes: RouteTable, exchange: ExchangeSettings | None) -> Listener:
+        """New routes (and exchange) for a listener's new connections, on the same socket:
+        the engine stops watching it and a new listener takes it over, so connections
+        waiting in its backlog are not lost and open ones keep their old routes.
+        Returns the new listener (with a new id); the old id stays known for logs."""
+        old = self.listeners.pop(listener_id)
+        self.engine.remove_listener(old.id)
+        try:
+            new_id = self.engine.add_listener(old.sock.fileno(), routes, exchange=exchange)
+        except BaseException:
+            # Keep serving with what was in force.
+            self.listeners[listener_id] = old
+            old_exchange = self._exchange.get(listener_id)
+            restored = self.engine.add_listener(old.sock.fileno(), old.routes, exchange=old_exchange)
+            self.listeners[listener_id] = Listener(restored, old.address, old.routes, old.sock)
+            raise
+        listener = Listener(new_id, old.address, routes, old.sock)
+        self.listeners[new_id] = listener
+        self.retired[listener_id] = old
+        self._exchange[new_id] = exchange
+        log.info("%s: new routes in force for new connections", old.address)
+        return listener
+
+    def retire(self, listener_id: int) -> None:
+        """Stop accepting on one listener and close its socket; its open connections go on."""
+        listener = self.listeners.pop(listener_id)
+        self.engine.remove_listener(listener.id)
+        listener.sock.close()
+        self.retired[listener_id] = listener
 
     def stop_accepting(self) -> None:
         """Close every listener; open connections go on."""

@@ -111,26 +111,49 @@ class Sidecar:
         self._runners: list[web.AppRunner] = []
         self._reporter: asyncio.Task[None] | None = None
 
-    async def _listen(self, listener_config: ListenerConfig) -> None:
-        config = self.config
+    async def _routes(self, listener_config: ListenerConfig) -> RouteTable:
         upstreams = listener_config.upstreams
-        if not isinstance(upstreams, RouteTable):
-            targets = [a for u in upstreams for a in await resolve(u)]
-            if not targets:
-                raise ValueError("a listener needs at least one upstream")
-            upstreams = RouteTable.single([(t.host, t.port) for t in targets], listener_config.connect_timeout,
-                                          listener_config.mesh_peer)
-        exchange = config.exchange_settings(listener_config.direction, upstreams)
-        listener = await self.relay.listen(listener_config.listen, upstreams,
-                                           connect_timeout=listener_config.connect_timeout, exchange=exchange)
+        if isinstance(upstreams, RouteTable):
+            return upstreams
+        targets = [a for u in upstreams for a in await resolve(u)]
+        if not targets:
+            raise ValueError("a listener needs at least one upstream")
+        return RouteTable.single([(t.host, t.port) for t in targets], listener_config.connect_timeout,
+                                 listener_config.mesh_peer)
+
+    async def _listen(self, listener_config: ListenerConfig, replacing: int | None = None) -> None:
+        """Open a listener, or give an open one (`replacing`) new routes for its new connections."""
+        config = self.config
+        routes = await self._routes(listener_config)
+        exchange = config.exchange_settings(listener_config.direction, routes)
+        if replacing is None:
+            listener = await self.relay.listen(listener_config.listen, routes,
+                                               connect_timeout=listener_config.connect_timeout, exchange=exchange)
+        else:
+            listener = self.relay.reroute(replacing, routes, exchange)
         self.directions[listener.id] = listener_config
         if exchange is not None:
             self.exchange[listener.id] = exchange
-            self.peers.listeners[listener.id] = (exchange, upstreams)
+            self.peers.listeners[listener.id] = (exchange, routes)
         if self.telemetry is not None:
             self.telemetry.listeners[listener.id] = ListenerTelemetry(
                 listener_config.direction, config.node_metadata.workload(), listener_config.destination_service,
-                upstreams)
+                routes)
+
+    async def reload(self, config: SidecarConfig) -> None:
+        """Apply a new config without dropping open connections: listeners on the same
+        address get the new routes, identity and exchange for their new connections, new
+        addresses are opened, missing ones stop accepting. The metrics and admin ports,
+        workers and engine options stay as they were started (a restart changes them)."""
+        accepting = {self.directions[lid].listen: lid for lid in self.relay.listeners}
+        self.config = dataclasses.replace(
+            config, workers=self.config.workers, admin=self.config.admin, metrics=self.config.metrics,
+            pipe_size=self.config.pipe_size, max_pipes=self.config.max_pipes, splice=self.config.splice)
+        for listener_config in config.all_listeners():
+            await self._listen(listener_config, accepting.pop(listener_config.listen, None))
+        for listener_id in accepting.values():
+            self.relay.retire(listener_id)
+            log.info("%s: no longer in the config, stopped accepting", self.directions[listener_id].listen)
 
     async def start(self) -> None:
         """Bind everything; on failure, undo what was started and raise OSError or ValueError."""

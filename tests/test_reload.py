@@ -1,0 +1,143 @@
+"""Live reload of `serve -c`: a changed file or SIGHUP applies the new routes to
+new connections without dropping open ones; a bad config is refused and the
+one in force keeps serving."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from conftest import free_port, listening_socket
+
+
+def backend(tag: bytes) -> socket.socket:
+    """A server that prefixes every answer with `tag` and echoes until the client leaves."""
+    sock = listening_socket()
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(tag + data)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock
+
+
+def config(listen: int, admin: int, backends: list[socket.socket], subset: str, typo: bool = False) -> str:
+    entries = "".join(
+        f"  - {{address: 127.0.0.1, ports: {{tcp: {b.getsockname()[1]}}}, labels: {{version: v{i + 1}}}}}\n"
+        for i, b in enumerate(backends))
+    return f"""\
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: db}}
+spec:
+  hosts: [db.default.svc.cluster.local]
+  ports: [{{number: 7000, name: tcp}}]
+  resolution: STATIC
+  endpoints:
+{entries}---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: db}}
+spec:
+  host: db
+  {"subset" if typo else "subsets"}: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: db}}
+spec:
+  hosts: [db]
+  tcp: [{{route: [{{destination: {{host: db, subset: {subset}}}}}]}}]
+---
+apiVersion: fastmesh.io/v1alpha1
+kind: Sidecar
+metadata: {{name: app}}
+spec:
+  outbound: [{{port: {listen}, host: db, servicePort: 7000}}]
+  admin: 127.0.0.1:{admin}
+  metrics: null
+"""
+
+
+def ask(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"?")
+        return client.recv(16)
+
+
+def routed_subset(admin: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/config_dump", timeout=5) as response:
+        (listener,) = json.load(response)["listeners"]
+    return listener["clusters"][0]["name"].split("|")[2]
+
+
+def wait_until(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_changed_config_reroutes_new_connections_and_keeps_open_ones(tmp_path: Path):
+    v1, v2 = backend(b"v1:"), backend(b"v2:")
+    listen, admin = free_port(), free_port()
+    path = tmp_path / "mesh.yaml"
+    path.write_text(config(listen, admin, [v1, v2], "v1"))
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "fastmesh", "serve", "-c", str(path)],
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _answers(listen))
+        assert ask(listen) == b"v1:?"
+        held = socket.create_connection(("127.0.0.1", listen), timeout=10)
+        held.sendall(b"a")
+        assert held.recv(16) == b"v1:a"
+
+        path.write_text(config(listen, admin, [v1, v2], "v2"))  # noticed within a second
+        wait_until(lambda: routed_subset(admin) == "v2")
+        assert ask(listen) == b"v2:?"
+        held.sendall(b"b")
+        assert held.recv(16) == b"v1:b"  # the open connection kept its route
+
+        path.write_text(config(listen, admin, [v1, v2], "v1", typo=True))
+        wait_until(lambda: "config not reloaded" in (tmp_path / "serve.log").read_text())
+        assert "spec.subset: unknown field (did you mean 'subsets'?)" in (tmp_path / "serve.log").read_text()
+        assert routed_subset(admin) == "v2" and ask(listen) == b"v2:?"  # the old config keeps serving
+
+        path.write_text(config(listen, admin, [v1, v2], "v1"))
+        process.send_signal(signal.SIGHUP)
+        wait_until(lambda: routed_subset(admin) == "v1")
+        assert ask(listen) == b"v1:?"
+        held.sendall(b"c")
+        assert held.recv(16) == b"v1:c"
+        held.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        log.close()
+        v1.close()
+        v2.close()
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(ask(port))
+    except OSError:
+        return False

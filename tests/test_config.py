@@ -306,3 +306,12 @@ def test_no_route_and_overflow_show_as_response_flags(tmp_path, sidecar):
     assert 'response_flags="NR"' in running.scrape()[1]
     for sock in backends:
         sock.close()
+
+
+def test_the_readmes_check_example_is_what_check_prints():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("$ python -m fastmesh check -c rules.yaml\n", 1)[1].split("```", 1)[0]
+    expected = "".join(line.strip() + "\n" for line in block.splitlines() if line.strip())
+    result = subprocess.run([sys.executable, "-m", "fastmesh", "check", "-c", "rules.yaml"], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT / "tests" / "fixtures")
+    assert (result.returncode, result.stderr) == (1, expected)

@@ -122,10 +122,7 @@ spec:
      + "    - destination: {host: db, subset: b}\n      weight: 40\n",
      "document 1 (VirtualService db): a tcp route with several destinations needs weights adding up to 100, "
      "got [50, 40]"),
-    (SIDECAR + "  outbound: [{port: 1, host: db}]\n---\n" + DR
-     + "  host: db\n  trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}\n",
-     "spec.outbound[0]: loadBalancer PASSTHROUGH for db.default.svc.cluster.local needs the caller's original "
-     "destination"),
+    (DR + "  host: db\n  subsets: {}\n", "(DestinationRule db): spec.subsets: Input should be a valid list"),
     (SIDECAR + "  inbound: [{port: 1, targetPort: 2}]\n---\n" + SIDECAR + "  inbound: [{port: 3, targetPort: 4}]\n",
      "expected exactly one fastmesh.io/v1alpha1 Sidecar document to serve, got 2"),
 ])

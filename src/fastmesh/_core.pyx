@@ -144,6 +144,10 @@ cdef enum:
     LB_ROUND_ROBIN = 0
     LB_LEAST_CONN = 1
     LB_RANDOM = 2
+    LB_PASSTHROUGH = 3         # to the client's original destination (transparent capture)
+
+cdef enum:
+    SO_ORIGINAL_DST = 80       # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST has the same value
 
 for _name, _code in (
     ("DOWNSTREAM_CLOSE", R_DOWNSTREAM_CLOSE), ("UPSTREAM_CLOSE", R_UPSTREAM_CLOSE),
@@ -251,6 +255,7 @@ cdef struct Listener:
     unsigned long long *ep_active  # open connections per endpoint, for LEAST_CONN
     int nclusters
     Cluster *clusters
+    sockaddr_storage local     # the bound address: a PASSTHROUGH destination equal to it goes nowhere
     int nsched                 # 0: no route
     int *sched                 # cluster indexes in weighted round-robin order
     unsigned long long rr
@@ -543,7 +548,7 @@ cdef void finish(Worker *w, Conn *c, int reason, int err) noexcept nogil:
         unlink_connecting(w, c)
     if c.xlisted:
         unlink_exchanging(w, c)
-    if c.listener_id >= 0 and c.upstream_index >= 0:
+    if c.listener_id >= 0 and c.upstream_index != -1:
         release_endpoint(w.listeners[c.listener_id], c.upstream_index)
     for s in range(2):
         release_flow(w, &c.flows[s])
@@ -645,7 +650,7 @@ cdef void exchange_gate(Worker *w, Listener *l, Conn *c, int upstream_index) noe
     The one place where the plaintext rules live (ALPN would decide here too)."""
     if l.xrole == X_NONE:
         return
-    if l.xrole == X_OUTBOUND and not l.mesh_peer[upstream_index]:
+    if l.xrole == X_OUTBOUND and (upstream_index < 0 or not l.mesh_peer[upstream_index]):
         w.x_disabled += 1
         return
     w.x_enabled += 1
@@ -991,8 +996,51 @@ cdef void on_conn_event(Worker *w, Conn *c, int s, uint32_t events) noexcept nog
 
 
 cdef void release_endpoint(Listener *l, int idx) noexcept nogil:
-    fm_fetch_dec(&l.ep_active[idx])
-    fm_fetch_dec(&l.clusters[l.ep_cluster[idx]].active)
+    """Give back what open_upstream() counted: an endpoint index, or -2 - cluster
+    for a PASSTHROUGH connection (which has no endpoint of the cluster's own)."""
+    if idx >= 0:
+        fm_fetch_dec(&l.ep_active[idx])
+        fm_fetch_dec(&l.clusters[l.ep_cluster[idx]].active)
+    else:
+        fm_fetch_dec(&l.clusters[-2 - idx].active)
+
+
+cdef bint same_socket_address(sockaddr_storage *a, sockaddr_storage *listener) noexcept nogil:
+    # Whether `a` is the listener's own address (a wildcard listener matches any address).
+    cdef sockaddr_in *a4
+    cdef sockaddr_in *l4
+    cdef sockaddr_in6 *a6
+    cdef sockaddr_in6 *l6
+    cdef int i
+    cdef bint any_address = True
+    if a.ss_family != listener.ss_family:
+        return False
+    if a.ss_family == AF_INET:
+        a4 = <sockaddr_in *>a
+        l4 = <sockaddr_in *>listener
+        return a4.sin_port == l4.sin_port and (l4.sin_addr.s_addr == 0 or l4.sin_addr.s_addr == a4.sin_addr.s_addr)
+    a6 = <sockaddr_in6 *>a
+    l6 = <sockaddr_in6 *>listener
+    if a6.sin6_port != l6.sin6_port:
+        return False
+    for i in range(16):
+        if l6.sin6_addr.s6_addr[i] != 0:
+            any_address = False
+    return any_address or memcmp(&a6.sin6_addr, &l6.sin6_addr, 16) == 0
+
+
+cdef bint original_destination(int fd, Listener *l, sockaddr_storage *out, socklen_t *length) noexcept nogil:
+    """Where the client meant to connect before iptables REDIRECT (SO_ORIGINAL_DST),
+    or under TPROXY the socket's own local address. False when that is this listener."""
+    memset(out, 0, sizeof(sockaddr_storage))
+    length[0] = sizeof(sockaddr_storage)
+    if getsockopt(fd, IPPROTO_IP, SO_ORIGINAL_DST, out, length) != 0:
+        length[0] = sizeof(sockaddr_storage)
+        if getsockopt(fd, IPPROTO_IPV6, SO_ORIGINAL_DST, out, length) != 0:
+            length[0] = sizeof(sockaddr_storage)
+            if getsockname(fd, <sockaddr *>out, length) != 0:
+                return False
+    return not same_socket_address(out, &l.local)
 
 
 cdef int pick_endpoint(Worker *w, Cluster *cl, Listener *l) noexcept nogil:
@@ -1028,6 +1076,8 @@ cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
     cdef int ci, idx, up_fd, err
     cdef Cluster *cl
     cdef sockaddr_storage *sa
+    cdef sockaddr_storage original
+    cdef socklen_t salen
     cdef Conn *c
     if l.nsched == 0:
         w.no_route += 1
@@ -1035,7 +1085,7 @@ cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
         return
     ci = l.sched[fm_fetch_inc(&l.rr) % <unsigned long long>l.nsched]
     cl = &l.clusters[ci]
-    if cl.count == 0:
+    if cl.count == 0 and cl.lb != LB_PASSTHROUGH:
         w.no_healthy_upstream += 1
         refuse(w, l, down_fd, -2 - ci, R_NO_HEALTHY_UPSTREAM)
         return
@@ -1044,9 +1094,19 @@ cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
         w.overflows += 1
         refuse(w, l, down_fd, -2 - ci, R_OVERFLOW)
         return
-    idx = pick_endpoint(w, cl, l)
-    fm_fetch_inc(&l.ep_active[idx])
-    sa = &l.ups[idx]
+    if cl.lb == LB_PASSTHROUGH:
+        idx = -2 - ci  # no endpoint of the cluster's own: the connection goes where the client meant
+        sa = &original
+        if not original_destination(down_fd, l, sa, &salen):
+            fm_fetch_dec(&cl.active)
+            w.no_healthy_upstream += 1
+            refuse(w, l, down_fd, idx, R_NO_HEALTHY_UPSTREAM)
+            return
+    else:
+        idx = pick_endpoint(w, cl, l)
+        fm_fetch_inc(&l.ep_active[idx])
+        sa = &l.ups[idx]
+        salen = l.uplens[idx]
     up_fd = socket(sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if up_fd < 0:
         err = errno
@@ -1063,7 +1123,7 @@ cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
         record_closed(w, next_id(w), l.id, idx, R_LOCAL_ERROR, ENOMEM, 0, 0, 0, 0)
         return
     exchange_gate(w, l, c, idx)
-    if connect(up_fd, <sockaddr *>sa, l.uplens[idx]) < 0 and errno != EINPROGRESS:
+    if connect(up_fd, <sockaddr *>sa, salen) < 0 and errno != EINPROGRESS:
         connect_failed(w, c, R_CONNECT_FAILED, errno)
         return
     if not register_conn(w, c):
@@ -1452,6 +1512,7 @@ cdef class Engine:
         fastmesh.exchange.ExchangeSettings, or None for no exchange."""
         cdef Listener *l
         cdef int i, j, nup, nclusters
+        cdef socklen_t local_length
         cdef bytes frame = b""
         if not isinstance(routes, RouteTable):
             if connect_timeout <= 0:
@@ -1519,6 +1580,8 @@ cdef class Engine:
             l.xdetect_timeout = exchange.detect_timeout
         l.fd = fd
         set_nodelay(fd)  # accepted sockets inherit it: one setsockopt per listener, not per connection
+        local_length = sizeof(sockaddr_storage)
+        getsockname(fd, <sockaddr *>&l.local, &local_length)
         self._lock_all()
         l.id = self._nlisteners
         l.active = True

@@ -44,6 +44,7 @@ DOWN, UP = 0, 1  # the side that connected to us, the side we connected to
 _EMPTY = memoryview(b"")
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends RST, not FIN
 _ACCEPT_PAUSE = 0.1
+_SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST has the same value
 # Out of fds or memory: retrying at once would spin, so the listener pauses.
 _ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # A connection that died in the backlog: skip it and accept the next one.
@@ -201,21 +202,28 @@ class _Listener:
             self._first.append(first)
             first += len(cluster.endpoints)
 
-    def pick(self) -> tuple[int, Optional[CloseReason]]:
-        """(upstream index, None) for a connection to make, or (index, reason) for a
-        client to turn away: -1 with NO_ROUTE, -2 - cluster with NO_HEALTHY_UPSTREAM
-        or OVERFLOW, as the Cython engine reports them."""
+    def pick(self, client: socket.socket) -> tuple[int, Optional[CloseReason], Optional[_Target]]:
+        """(upstream index, None, target) for a connection to make, or (index, reason, None)
+        for a client to turn away: -1 with NO_ROUTE, -2 - cluster with NO_HEALTHY_UPSTREAM
+        or OVERFLOW, as the Cython engine reports them. A PASSTHROUGH connection's index
+        is -2 - cluster too: it has no endpoint of the cluster's own."""
         if not self._schedule:
-            return -1, CloseReason.NO_ROUTE
+            return -1, CloseReason.NO_ROUTE, None
         with self._lock:
             ci = self._schedule[self._next % len(self._schedule)]
             self._next += 1
             cluster = self.routes.clusters[ci]
             count = len(cluster.endpoints)
-            if count == 0:
-                return -2 - ci, CloseReason.NO_HEALTHY_UPSTREAM
+            if count == 0 and cluster.lb != "PASSTHROUGH":
+                return -2 - ci, CloseReason.NO_HEALTHY_UPSTREAM, None
             if cluster.max_connections and self._cluster_active[ci] >= cluster.max_connections:
-                return -2 - ci, CloseReason.OVERFLOW
+                return -2 - ci, CloseReason.OVERFLOW, None
+            if cluster.lb == "PASSTHROUGH":
+                destination = _original_destination(client, self.sock.getsockname())
+                if destination is None:
+                    return -2 - ci, CloseReason.NO_HEALTHY_UPSTREAM, None
+                self._cluster_active[ci] += 1
+                return -2 - ci, None, (*destination, cluster.connect_timeout)
             first = self._first[ci]
             if cluster.lb == "RANDOM":
                 index = first + random.randrange(count)
@@ -228,19 +236,34 @@ class _Listener:
                     index = min(order, key=lambda e: self._endpoint_active[e])
             self._cluster_active[ci] += 1
             self._endpoint_active[index] += 1
-            return index, None
+            family, addr = self.targets[index]
+            return index, None, (family, addr, cluster.connect_timeout)
 
     def release(self, index: int) -> None:
         with self._lock:
-            self._endpoint_active[index] -= 1
+            if index >= 0:
+                self._endpoint_active[index] -= 1
             located = self.routes.locate(index)
             assert located is not None
             self._cluster_active[located[0]] -= 1
 
-    def connect_timeout(self, index: int) -> float:
-        located = self.routes.locate(index)
-        assert located is not None
-        return self.routes.clusters[located[0]].connect_timeout
+
+def _original_destination(client: socket.socket, listener: tuple) -> Optional[tuple[int, tuple[str, int]]]:
+    """Where the client meant to connect before iptables REDIRECT (SO_ORIGINAL_DST), or
+    under TPROXY the socket's own address; None when that is the listener itself."""
+    try:
+        raw = client.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)  # struct sockaddr_in
+        family, address = socket.AF_INET, (socket.inet_ntoa(raw[4:8]), struct.unpack_from("!H", raw, 2)[0])
+    except OSError:
+        try:
+            raw = client.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)  # struct sockaddr_in6
+            family = socket.AF_INET6
+            address = (socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack_from("!H", raw, 2)[0])
+        except OSError:
+            family, address = client.family, client.getsockname()[:2]
+    if address[1] == listener[1] and listener[0] in ("0.0.0.0", "::", address[0]):
+        return None
+    return family, address
 
 
 class _Worker:
@@ -366,17 +389,17 @@ class _Worker:
                 self._pause(lst)
                 return
             self.counters["connections_accepted"] += 1
-            index, refusal = lst.pick()
+            index, refusal, target = lst.pick(sock)
             if refusal is not None:
                 self.counters[_REFUSAL_COUNTERS[refusal]] += 1
                 _close(sock)
                 self.closed.append((self.engine._new_id(), lst.id, index, int(refusal), 0, 0, 0, 0, 0))
                 continue
-            family, addr = lst.targets[index]
+            assert target is not None
             conn = _Conn(self.engine._new_id(), sock, None, lst.id, index)
             conn.listener = lst
             self._exchange_gate(lst, conn)
-            self.engine._hand_over(conn, (family, addr, lst.connect_timeout(index)), caller=self)
+            self.engine._hand_over(conn, target, caller=self)
 
     def _pause(self, lst: _Listener) -> None:
         self.sel.unregister(lst.sock)

@@ -95,6 +95,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
     int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
+    int getsockname(int fd, sockaddr *addr, socklen_t *addrlen)
     int shutdown(int fd, int how)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
@@ -102,12 +103,14 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef extern from "<netinet/in.h>" nogil:
     int IPPROTO_TCP
+    int IPPROTO_IP
+    int IPPROTO_IPV6
 
     struct in_addr:
         uint32_t s_addr
 
     struct in6_addr:
-        pass
+        unsigned char s6_addr[16]
 
     struct sockaddr_in:
         sa_family_t sin_family

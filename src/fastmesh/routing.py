@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from functools import reduce
 from typing import Sequence
 
-LB_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM")  # in the engines' order
+# In the engines' order. PASSTHROUGH sends each connection to the client's original
+# destination (before iptables REDIRECT), not to the cluster's endpoints.
+LB_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM", "PASSTHROUGH")
 
 # Engine.stats() keys for connections that got no upstream, summed over the workers.
 ROUTING_STATS = ("no_route", "no_healthy_upstream", "upstream_overflows")

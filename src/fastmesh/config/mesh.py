@@ -27,7 +27,7 @@ from fastmesh.telemetry import INBOUND, OUTBOUND
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
 MESH_GATEWAY = "mesh"
 _LB = {"ROUND_ROBIN": "ROUND_ROBIN", "UNSPECIFIED": "ROUND_ROBIN", "LEAST_CONN": "LEAST_CONN",
-       "LEAST_REQUEST": "LEAST_CONN", "RANDOM": "RANDOM"}
+       "LEAST_REQUEST": "LEAST_CONN", "RANDOM": "RANDOM", "PASSTHROUGH": "PASSTHROUGH"}
 
 
 def fqdn(host: str, namespace: str) -> str:
@@ -139,9 +139,10 @@ class _Builder:
         policy = _policy(rule, subset, port)
         lb = policy.get("lb", "ROUND_ROBIN")
         if lb == "PASSTHROUGH":
-            self.problems.append(f"{where}: loadBalancer PASSTHROUGH for {host} needs the caller's original "
-                                 "destination (transparent capture), which fastmesh does not do yet")
-            lb = "ROUND_ROBIN"
+            # Each connection goes to the client's original destination (iptables REDIRECT or TPROXY
+            # in front of the listener); the registry's endpoints do not matter.
+            return Cluster(name, host, (), (), "PASSTHROUGH", policy.get("max_connections", 0),
+                           policy.get("connect_timeout", self.connect_timeout))
         found = self.registry.service(host)
         endpoints: list[tuple[str, int]] = []
         mesh: list[bool] = []
@@ -209,6 +210,8 @@ class _Builder:
                 continue  # bound to gateways only: not a sidecar's route
             if not any(host_matches(fqdn(h, document.namespace), host) for h in service.hosts):
                 continue
+            if not service.tcp:
+                continue  # http/tls routes only: TCP traffic to the host goes straight to it, as in Istio
             routes = []
             for route in service.tcp:
                 if not route.match or any(self._matches(m, port) for m in route.match):

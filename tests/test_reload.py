@@ -141,3 +141,26 @@ def _answers(port: int) -> bool:
         return bool(ask(port))
     except OSError:
         return False
+
+
+def test_a_reload_replaces_only_the_listeners_that_changed(sidecar):
+    from fastmesh.addr import Address
+    from fastmesh.sidecar import ListenerConfig, SidecarConfig
+
+    v1, v2 = backend(b"v1:"), backend(b"v2:")
+    first = ListenerConfig(Address("127.0.0.1", free_port()), [Address(*v1.getsockname())])
+    second = ListenerConfig(Address("127.0.0.1", free_port()), [Address(*v1.getsockname())])
+    running = sidecar(SidecarConfig(listeners=[first, second], admin=None, metrics=None))
+    relay = running.sidecar.relay
+    before = dict(relay.listeners)
+    changed = ListenerConfig(second.listen, [Address(*v2.getsockname())])
+    running.call(running.sidecar.reload(SidecarConfig(listeners=[first, changed], admin=None, metrics=None)))
+    after = dict(relay.listeners)
+    kept = [i for i in before if i in after]
+    assert len(kept) == 1 and before[kept[0]].address.port == first.listen.port
+    assert set(relay.retired) == set(before) - set(kept)
+    assert ask(first.listen.port) == b"v1:?" and ask(second.listen.port) == b"v2:?"
+    running.call(running.sidecar.reload(SidecarConfig(listeners=[first], admin=None, metrics=None)))
+    assert list(relay.listeners) == kept  # the second address is no longer in the config: it stops accepting
+    v1.close()
+    v2.close()

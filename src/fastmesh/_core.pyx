@@ -66,7 +66,7 @@ cdef extern from *:
 
 cdef enum:
     MAX_WORKERS = 64
-    MAX_LISTENERS = 1024
+    MAX_LISTENERS = 16384      # ids are not reused: each reload that changes a listener takes one
     MAX_EVENTS = 256
     PUMP_ROUNDS = 8            # fill+drain rounds per direction before other connections get a turn
     ACCEPT_BATCH = 64          # accepts per listener event, for the same reason
@@ -1529,7 +1529,8 @@ cdef class Engine:
                     raise ValueError(f"upstream address must be a numeric IP address, not {host!r}") from None
             routes = RouteTable.single(upstreams, connect_timeout)
         if self._nlisteners >= MAX_LISTENERS:
-            raise ValueError(f"at most {MAX_LISTENERS} listeners per engine")
+            raise ValueError(f"at most {MAX_LISTENERS} listeners per engine, counting those replaced by "
+                             "reloads: restart to apply more changes")
         if self._stopped:
             raise RuntimeError("the engine is stopped")
         endpoints = routes.endpoints()

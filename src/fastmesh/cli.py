@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
                        help="YAML file(s) of Istio DestinationRule, VirtualService, ServiceEntry, WorkloadEntry "
-                            "and one fastmesh Sidecar document; repeatable (instead of --listen/--upstream)")
+                            "and one fastmesh Sidecar document; repeatable. Instead of --listen/--upstream: the "
+                            "Sidecar document then sets the listeners, identity, exchange, metrics and admin, and "
+                            "the files are reloaded on change or SIGHUP")
     serve.add_argument("--listen", type=_address, metavar="HOST:PORT",
                        help="address to accept on, e.g. 0.0.0.0:15001 or [::]:15001")
     serve.add_argument("--upstream", type=_address, action="append", metavar="HOST:PORT",

@@ -249,11 +249,11 @@ class Relay:
         try:
             new_id = self.engine.add_listener(old.sock.fileno(), routes, exchange=exchange)
         except BaseException:
-            # Keep serving with what was in force.
-            self.listeners[listener_id] = old
-            old_exchange = self._exchange.get(listener_id)
-            restored = self.engine.add_listener(old.sock.fileno(), old.routes, exchange=old_exchange)
-            self.listeners[listener_id] = Listener(restored, old.address, old.routes, old.sock)
+            # The engine refused the new routes: the old ones go on serving, under a new id.
+            restored = self.engine.add_listener(old.sock.fileno(), old.routes, exchange=self._exchange.get(listener_id))
+            self.listeners[restored] = Listener(restored, old.address, old.routes, old.sock)
+            self._exchange[restored] = self._exchange.get(listener_id)
+            self.retired[listener_id] = old
             raise
         listener = Listener(new_id, old.address, routes, old.sock)
         self.listeners[new_id] = listener

@@ -126,6 +126,11 @@ class Sidecar:
         config = self.config
         routes = await self._routes(listener_config)
         exchange = config.exchange_settings(listener_config.direction, routes)
+        labels = ListenerTelemetry(listener_config.direction, config.node_metadata.workload(),
+                                   listener_config.destination_service, routes)
+        if replacing is not None and self._unchanged(replacing, routes, exchange, labels):
+            self.directions[replacing] = listener_config
+            return  # nothing to do: the engine's listener slots are not spent on it
         if replacing is None:
             listener = await self.relay.listen(listener_config.listen, routes,
                                                connect_timeout=listener_config.connect_timeout, exchange=exchange)
@@ -136,9 +141,13 @@ class Sidecar:
             self.exchange[listener.id] = exchange
             self.peers.listeners[listener.id] = (exchange, routes)
         if self.telemetry is not None:
-            self.telemetry.listeners[listener.id] = ListenerTelemetry(
-                listener_config.direction, config.node_metadata.workload(), listener_config.destination_service,
-                routes)
+            self.telemetry.listeners[listener.id] = labels
+
+    def _unchanged(self, listener_id: int, routes: RouteTable, exchange: ExchangeSettings | None,
+                   labels: ListenerTelemetry) -> bool:
+        current = self.relay.listeners[listener_id]
+        return (current.routes == routes and self.exchange.get(listener_id) == exchange
+                and (self.telemetry is None or self.telemetry.listeners.get(listener_id) == labels))
 
     async def reload(self, config: SidecarConfig) -> None:
         """Apply a new config without dropping open connections: listeners on the same

@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--routed", action="store_true",
                    help="add row fastmesh[routed]: fastmesh configured by Istio ServiceEntry, DestinationRule "
                         "and VirtualService files (serve -c) instead of --listen/--upstream")
+    p.add_argument("--pin", action="store_true",
+                   help="pin every relay to CPU 1 and the clients and servers to CPU 0 (taskset), for every row "
+                        "alike: less spread between runs, at the cost of a placement chosen for all")
     p.add_argument("--haproxy-threads", type=int, default=1, help="haproxy nbthread (default 1)")
     p.add_argument("--socat-backlog", type=int,
                    help="add backlog=N to socat's listener (default: socat's own, 5; see README)")
@@ -181,6 +184,9 @@ def main(argv=None) -> int:
     installed = peers.ensure_tools()
     if installed:
         notes.append(f"installed Debian packages: {' '.join(installed)}")
+    if a.pin:
+        peers.PIN.update(relay="1", load="0")
+        notes.append("--pin: every relay on CPU 1, clients and servers on CPU 0 (taskset)")
     specs = relay_specs(a)
     if not specs:
         sys.exit("nothing to measure")

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from peers import HOST, Proc, Relay, cpu_seconds, free_port, memory_kib, which
+from peers import HOST, Proc, Relay, cpu_seconds, free_port, memory_kib, pinned, which
 
 
 class MeasureError(RuntimeError):
@@ -42,7 +42,7 @@ def iperf_server(logdir: Path) -> Iterator[int]:
     """A one-shot iperf3 server (-1) per measurement: a fresh server cannot be
     left wedged by an earlier failed test."""
     port = free_port()
-    proc = Proc("iperf3-server", [which("iperf3"), "-s", "-1", "-B", HOST, "-p", str(port)], logdir)
+    proc = Proc("iperf3-server", pinned("load", [which("iperf3"), "-s", "-1", "-B", HOST, "-p", str(port)]), logdir)
     try:
         proc.wait_listening(port)
         yield port
@@ -56,7 +56,7 @@ def iperf(relay: Relay, seconds: float, streams: int) -> dict:
             "-J", "--connect-timeout", "5000"]
     cpu0 = cpu_seconds(*relay.pids) if relay.pids else None
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+        r = subprocess.run(pinned("load", argv), capture_output=True, text=True, timeout=seconds + 30)
     except subprocess.TimeoutExpired:
         raise MeasureError("iperf3 client timed out") from None
     cpu1 = cpu_seconds(*relay.pids) if relay.pids else None
@@ -81,7 +81,7 @@ def redis_server(logdir: Path) -> Iterator[int]:
     port = free_port()
     argv = [which("redis-server"), "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no",
             "--daemonize", "no", "--maxclients", "10000"]
-    proc = Proc("redis-server", argv, logdir, cwd=logdir)
+    proc = Proc("redis-server", pinned("load", argv), logdir, cwd=logdir)
     try:
         proc.wait_listening(port)
         yield port
@@ -94,7 +94,7 @@ def redis_bench(relay: Relay, requests: int, keepalive: bool, clients: int = 50)
             "-n", str(requests), "-k", "1" if keepalive else "0", "-q", "--csv"]
     # redis-benchmark spins forever when it cannot connect, so bound it (assumes >= 500 req/s).
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=30 + requests / 500)
+        r = subprocess.run(pinned("load", argv), capture_output=True, text=True, timeout=30 + requests / 500)
     except subprocess.TimeoutExpired:
         raise MeasureError("redis-benchmark timed out (relay refusing or stalling connections?)") from None
     rows = [row for row in csv.DictReader(io.StringIO(r.stdout)) if row.get("test") == "PING_INLINE"]

@@ -187,11 +187,24 @@ cdef struct End:
     bint hup                   # an event reported the peer's FIN (EPOLLRDHUP) or an error
 
 
+# A connection's deadlines: each kind has its own list in the worker, so that
+# timers look only at the connections that have one.
+cdef enum:
+    T_CONNECT = 0              # the upstream connect must complete
+    T_EXCHANGE = 1             # the peer's exchange frame must complete (or, inbound, begin)
+    TIMER_KINDS = 2
+
+
+cdef struct Timer:
+    Conn *prev                 # Worker.timed[kind]
+    Conn *next
+    double deadline            # CLOCK_MONOTONIC seconds
+    bint armed
+
+
 cdef struct Conn:
     Conn *prev                 # Worker.conns
     Conn *next
-    Conn *cprev                # Worker.connecting
-    Conn *cnext
     Conn *ready_next           # Worker.ready or Worker.later
     Conn *grave_next           # Worker.grave
     uint64_t id
@@ -201,21 +214,17 @@ cdef struct Conn:
     int first_eof              # the side whose end of stream came first, or -1
     bint queued
     bint announced
-    double deadline            # connect deadline, CLOCK_MONOTONIC seconds
+    Timer timers[TIMER_KINDS]
     End ends[2]
     Flow flows[2]              # flows[DOWN] moves DOWN -> UP, flows[UP] moves UP -> DOWN
     uint64_t reported[4]       # down_rx, down_tx, up_rx, up_tx already given to collect()
     # peer metadata exchange
-    Conn *xprev                # Worker.exchanging: connections with an exchange deadline
-    Conn *xnext
-    bint xlisted
     int xside                  # the peer's side (UP outbound, DOWN inbound), -1 without exchange
     int xread                  # XR_*
     bint xhold                 # inbound: nothing moves toward the peer until its first bytes are settled
     bint xcan_send             # our frame may still go first toward the peer
     bint xstarted              # frame bytes have been seen: the frame deadline runs
     int xreport                # PEER_* waiting for collect()
-    double xdeadline
     char *xbuf                 # the peer's frame, header included
     uint32_t xlen
     uint32_t xgot
@@ -278,11 +287,10 @@ cdef struct Worker:
     bint stop
     pthread_mutex_t lock
     Conn *conns
-    Conn *connecting
+    Conn *timed[TIMER_KINDS]   # connections with an armed timer of each kind
     Conn *ready                # to run in this iteration
     Conn *later                # to run in the next one
     Conn *grave
-    Conn *exchanging           # connections with an exchange deadline
     uint64_t seq
     int err                    # errno of the last failed pump
     int npaused
@@ -529,25 +537,41 @@ cdef bint register_conn(Worker *w, Conn *c) noexcept nogil:
     return True
 
 
-cdef void unlink_connecting(Worker *w, Conn *c) noexcept nogil:
-    if c.cprev != NULL:
-        c.cprev.cnext = c.cnext
-    elif w.connecting == c:
-        w.connecting = c.cnext
-    if c.cnext != NULL:
-        c.cnext.cprev = c.cprev
-    c.cprev = NULL
-    c.cnext = NULL
+cdef void arm(Worker *w, Conn *c, int kind, double deadline) noexcept nogil:
+    """Set (or move) a connection's deadline of that kind."""
+    cdef Timer *t = &c.timers[kind]
+    t.deadline = deadline
+    if t.armed:
+        return
+    t.armed = True
+    t.prev = NULL
+    t.next = w.timed[kind]
+    if w.timed[kind] != NULL:
+        w.timed[kind].timers[kind].prev = c
+    w.timed[kind] = c
+
+
+cdef void disarm(Worker *w, Conn *c, int kind) noexcept nogil:
+    cdef Timer *t = &c.timers[kind]
+    if not t.armed:
+        return
+    if t.prev != NULL:
+        t.prev.timers[kind].next = t.next
+    elif w.timed[kind] == c:
+        w.timed[kind] = t.next
+    if t.next != NULL:
+        t.next.timers[kind].prev = t.prev
+    t.prev = NULL
+    t.next = NULL
+    t.armed = False
 
 
 cdef void finish(Worker *w, Conn *c, int reason, int err) noexcept nogil:
     """Record the end of a connection whose fds the caller has closed."""
     cdef int s
     cdef ClosedRecord *r
-    if c.state == CONNECTING:
-        unlink_connecting(w, c)
-    if c.xlisted:
-        unlink_exchanging(w, c)
+    for s in range(TIMER_KINDS):
+        disarm(w, c, s)
     if c.listener_id >= 0 and c.upstream_index != -1:
         release_endpoint(w.listeners[c.listener_id], c.upstream_index)
     for s in range(2):
@@ -621,30 +645,6 @@ cdef void defer(Worker *w, Conn *c) noexcept nogil:
 
 # ---------------------------------------------------------------- peer metadata exchange
 
-cdef void link_exchanging(Worker *w, Conn *c, double deadline) noexcept nogil:
-    c.xdeadline = deadline
-    if c.xlisted:
-        return
-    c.xlisted = True
-    c.xprev = NULL
-    c.xnext = w.exchanging
-    if w.exchanging != NULL:
-        w.exchanging.xprev = c
-    w.exchanging = c
-
-
-cdef void unlink_exchanging(Worker *w, Conn *c) noexcept nogil:
-    if c.xprev != NULL:
-        c.xprev.xnext = c.xnext
-    elif w.exchanging == c:
-        w.exchanging = c.xnext
-    if c.xnext != NULL:
-        c.xnext.xprev = c.xprev
-    c.xprev = NULL
-    c.xnext = NULL
-    c.xlisted = False
-
-
 cdef void exchange_gate(Worker *w, Listener *l, Conn *c, int upstream_index) noexcept nogil:
     """Whether this connection exchanges metadata, decided once as it opens.
     The one place where the plaintext rules live (ALPN would decide here too)."""
@@ -681,8 +681,7 @@ cdef void exchange_settled(Worker *w, Conn *c, int peer_state) noexcept nogil:
     """The peer's first bytes are known to be a frame (now read) or not a frame."""
     c.xread = XR_IDLE
     c.xreport = peer_state
-    if c.xlisted:
-        unlink_exchanging(w, c)
+    disarm(w, c, T_EXCHANGE)
     if c.xhold:
         c.xhold = False
         # Inbound answers only a peer that spoke the protocol.
@@ -734,7 +733,7 @@ cdef int read_peer_frame(Worker *w, Conn *c, int s) noexcept nogil:
                 return exchange_failed(w, c, s)
             if not c.xstarted:
                 c.xstarted = True
-                link_exchanging(w, c, now_s() + l.xframe_timeout)
+                arm(w, c, T_EXCHANGE, now_s() + l.xframe_timeout)
             src.readable = False  # a new edge comes with the next bytes
             return IDLE
         size = ntohl((<uint32_t *>&header[4])[0])
@@ -751,7 +750,7 @@ cdef int read_peer_frame(Worker *w, Conn *c, int s) noexcept nogil:
         c.xread = XR_PAYLOAD
         if not c.xstarted:
             c.xstarted = True
-            link_exchanging(w, c, now_s() + l.xframe_timeout)
+            arm(w, c, T_EXCHANGE, now_s() + l.xframe_timeout)
     while c.xgot < c.xlen:
         n = recv(src.fd, c.xbuf + c.xgot, c.xlen - c.xgot, MSG_DONTWAIT)
         if n > 0:
@@ -771,7 +770,7 @@ cdef int read_peer_frame(Worker *w, Conn *c, int s) noexcept nogil:
 
 
 cdef void exchange_timer(Worker *w, Conn *c) noexcept nogil:
-    """The deadline of a connection on the exchanging list has passed."""
+    """A connection's exchange deadline (T_EXCHANGE) has passed."""
     cdef unsigned char header[8]
     cdef ssize_t n
     if c.xread == XR_PAYLOAD:
@@ -793,7 +792,7 @@ cdef void exchange_timer(Worker *w, Conn *c) noexcept nogil:
         # Inbound, nothing from the client yet: release the app's first bytes
         # without our frame. A frame that still comes first is read as usual.
         w.x_detect_timeouts += 1
-        unlink_exchanging(w, c)
+        disarm(w, c, T_EXCHANGE)
         c.xhold = False
         c.xcan_send = False
     defer(w, c)  # timers run after this iteration's ready list
@@ -981,12 +980,12 @@ cdef void on_conn_event(Worker *w, Conn *c, int s, uint32_t events) noexcept nog
             if err != 0:
                 connect_failed(w, c, R_CONNECT_FAILED, err)
                 return
-        unlink_connecting(w, c)
+        disarm(w, c, T_CONNECT)
         c.state = OPEN
         if c.xcan_send and c.xside == UP:
             send_local_frame(w, c)  # outbound: the frame leads, before any app byte
         elif c.xhold:
-            link_exchanging(w, c, now_s() + w.listeners[c.listener_id].xdetect_timeout)
+            arm(w, c, T_EXCHANGE, now_s() + w.listeners[c.listener_id].xdetect_timeout)
     elif events & EPOLLERR:
         err = socket_error(e.fd)
         if err != 0:
@@ -1132,11 +1131,7 @@ cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
         finish(w, c, R_LOCAL_ERROR, w.err)
         return
     # A connect that completed at once still reports EPOLLOUT, which opens the conn.
-    c.deadline = now_s() + cl.connect_timeout
-    c.cnext = w.connecting
-    if w.connecting != NULL:
-        w.connecting.cprev = c
-    w.connecting = c
+    arm(w, c, T_CONNECT, now_s() + cl.connect_timeout)
 
 
 cdef void pause_listener(Worker *w, Listener *l) noexcept nogil:
@@ -1178,21 +1173,20 @@ cdef bint watch_listener(Worker *w, Listener *l) noexcept nogil:
 
 cdef void run_timers(Worker *w) noexcept nogil:
     cdef double now = now_s()
-    cdef Conn *c = w.connecting
+    cdef Conn *c
     cdef Conn *nxt
     cdef Listener *l
-    cdef int i
-    while c != NULL:
-        nxt = c.cnext
-        if now >= c.deadline:
-            connect_failed(w, c, R_CONNECT_TIMEOUT, ETIMEDOUT)
-        c = nxt
-    c = w.exchanging
-    while c != NULL:
-        nxt = c.xnext
-        if now >= c.xdeadline and c.state == OPEN:
-            exchange_timer(w, c)
-        c = nxt
+    cdef int i, kind
+    for kind in range(TIMER_KINDS):
+        c = w.timed[kind]
+        while c != NULL:
+            nxt = c.timers[kind].next
+            if now >= c.timers[kind].deadline:
+                if kind == T_CONNECT:
+                    connect_failed(w, c, R_CONNECT_TIMEOUT, ETIMEDOUT)
+                else:
+                    exchange_timer(w, c)
+            c = nxt
     if w.npaused:
         for i in range(w.nlisteners[0]):
             l = w.listeners[i]
@@ -1205,20 +1199,17 @@ cdef void run_timers(Worker *w) noexcept nogil:
 
 cdef int next_timeout_ms(Worker *w) noexcept nogil:
     cdef double soonest = -1, now, t
-    cdef Conn *c = w.connecting
+    cdef Conn *c
     cdef Listener *l
-    cdef int i
+    cdef int i, kind
     if w.later != NULL:
         return 0
-    while c != NULL:
-        if soonest < 0 or c.deadline < soonest:
-            soonest = c.deadline
-        c = c.cnext
-    c = w.exchanging
-    while c != NULL:
-        if soonest < 0 or c.xdeadline < soonest:
-            soonest = c.xdeadline
-        c = c.xnext
+    for kind in range(TIMER_KINDS):
+        c = w.timed[kind]
+        while c != NULL:
+            if soonest < 0 or c.timers[kind].deadline < soonest:
+                soonest = c.timers[kind].deadline
+            c = c.timers[kind].next
     if w.npaused:
         for i in range(w.nlisteners[0]):
             t = w.listeners[i].paused_until[w.index]
@@ -1308,7 +1299,7 @@ cdef void worker_loop(Worker *w) noexcept nogil:
                 on_conn_event(w, <Conn *><uintptr_t>(tag & ~(<uint64_t>TAG_MASK)),
                               <int>(tag & TAG_MASK), events[i].events)
         run_ready(w)
-        if w.connecting != NULL or w.exchanging != NULL or w.npaused:
+        if w.timed[T_CONNECT] != NULL or w.timed[T_EXCHANGE] != NULL or w.npaused:
             run_timers(w)
         bury(w)
         timeout = next_timeout_ms(w)

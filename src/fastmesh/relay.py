@@ -51,10 +51,6 @@ class Listener:
     routes: RouteTable
     sock: socket.socket
 
-    @property
-    def upstreams(self) -> list[Address]:
-        return [Address(host, port) for host, port in self.routes.endpoints()]
-
     def target(self, upstream_index: int) -> str:
         """The endpoint (or, for a connection refused before one was picked, the cluster) for logs."""
         located = self.routes.locate(upstream_index)
@@ -81,6 +77,21 @@ class Totals:
         self.downstream_tx += d_down_tx
         self.upstream_rx += d_up_rx
         self.upstream_tx += d_up_tx
+
+
+async def route_table(upstreams: Sequence[str | Address] | RouteTable, connect_timeout: float = 5.0,
+                      mesh_peer: bool = False) -> RouteTable:
+    """`upstreams` as a route table: a RouteTable as it is, else one cluster of the
+    addresses (names resolved now), round robin."""
+    if isinstance(upstreams, RouteTable):
+        return upstreams
+    targets: list[Address] = []
+    for upstream in upstreams:
+        parsed = upstream if isinstance(upstream, Address) else parse_address(upstream)
+        targets.extend(await resolve(parsed))
+    if not targets:
+        raise ValueError("a listener needs at least one upstream")
+    return RouteTable.single([(t.host, t.port) for t in targets], connect_timeout, mesh_peer)
 
 
 class Relay:
@@ -131,16 +142,7 @@ class Relay:
         resolved now; `mesh_peer`: they run sidecars that exchange metadata), or by a
         RouteTable. With `exchange`, the listener runs the peer metadata exchange."""
         address = listen if isinstance(listen, Address) else parse_address(listen, allow_port_zero=True)
-        if isinstance(upstreams, RouteTable):
-            routes = upstreams
-        else:
-            targets: list[Address] = []
-            for upstream in upstreams:
-                parsed = upstream if isinstance(upstream, Address) else parse_address(upstream)
-                targets.extend(await resolve(parsed))
-            if not targets:
-                raise ValueError("a listener needs at least one upstream")
-            routes = RouteTable.single([(t.host, t.port) for t in targets], connect_timeout, mesh_peer)
+        routes = await route_table(upstreams, connect_timeout, mesh_peer)
         sock = bind_listener(address, self.backlog)
         try:
             listener_id = self.engine.add_listener(sock.fileno(), routes, connect_timeout, exchange)

@@ -12,14 +12,14 @@ from typing import Any
 from aiohttp import web
 
 from fastmesh._version import __version__
-from fastmesh.addr import Address, resolve
+from fastmesh.addr import Address
 from fastmesh.admin import make_app, serve_app
 from fastmesh.engine import IMPLEMENTATION
 from fastmesh.exchange import DEFAULT_MAX_PAYLOAD, INBOUND, ExchangeSettings, encode_frame
 from fastmesh.exposition import MetricsEndpoint
 from fastmesh.identity import NodeMetadata
 from fastmesh.peers import PeerDirectory
-from fastmesh.relay import Listener, Relay
+from fastmesh.relay import Listener, Relay, route_table
 from fastmesh.routing import RouteTable
 from fastmesh.telemetry import OUTBOUND, ListenerTelemetry, TcpTelemetry
 
@@ -107,36 +107,27 @@ class Sidecar:
         self.admin_address: Address | None = None
         self.metrics_address: Address | None = None
         self.exchange: dict[int, ExchangeSettings] = {}  # listener id -> its exchange, if any
-        self.directions: dict[int, ListenerConfig] = {}  # listener id -> its config
+        self.listener_configs: dict[int, ListenerConfig] = {}  # listener id -> the config it was opened with
         self._runners: list[web.AppRunner] = []
         self._reporter: asyncio.Task[None] | None = None
-
-    async def _routes(self, listener_config: ListenerConfig) -> RouteTable:
-        upstreams = listener_config.upstreams
-        if isinstance(upstreams, RouteTable):
-            return upstreams
-        targets = [a for u in upstreams for a in await resolve(u)]
-        if not targets:
-            raise ValueError("a listener needs at least one upstream")
-        return RouteTable.single([(t.host, t.port) for t in targets], listener_config.connect_timeout,
-                                 listener_config.mesh_peer)
 
     async def _listen(self, listener_config: ListenerConfig, replacing: int | None = None) -> None:
         """Open a listener, or give an open one (`replacing`) new routes for its new connections."""
         config = self.config
-        routes = await self._routes(listener_config)
+        routes = await route_table(listener_config.upstreams, listener_config.connect_timeout,
+                                   listener_config.mesh_peer)
         exchange = config.exchange_settings(listener_config.direction, routes)
         labels = ListenerTelemetry(listener_config.direction, config.node_metadata.workload(),
                                    listener_config.destination_service, routes)
         if replacing is not None and self._unchanged(replacing, routes, exchange, labels):
-            self.directions[replacing] = listener_config
+            self.listener_configs[replacing] = listener_config
             return  # nothing to do: the engine's listener slots are not spent on it
         if replacing is None:
             listener = await self.relay.listen(listener_config.listen, routes,
                                                connect_timeout=listener_config.connect_timeout, exchange=exchange)
         else:
             listener = self.relay.reroute(replacing, routes, exchange)
-        self.directions[listener.id] = listener_config
+        self.listener_configs[listener.id] = listener_config
         if exchange is not None:
             self.exchange[listener.id] = exchange
             self.peers.listeners[listener.id] = (exchange, routes)
@@ -154,7 +145,7 @@ class Sidecar:
         address get the new routes, identity and exchange for their new connections, new
         addresses are opened, missing ones stop accepting. The metrics and admin ports,
         workers and engine options stay as they were started (a restart changes them)."""
-        accepting = {self.directions[lid].listen: lid for lid in self.relay.listeners}
+        accepting = {self.listener_configs[lid].listen: lid for lid in self.relay.listeners}
         self.config = dataclasses.replace(
             config, workers=self.config.workers, admin=self.config.admin, metrics=self.config.metrics,
             pipe_size=self.config.pipe_size, max_pipes=self.config.max_pipes, splice=self.config.splice)
@@ -162,7 +153,7 @@ class Sidecar:
             await self._listen(listener_config, accepting.pop(listener_config.listen, None))
         for listener_id in accepting.values():
             self.relay.retire(listener_id)
-            log.info("%s: no longer in the config, stopped accepting", self.directions[listener_id].listen)
+            log.info("%s: no longer in the config, stopped accepting", self.listener_configs[listener_id].listen)
 
     async def start(self) -> None:
         """Bind everything; on failure, undo what was started and raise OSError or ValueError."""
@@ -209,7 +200,7 @@ class Sidecar:
     def _listener_dump(self, listener: Listener) -> dict[str, Any]:
         routes = listener.routes
         exchange = self.exchange.get(listener.id)
-        listener_config = self.directions.get(listener.id)
+        listener_config = self.listener_configs.get(listener.id)
         return {
             "address": str(listener.address),
             "direction": listener_config.direction if listener_config else None,

@@ -161,6 +161,16 @@ def read_all(sock: socket.socket) -> tuple[int, str]:
         total += len(chunk)
 
 
+def assert_closed_by_relay(client: socket.socket) -> None:
+    """The relay ended the client's connection without sending it a byte: an end of
+    stream, or a reset (the relay may close with the client's bytes unread)."""
+    client.settimeout(10)
+    try:
+        assert client.recv(16) == b""
+    except ConnectionResetError:
+        pass
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import listening_socket
 
 from fastmesh.config import ConfigError, load_documents, plan
 from fastmesh.routing import RouteTable
@@ -224,29 +223,24 @@ def test_the_bookinfo_example_plans_a_mesh_peer_endpoint():
     assert built.sidecar.exchange_settings("outbound", listener.upstreams) is not None  # type: ignore[arg-type]
 
 
-def serve_counting(count: int):
-    """`count` servers answering each connection with their index."""
-    import threading
-
-    socks = [listening_socket() for _ in range(count)]
-
-    def serve(index: int, sock: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            conn.sendall(b"%d" % index)
-            conn.close()
-
-    for index, sock in enumerate(socks):
-        threading.Thread(target=serve, args=(index, sock), daemon=True).start()
-    return socks
+def answering(upstream, *answers: bytes) -> list[tuple[str, int]]:
+    """One server per answer (the `upstream` fixture), each sending its answer to every connection."""
+    return [upstream(lambda conn, answer=answer: conn.sendall(answer)).address for answer in answers]
 
 
-def test_a_sidecar_from_config_routes_by_weight_and_labels_the_metrics(tmp_path, sidecar):
-    backends = serve_counting(2)
-    path = mesh(tmp_path, [s.getsockname() for s in backends], """\
+def scraped_until(running, done) -> list[str]:
+    """The istio_tcp_connections_closed_total lines of a sidecar's metrics, once `done(lines)` (or after 20 s)."""
+    deadline = time.monotonic() + 20
+    while True:
+        _, text = running.scrape()
+        lines = [line for line in text.splitlines() if line.startswith("istio_tcp_connections_closed_total{")]
+        if done(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)
+
+
+def test_a_sidecar_from_config_routes_by_weight_and_labels_the_metrics(tmp_path, sidecar, upstream):
+    path = mesh(tmp_path, answering(upstream, b"0", b"1"), """\
     apiVersion: networking.istio.io/v1beta1
     kind: VirtualService
     metadata: {name: db}
@@ -263,23 +257,14 @@ def test_a_sidecar_from_config_routes_by_weight_and_labels_the_metrics(tmp_path,
         with socket.create_connection(running.listen) as client:
             answers[client.recv(4)] += 1
     assert answers == {b"0": 800, b"1": 200}
-    deadline = time.monotonic() + 20
-    while True:
-        _, text = running.scrape()
-        opened = [line for line in text.splitlines() if line.startswith("istio_tcp_connections_closed_total{")]
-        if (opened and opened[0].endswith(" 1000")) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert len(opened) == 1 and opened[0].endswith(" 1000"), opened
-    assert 'destination_service="db.default.svc.cluster.local"' in opened[0]
-    assert 'destination_service_name="db"' in opened[0] and 'source_workload="ratings-v2"' in opened[0]
-    for sock in backends:
-        sock.close()
+    closed = scraped_until(running, lambda lines: bool(lines) and lines[0].endswith(" 1000"))
+    assert len(closed) == 1 and closed[0].endswith(" 1000"), closed
+    assert 'destination_service="db.default.svc.cluster.local"' in closed[0]
+    assert 'destination_service_name="db"' in closed[0] and 'source_workload="ratings-v2"' in closed[0]
 
 
-def test_no_route_and_overflow_show_as_response_flags(tmp_path, sidecar):
-    backends = serve_counting(2)
-    path = mesh(tmp_path, [s.getsockname() for s in backends], """\
+def test_no_matching_tcp_route_shows_as_response_flag_nr(tmp_path, sidecar, upstream):
+    path = mesh(tmp_path, answering(upstream, b"0", b"1"), """\
     apiVersion: networking.istio.io/v1beta1
     kind: VirtualService
     metadata: {name: db}
@@ -297,12 +282,8 @@ def test_no_route_and_overflow_show_as_response_flags(tmp_path, sidecar):
     with socket.create_connection(running.listen) as client:
         client.settimeout(10)
         assert client.recv(4) == b""
-    deadline = time.monotonic() + 20
-    while 'response_flags="NR"' not in running.scrape()[1] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert 'response_flags="NR"' in running.scrape()[1]
-    for sock in backends:
-        sock.close()
+    closed = scraped_until(running, lambda lines: any('response_flags="NR"' in line for line in lines))
+    assert [line.endswith(" 1") for line in closed if 'response_flags="NR"' in line] == [True], closed
 
 
 def test_the_readmes_check_example_is_what_check_prints():

@@ -19,7 +19,7 @@ from fastmesh.addr import Address
 from fastmesh.identity import NodeMetadata
 from fastmesh.sidecar import SidecarConfig
 from fastmesh.telemetry import INBOUND, OUTBOUND
-from test_real_servers import listens, start_until_ready, stop_server, tool
+from test_real_servers import listens, redis_server, start_until_ready, stop_server, tool  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bench_tools
 
@@ -106,22 +106,9 @@ def check_both_reporters(outbound, inbound, connections: int, database: NodeMeta
 # ---------------------------------------------------------------- Redis: the client speaks first
 
 
-@pytest.fixture
-def redis_port(tmp_path):
-    server = tool("redis-server")
-    port, proc = start_until_ready(
-        "redis-server",
-        lambda port: [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                      "--appendonly", "no", "--dir", str(tmp_path)],
-        listens, tmp_path / "redis-server.log",
-    )
-    yield port
-    stop_server(proc)
-
-
-def test_a_sidecar_pair_in_front_of_redis_learns_both_identities(redis_port, sidecar):
+def test_a_sidecar_pair_in_front_of_redis_learns_both_identities(redis_server, sidecar):
     service = "redis.default.svc.cluster.local"
-    outbound, inbound = start_pair(sidecar, ("127.0.0.1", redis_port), REDIS_V1, service)
+    outbound, inbound = start_pair(sidecar, ("127.0.0.1", redis_server), REDIS_V1, service)
     value = bytes(range(256)) * 4096  # 1 MiB: the exchange ends, then splicing takes over
     for i in range(5):
         client = redis.Redis(host="127.0.0.1", port=outbound.listen.port, socket_timeout=10)

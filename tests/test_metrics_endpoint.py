@@ -15,7 +15,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from conftest import MONGODB_SERVICE as MONGODB
-from conftest import MONGODB_V1, RATINGS_V2, free_port
+from conftest import MONGODB_V1, RATINGS_V2, assert_closed_by_relay, free_port
 from fastmesh.addr import Address
 from fastmesh.identity import NodeMetadata
 from fastmesh.sidecar import SidecarConfig
@@ -143,11 +143,7 @@ def test_an_open_connection_is_reported_every_period(upstream, sidecar):
 def test_a_refused_upstream_is_counted_with_response_flag_uf(sidecar):
     outbound = sidecar(config(("127.0.0.1", free_port()), OUTBOUND, RATINGS_V2))
     with socket.create_connection(outbound.listen) as client:
-        client.settimeout(10)
-        try:
-            client.recv(1)
-        except ConnectionResetError:
-            pass
+        assert_closed_by_relay(client)
     series = wait_for(outbound.scrape,
                       lambda s: ("istio_tcp_connections_closed_total", "source") in s)
     closed = series[("istio_tcp_connections_closed_total", "source")]

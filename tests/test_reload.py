@@ -9,38 +9,26 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port, listening_socket
+from conftest import free_port
 
 
-def backend(tag: bytes) -> socket.socket:
-    """A server that prefixes every answer with `tag` and echoes until the client leaves."""
-    sock = listening_socket()
+def tagging(tag: bytes):
+    """An upstream handler that prefixes every answer with `tag` and echoes until the client leaves."""
 
     def handle(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(4096):
-                conn.sendall(tag + data)
+        while data := conn.recv(4096):
+            conn.sendall(tag + data)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return sock
+    return handle
 
 
-def config(listen: int, admin: int, backends: list[socket.socket], subset: str, typo: bool = False) -> str:
+def config(listen: int, admin: int, backends: list, subset: str, typo: bool = False) -> str:
     entries = "".join(
-        f"  - {{address: 127.0.0.1, ports: {{tcp: {b.getsockname()[1]}}}, labels: {{version: v{i + 1}}}}}\n"
+        f"  - {{address: 127.0.0.1, ports: {{tcp: {b.address[1]}}}, labels: {{version: v{i + 1}}}}}\n"
         for i, b in enumerate(backends))
     return f"""\
 apiVersion: networking.istio.io/v1beta1
@@ -95,8 +83,8 @@ def wait_until(predicate, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-def test_a_changed_config_reroutes_new_connections_and_keeps_open_ones(tmp_path: Path):
-    v1, v2 = backend(b"v1:"), backend(b"v2:")
+def test_a_changed_config_reroutes_new_connections_and_keeps_open_ones(tmp_path: Path, upstream):
+    v1, v2 = upstream(tagging(b"v1:")), upstream(tagging(b"v2:"))
     listen, admin = free_port(), free_port()
     path = tmp_path / "mesh.yaml"
     path.write_text(config(listen, admin, [v1, v2], "v1"))
@@ -132,8 +120,6 @@ def test_a_changed_config_reroutes_new_connections_and_keeps_open_ones(tmp_path:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
         log.close()
-        v1.close()
-        v2.close()
 
 
 def _answers(port: int) -> bool:
@@ -143,17 +129,17 @@ def _answers(port: int) -> bool:
         return False
 
 
-def test_a_reload_replaces_only_the_listeners_that_changed(sidecar):
+def test_a_reload_replaces_only_the_listeners_that_changed(sidecar, upstream):
     from fastmesh.addr import Address
     from fastmesh.sidecar import ListenerConfig, SidecarConfig
 
-    v1, v2 = backend(b"v1:"), backend(b"v2:")
-    first = ListenerConfig(Address("127.0.0.1", free_port()), [Address(*v1.getsockname())])
-    second = ListenerConfig(Address("127.0.0.1", free_port()), [Address(*v1.getsockname())])
+    v1, v2 = upstream(tagging(b"v1:")), upstream(tagging(b"v2:"))
+    first = ListenerConfig(Address("127.0.0.1", free_port()), [Address(*v1.address)])
+    second = ListenerConfig(Address("127.0.0.1", free_port()), [Address(*v1.address)])
     running = sidecar(SidecarConfig(listeners=[first, second], admin=None, metrics=None))
     relay = running.sidecar.relay
     before = dict(relay.listeners)
-    changed = ListenerConfig(second.listen, [Address(*v2.getsockname())])
+    changed = ListenerConfig(second.listen, [Address(*v2.address)])
     running.call(running.sidecar.reload(SidecarConfig(listeners=[first, changed], admin=None, metrics=None)))
     after = dict(relay.listeners)
     kept = [i for i in before if i in after]
@@ -162,5 +148,3 @@ def test_a_reload_replaces_only_the_listeners_that_changed(sidecar):
     assert ask(first.listen.port) == b"v1:?" and ask(second.listen.port) == b"v2:?"
     running.call(running.sidecar.reload(SidecarConfig(listeners=[first], admin=None, metrics=None)))
     assert list(relay.listeners) == kept  # the second address is no longer in the config: it stops accepting
-    v1.close()
-    v2.close()

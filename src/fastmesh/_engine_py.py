@@ -196,11 +196,6 @@ class _Listener:
         self._cluster_active = [0] * len(routes.clusters)
         self._cluster_rr = [0] * len(routes.clusters)
         self._endpoint_active = [0] * len(self.targets)
-        self._first = []
-        first = 0
-        for cluster in routes.clusters:
-            self._first.append(first)
-            first += len(cluster.endpoints)
 
     def pick(self, client: socket.socket) -> tuple[int, Optional[CloseReason], Optional[_Target]]:
         """(upstream index, None, target) for a connection to make, or (index, reason, None)
@@ -224,7 +219,7 @@ class _Listener:
                     return -2 - ci, CloseReason.NO_HEALTHY_UPSTREAM, None
                 self._cluster_active[ci] += 1
                 return -2 - ci, None, (*destination, cluster.connect_timeout)
-            first = self._first[ci]
+            first = self.routes.first_endpoint(ci)
             if cluster.lb == "RANDOM":
                 index = first + random.randrange(count)
             else:

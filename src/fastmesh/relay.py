@@ -50,6 +50,7 @@ class Listener:
     address: Address  # as bound (port 0 resolved)
     routes: RouteTable
     sock: socket.socket
+    exchange: ExchangeSettings | None = None
 
     def target(self, upstream_index: int) -> str:
         """The endpoint (or, for a connection refused before one was picked, the cluster) for logs."""
@@ -113,7 +114,6 @@ class Relay:
         self.backlog = backlog
         self.listeners: dict[int, Listener] = {}  # accepting now
         self.retired: dict[int, Listener] = {}  # replaced or stopped; their connections may still be open
-        self._exchange: dict[int, ExchangeSettings | None] = {}
         self.totals = Totals()
         self._seen: set[int] = set()  # open connection ids already counted as opened
         self._consumers: list[BatchConsumer] = []
@@ -150,9 +150,8 @@ class Relay:
             sock.close()
             raise
         bound = Address(*sock.getsockname()[:2])
-        listener = Listener(listener_id, bound, routes, sock)
+        listener = Listener(listener_id, bound, routes, sock, exchange)
         self.listeners[listener_id] = listener
-        self._exchange[listener_id] = exchange
         self.start()
         log.info("listening on %s, routing to %s", bound,
                  "; ".join(f"{c.name} ({len(c.endpoints)} endpoint(s))" for c in routes.clusters) or "nothing")
@@ -252,15 +251,13 @@ class Relay:
             new_id = self.engine.add_listener(old.sock.fileno(), routes, exchange=exchange)
         except BaseException:
             # The engine refused the new routes: the old ones go on serving, under a new id.
-            restored = self.engine.add_listener(old.sock.fileno(), old.routes, exchange=self._exchange.get(listener_id))
-            self.listeners[restored] = Listener(restored, old.address, old.routes, old.sock)
-            self._exchange[restored] = self._exchange.get(listener_id)
+            restored = self.engine.add_listener(old.sock.fileno(), old.routes, exchange=old.exchange)
+            self.listeners[restored] = Listener(restored, old.address, old.routes, old.sock, old.exchange)
             self.retired[listener_id] = old
             raise
-        listener = Listener(new_id, old.address, routes, old.sock)
+        listener = Listener(new_id, old.address, routes, old.sock, exchange)
         self.listeners[new_id] = listener
         self.retired[listener_id] = old
-        self._exchange[new_id] = exchange
         log.info("%s: new routes in force for new connections", old.address)
         return listener
 

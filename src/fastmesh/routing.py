@@ -104,6 +104,10 @@ class RouteTable:
         """Every endpoint of every cluster: an engine's upstream_index indexes this list."""
         return [endpoint for cluster in self.clusters for endpoint in cluster.endpoints]
 
+    def first_endpoint(self, cluster_index: int) -> int:
+        """The upstream_index of a cluster's first endpoint."""
+        return self._offsets[cluster_index]
+
     def locate(self, upstream_index: int) -> tuple[int, int] | None:
         """(cluster index, endpoint index in it) of an engine's upstream_index. Values
         below -1 name a cluster that had no endpoint to give (UH, UO): -2 - cluster."""

@@ -106,7 +106,6 @@ class Sidecar:
             TcpTelemetry(peer_of=self.peers.peer_of) if config.metrics is not None else None)
         self.admin_address: Address | None = None
         self.metrics_address: Address | None = None
-        self.exchange: dict[int, ExchangeSettings] = {}  # listener id -> its exchange, if any
         self.listener_configs: dict[int, ListenerConfig] = {}  # listener id -> the config it was opened with
         self._runners: list[web.AppRunner] = []
         self._reporter: asyncio.Task[None] | None = None
@@ -129,7 +128,6 @@ class Sidecar:
             listener = self.relay.reroute(replacing, routes, exchange)
         self.listener_configs[listener.id] = listener_config
         if exchange is not None:
-            self.exchange[listener.id] = exchange
             self.peers.listeners[listener.id] = (exchange, routes)
         if self.telemetry is not None:
             self.telemetry.listeners[listener.id] = labels
@@ -137,7 +135,7 @@ class Sidecar:
     def _unchanged(self, listener_id: int, routes: RouteTable, exchange: ExchangeSettings | None,
                    labels: ListenerTelemetry) -> bool:
         current = self.relay.listeners[listener_id]
-        return (current.routes == routes and self.exchange.get(listener_id) == exchange
+        return (current.routes == routes and current.exchange == exchange
                 and (self.telemetry is None or self.telemetry.listeners.get(listener_id) == labels))
 
     async def reload(self, config: SidecarConfig) -> None:
@@ -199,7 +197,7 @@ class Sidecar:
 
     def _listener_dump(self, listener: Listener) -> dict[str, Any]:
         routes = listener.routes
-        exchange = self.exchange.get(listener.id)
+        exchange = listener.exchange
         listener_config = self.listener_configs.get(listener.id)
         return {
             "address": str(listener.address),

@@ -96,8 +96,9 @@ class MariaDB(Database):
                                    "--innodb-buffer-pool-size=16M"], log)
         _wait_listening(DATABASE_PORT, process, "mariadbd", log)
         # The data, loaded straight into the database (not through the mesh), as Bookinfo's image does.
-        self._sql(DATABASE_PORT, "CREATE DATABASE test; CREATE TABLE test.ratings "
-                                 "(ReviewID INT PRIMARY KEY, Rating INT); INSERT INTO test.ratings VALUES (1, 5), (2, 4)")
+        self._sql(DATABASE_PORT, "CREATE DATABASE test; "
+                                 "CREATE TABLE test.ratings (ReviewID INT PRIMARY KEY, Rating INT); "
+                                 "INSERT INTO test.ratings VALUES (1, 5), (2, 4)")
 
     def _sql(self, port: int, statements: str) -> str:
         result = subprocess.run([shutil.which("mariadb") or "mariadb", "-h", "127.0.0.1", "-P", str(port), "-u",

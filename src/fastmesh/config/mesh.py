@@ -137,46 +137,50 @@ class _Builder:
         name = f"outbound|{port}|{subset or ''}|{host}"
         rule = self.registry.rule(host)
         policy = _policy(rule, subset, port)
-        lb = policy.get("lb", "ROUND_ROBIN")
-        if lb == "PASSTHROUGH":
-            # Each connection goes to the client's original destination (iptables REDIRECT or TPROXY
-            # in front of the listener); the registry's endpoints do not matter.
-            return Cluster(name, host, (), (), "PASSTHROUGH", policy.get("max_connections", 0),
-                           policy.get("connect_timeout", self.connect_timeout))
+        lb = _LB[policy.get("lb", "ROUND_ROBIN")]
+        # PASSTHROUGH sends each connection to the client's original destination (iptables REDIRECT
+        # or TPROXY in front of the listener): the registry's endpoints do not matter.
+        endpoints = [] if lb == "PASSTHROUGH" else self.endpoints(host, rule, subset, port, where)
+        max_connections = policy.get("max_connections", 0)
+        connect_timeout = policy.get("connect_timeout", self.connect_timeout)
+        try:
+            return Cluster(name, host, tuple(e for e, _ in endpoints), tuple(m for _, m in endpoints), lb,
+                           max_connections, connect_timeout)
+        except ValueError as exc:  # e.g. a WorkloadEntry port out of range
+            self.problems.append(f"{where}: {exc}")
+            return Cluster(name, host, (), (), lb, 0, self.connect_timeout)
+
+    def endpoints(self, host: str, rule: DestinationRule | None, subset: str | None, port: int,
+                  where: str) -> list[tuple[tuple[str, int], bool]]:
+        """(address, is a mesh peer) of each endpoint of host:port in the subset; none, with a
+        warning, when the registry cannot say (connections then fail with UH)."""
         found = self.registry.service(host)
-        endpoints: list[tuple[str, int]] = []
-        mesh: list[bool] = []
         if found is None:
             self.warnings.append(f"{where}: no ServiceEntry defines {host}: its connections will fail with UH")
-        else:
-            document, entry = found
-            service_port = next((p for p in entry.ports if p.number == port), None)
-            if service_port is None:
-                self.warnings.append(f"{where}: {host} has no port {port} in {document.source}: "
-                                     "its connections will fail with UH")
-            else:
-                wanted: dict[str, str] = {}
-                if subset is not None:
-                    match = next((s for s in rule.subsets if s.name == subset), None) if rule else None
-                    if match is None:
-                        self.warnings.append(f"{where}: subset {subset!r} of {host} is not defined by any "
-                                             "DestinationRule: its connections will fail with UH")
-                        service_port = None
-                    else:
-                        wanted = match.labels
-                for workload in self.registry.endpoints(document, entry) if service_port else []:
-                    if not wanted.items() <= workload.labels.items():
-                        continue
-                    target = workload.ports.get(service_port.name, service_port.target_port or service_port.number)
-                    for ip in self.addresses(workload.address, entry, document):
-                        endpoints.append((ip, target))
-                        mesh.append(workload.labels.get(TLS_MODE_LABEL) == "istio")
-        try:
-            return Cluster(name, host, tuple(endpoints), tuple(mesh), _LB[lb],
-                           policy.get("max_connections", 0), policy.get("connect_timeout", self.connect_timeout))
-        except ValueError as exc:  # an endpoint address that is a name: resolution is not done here
-            self.problems.append(f"{where}: {exc}")
-            return Cluster(name, host, (), (), _LB[lb], 0, self.connect_timeout)
+            return []
+        document, entry = found
+        service_port = next((p for p in entry.ports if p.number == port), None)
+        if service_port is None:
+            self.warnings.append(f"{where}: {host} has no port {port} in {document.source}: "
+                                 "its connections will fail with UH")
+            return []
+        wanted: dict[str, str] = {}
+        if subset is not None:
+            match = next((s for s in rule.subsets if s.name == subset), None) if rule else None
+            if match is None:
+                self.warnings.append(f"{where}: subset {subset!r} of {host} is not defined by any "
+                                     "DestinationRule: its connections will fail with UH")
+                return []
+            wanted = match.labels
+        found_endpoints = []
+        for workload in self.registry.endpoints(document, entry):
+            if not wanted.items() <= workload.labels.items():
+                continue
+            target = workload.ports.get(service_port.name, service_port.target_port or service_port.number)
+            mesh_peer = workload.labels.get(TLS_MODE_LABEL) == "istio"
+            found_endpoints += [((ip, target), mesh_peer)
+                                for ip in self.addresses(workload.address, entry, document)]
+        return found_endpoints
 
     def addresses(self, address: str, entry: ServiceEntry, document: Document) -> list[str]:
         """An endpoint's IP addresses: itself, or what its name resolves to now for

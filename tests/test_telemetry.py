@@ -4,13 +4,18 @@ periodic and close-time reporting, response flags, node metadata files."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MONGODB_SERVICE, MONGODB_V1, RATINGS_V2
+from fastmesh.addr import Address
 from fastmesh.identity import MetadataError, NodeMetadata, Workload, load_node_metadata, parse_node_metadata
 from fastmesh.reasons import CloseReason
 from fastmesh.relay import Batch
+from fastmesh.sidecar import SidecarConfig
 from fastmesh.telemetry import INBOUND, OUTBOUND, TCP_LABELS, ListenerTelemetry, TcpTelemetry, service_name
 
 
@@ -159,16 +164,67 @@ def test_labels_are_fixed_at_the_first_report():
     assert result["response_flags"] == "-" and values == (1, 1, 10, 0)
 
 
+def inbound_with_peers(peers: dict[int, Workload | None]) -> TcpTelemetry:
+    return TcpTelemetry({0: ListenerTelemetry(INBOUND, MONGODB_V1.workload(), MONGODB_SERVICE)}, peer_of=peers.get)
+
+
 def test_a_peer_that_is_not_known_yet_holds_the_report_back_until_close():
-    pending: dict[int, Workload | None] = {1: None}
-    telemetry = TcpTelemetry(
-        {0: ListenerTelemetry(INBOUND, MONGODB_V1.workload(), MONGODB_SERVICE)}, peer_of=pending.get)
+    telemetry = inbound_with_peers({1: None})
     telemetry.on_batch(Batch([(1, 0, 0)], [(1, 3, 0, 0, 3)], []))
     telemetry.report()
     assert list(telemetry.samples()) == []
     telemetry.on_batch(Batch([], [], [(1, 0, 0, CloseReason.DOWNSTREAM_CLOSE, 0, 1, 0, 0, 1)]))
     result, values = only_series(telemetry)
     assert result["source_workload"] == "unknown" and values == (1, 1, 4, 0)  # recorded, unlike Istio 1.7
+
+
+def test_a_peer_still_unknown_after_a_whole_period_is_reported_unknown_and_stays_so():
+    # A client that never speaks first, or a mesh upstream that never answers:
+    # its bytes must not wait for a frame that may never come.
+    peers: dict[int, Workload | None] = {1: None}
+    telemetry = inbound_with_peers(peers)
+    telemetry.on_batch(Batch([(1, 0, 0)], [(1, 0, 50, 50, 0)], []))
+    telemetry.report()
+    assert list(telemetry.samples()) == []  # the first report waits for the peer
+    telemetry.on_batch(Batch([], [(1, 0, 7, 7, 0)], []))
+    telemetry.report()
+    result, values = only_series(telemetry)
+    assert result["source_workload"] == "unknown" and values == (1, 0, 0, 57)
+    peers[1] = RATINGS_V2.workload()  # a frame that comes after that cannot relabel what was reported
+    telemetry.on_batch(Batch([], [], [(1, 0, 0, CloseReason.UPSTREAM_CLOSE, 0, 0, 3, 3, 0)]))
+    result, values = only_series(telemetry)
+    assert result["source_workload"] == "unknown" and values == (1, 1, 0, 60)
+
+
+def test_a_client_that_never_speaks_is_reported_while_its_connection_stays_open(sidecar, upstream):
+    # A server-first app streaming to a plain client that sends nothing: the
+    # inbound exchange never settles, yet the bytes are reported after one period.
+    greeting = bytes(range(256)) * 4
+
+    def stream_then_wait(conn: socket.socket) -> None:
+        conn.sendall(greeting)
+        conn.recv(1)  # until the client goes
+
+    app = upstream(stream_then_wait)
+    inbound = sidecar(SidecarConfig(
+        listen=Address("127.0.0.1", 0), upstreams=[Address(*app.address)], admin=None,
+        metrics=Address("127.0.0.1", 0), direction=INBOUND, node_metadata=MONGODB_V1,
+        destination_service=MONGODB_SERVICE, reporting_duration=0.2, exchange_detect_timeout=0.05))
+    with socket.create_connection(inbound.listen) as client:
+        assert client.recv(len(greeting), socket.MSG_WAITALL) == greeting
+        deadline = time.monotonic() + 20
+        while True:
+            found = {sample.name: sample for family in text_string_to_metric_families(inbound.scrape()[1])
+                     for sample in family.samples if sample.name.startswith("istio_tcp_")}
+            if "istio_tcp_sent_bytes_total" in found or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        sent = found["istio_tcp_sent_bytes_total"]
+        assert sent.value == len(greeting) and sent.labels["source_workload"] == "unknown"
+        assert sent.labels["destination_workload"] == "mongodb-v1"
+        assert found["istio_tcp_connections_opened_total"].value == 1
+        assert found["istio_tcp_connections_closed_total"].value == 0  # still open
+        assert found["istio_tcp_received_bytes_total"].value == 0
 
 
 def test_pairs_outside_any_listener_are_not_reported():

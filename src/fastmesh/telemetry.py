@@ -118,7 +118,7 @@ class TcpSeries:
 
 class _Conn:
     __slots__ = ("listener_id", "upstream_index", "series", "pending_received", "pending_sent",
-                 "opened_reported")
+                 "opened_reported", "reports_waited")
 
     def __init__(self, listener_id: int, upstream_index: int) -> None:
         self.listener_id = listener_id
@@ -127,6 +127,7 @@ class _Conn:
         self.pending_received = 0
         self.pending_sent = 0
         self.opened_reported = False
+        self.reports_waited = 0  # reports it sat out because its peer was not known yet
 
 
 PeerLookup = Callable[[int], "Workload | None"]  # conn id -> peer, or None while still unknown
@@ -146,14 +147,16 @@ class TcpTelemetry:
         self._dirty: set[int] = set()  # open connections with something to report
 
     def _series_for(self, conn_id: int, listener_id: int, upstream_index: int,
-                    reason: int | None) -> TcpSeries | None:
-        """The series a connection reports to, or None to wait (peer still unknown) or
-        to skip (not a telemetry listener, e.g. a pair given to Engine.relay)."""
+                    reason: int | None, may_wait: bool = False) -> TcpSeries | None:
+        """The series a connection reports to, or None to wait (peer still unknown and
+        `may_wait`) or to skip (not a telemetry listener, e.g. a pair given to Engine.relay)."""
         peer = self.peer_of(conn_id)
         if peer is None:
-            if reason is None:
+            if may_wait and reason is None:
                 return None  # the peer may still make itself known: wait
-            peer = UNKNOWN_WORKLOAD  # closed without one: recorded anyway, unlike Istio 1.7
+            # Closed without one, or waited a whole period (a client that never
+            # speaks first, a server that never answers): recorded as unknown.
+            peer = UNKNOWN_WORKLOAD
         flags = response_flags(reason)
         listener = self.listeners.get(listener_id)
         if listener is None:
@@ -210,9 +213,13 @@ class TcpTelemetry:
             conn = self._open[conn_id]
             series = conn.series
             if series is None:
-                series = conn.series = self._series_for(conn_id, conn.listener_id, conn.upstream_index, None)
+                # A connection sits out one report at most: its bytes must not wait for
+                # a peer frame that may never come (Istio reports it as unknown at once).
+                series = conn.series = self._series_for(conn_id, conn.listener_id, conn.upstream_index,
+                                                        None, may_wait=conn.reports_waited == 0)
                 if series is None:
                     if conn.listener_id in self.listeners:
+                        conn.reports_waited += 1
                         still_dirty.add(conn_id)  # waiting for its peer
                     continue
             if not conn.opened_reported:

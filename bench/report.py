@@ -14,6 +14,8 @@ METRICS = {
     "redis_keepalive": ("redis keep-alive", "req/s", True),
     "redis_reconnect": ("redis reconnect", "req/s", True),
     "cpu_per_gb": ("CPU", "s/GB", False),
+    "cpu_keepalive": ("CPU keep-alive", "µs/req", False),
+    "cpu_reconnect": ("CPU reconnect", "µs/req", False),
     "idle_rss": ("idle RSS growth", "MiB", False),
 }
 
@@ -84,7 +86,7 @@ def _fmt(metric: str, v: float | None) -> str:
         return f"{v / 1e9:.2f}"
     if metric.startswith("redis"):
         return f"{v:,.0f}"
-    return f"{v:.2f}" if metric == "cpu_per_gb" else f"{v:.1f}"
+    return f"{v:.2f}" if metric.startswith("cpu") else f"{v:.1f}"
 
 
 def markdown(doc: dict) -> str:
@@ -131,10 +133,11 @@ def chart(doc: dict, path: Path) -> None:
 
     relays = [r for r in doc["relays"] if r != "direct"]
     rat = doc["ratios"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [4, 3]})
     panels = [(left, ["iperf_1", "iperf_4", "redis_keepalive", "redis_reconnect"], "vs_direct",
                "Throughput ÷ direct (higher is better)"),
-              (right, ["cpu_per_gb", "idle_rss"], "vs_haproxy", "Cost ÷ haproxy (lower is better)")]
+              (right, ["cpu_per_gb", "cpu_keepalive", "cpu_reconnect", "idle_rss"], "vs_haproxy",
+               "Cost ÷ haproxy (lower is better)")]
     for ax, metrics, key, title in panels:
         width = 0.8 / max(1, len(relays))
         for i, r in enumerate(relays):
@@ -147,7 +150,7 @@ def chart(doc: dict, path: Path) -> None:
         if key == "vs_haproxy":
             ax.set_yscale("log")   # socat's cost is ~20x haproxy's; fastmesh's may be ~0.1x
         ax.set_xticks([x + width * (len(relays) - 1) / 2 for x in range(len(metrics))])
-        ax.set_xticklabels([METRICS[m][0] for m in metrics], fontsize=9)
+        ax.set_xticklabels([f"{METRICS[m][0]}\n({METRICS[m][1]})" for m in metrics], fontsize=9)
         ax.set_title(title, fontsize=10)
     left.legend(fontsize=8)
     fig.suptitle(f"fastmesh benchmark {doc['started']} (median of {doc['config']['repeat']})", fontsize=11)

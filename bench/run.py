@@ -167,14 +167,18 @@ def headline(unit: str, raw: dict) -> dict[str, float]:
         if unit == "iperf_1" and "cpu_seconds_per_gb" in raw:
             out["cpu_per_gb"] = raw["cpu_seconds_per_gb"]   # CPU/GB rides on the 1-stream run
         return out
-    return {unit: raw["requests_per_second"]}
+    out = {unit: raw["requests_per_second"]}
+    if "cpu_us_per_request" in raw:
+        out["cpu_" + unit.removeprefix("redis_")] = raw["cpu_us_per_request"]
+    return out
 
 
 def _show(unit: str, nums: dict[str, float]) -> str:
     parts = []
     for m, v in nums.items():
         parts.append({"iperf_1": f"{v / 1e9:.2f} Gbit/s", "iperf_4": f"{v / 1e9:.2f} Gbit/s",
-                      "cpu_per_gb": f"{v:.3f} CPU s/GB", "idle_rss": f"{v:+.1f} MiB"}.get(m, f"{v:,.0f} req/s"))
+                      "cpu_per_gb": f"{v:.3f} CPU s/GB", "cpu_keepalive": f"{v:.2f} CPU µs/req",
+                      "cpu_reconnect": f"{v:.2f} CPU µs/req", "idle_rss": f"{v:+.1f} MiB"}.get(m, f"{v:,.0f} req/s"))
     return ", ".join(parts)
 
 

@@ -93,16 +93,23 @@ def redis_bench(relay: Relay, requests: int, keepalive: bool, clients: int = 50)
     argv = [which("redis-benchmark"), "-h", HOST, "-p", str(relay.port), "-t", "ping_inline", "-c", str(clients),
             "-n", str(requests), "-k", "1" if keepalive else "0", "-q", "--csv"]
     # redis-benchmark spins forever when it cannot connect, so bound it (assumes >= 500 req/s).
+    cpu0 = cpu_seconds(*relay.pids) if relay.pids else None
     try:
         r = subprocess.run(pinned("load", argv), capture_output=True, text=True, timeout=30 + requests / 500)
     except subprocess.TimeoutExpired:
         raise MeasureError("redis-benchmark timed out (relay refusing or stalling connections?)") from None
+    cpu1 = cpu_seconds(*relay.pids) if relay.pids else None
     rows = [row for row in csv.DictReader(io.StringIO(r.stdout)) if row.get("test") == "PING_INLINE"]
     if r.returncode or not rows:
         raise MeasureError(f"redis-benchmark exit {r.returncode}: {(r.stderr or r.stdout)[-300:]}")
     row = rows[0]
-    return {"requests_per_second": float(row["rps"]), "p50_ms": float(row["p50_latency_ms"]),
-            "p99_ms": float(row["p99_latency_ms"])}
+    out = {"requests_per_second": float(row["rps"]), "p50_ms": float(row["p50_latency_ms"]),
+           "p99_ms": float(row["p99_latency_ms"])}
+    if cpu0 is not None:
+        # What a request costs the relay, whichever way the scheduler shared the cores out.
+        out["relay_cpu_seconds"] = round(cpu1 - cpu0, 3)
+        out["cpu_us_per_request"] = (cpu1 - cpu0) / requests * 1e6
+    return out
 
 
 # --------------------------------------------------------------------- idle

@@ -257,6 +257,7 @@ def sidecar():
     yield start
     for running in reversed(started):
         running.stop()
+        assert running.loop.is_closed()  # nothing of the sidecar's left for the GC
 
 
 # Bookinfo's TCP pair, as Istio's injector would describe the pods.

@@ -273,6 +273,8 @@ class BackgroundSidecar:
     def _end_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()  # its selector and self-pipe, rather than leaving them to the GC
 
     def stop(self, drain_timeout: float = 0.0) -> None:
         if self.loop.is_running():

@@ -248,6 +248,40 @@ def test_a_frame_that_cannot_be_trusted_resets_the_connection_and_leaks_nothing(
     assert inbound.peers == {} and inbound.bytes == [0, 0, 0, 0]
 
 
+def test_memory_for_a_frame_follows_the_bytes_that_came_not_the_declared_size(make_engine, upstream):
+    # 20 peers each declare a 60 KiB payload and send only the header: the engine
+    # must not hold 20 x 60 KiB for them. Then the frames come whole, in pieces.
+    metadata = dict(CLIENT, LABELS={f"label-{i}": "v" * 40 for i in range(1000)})
+    frame = independent_frame(metadata, "sidecar~10.0.0.1~big.default~default.svc.cluster.local")
+    assert 50_000 < len(frame) - 8 < 64 * 1024
+    app = upstream(collect_all)
+    inbound = Side(make_engine, "inbound", SERVER_FRAME, app.address, frame_timeout=20.0)
+    clients = [socket.create_connection(inbound.address) for _ in range(20)]
+    try:
+        for client in clients:
+            client.sendall(frame[:8])
+        deadline = time.monotonic() + 10
+        while inbound.stats()["exchange_partial_bytes"] < 20 * 8 and time.monotonic() < deadline:
+            time.sleep(0.02)  # until every header is taken
+        held = inbound.stats()["exchange_partial_bytes"]
+        assert 20 * 8 <= held <= 20 * 4096, held  # the Cython engine's first chunk, the twin's bytes
+        for piece in range(8, len(frame), 7000):
+            for client in clients:
+                client.sendall(frame[piece:piece + 7000])
+            time.sleep(0.01)
+        for i, client in enumerate(clients):
+            client.sendall(b"app %d" % i)
+            client.shutdown(socket.SHUT_WR)
+            assert read_all(client) == (len(SERVER_FRAME), sha256(SERVER_FRAME))  # our answer to a peer
+    finally:
+        for client in clients:
+            client.close()
+    assert sorted(app.wait(20)) == sorted(b"app %d" % i for i in range(20))
+    inbound.wait_closed(20)
+    assert list(inbound.peers.values()) == [frame[8:]] * 20
+    assert inbound.stats()["exchange_partial_bytes"] == 0
+
+
 @pytest.mark.parametrize("prefix", [b"=", b"=#", b"=#\x04"], ids=["1", "2", "3"])
 @pytest.mark.parametrize("then", ["eof", "silence"])
 def test_bytes_that_only_begin_like_the_magic_are_application_bytes(make_engine, upstream, prefix, then):

@@ -117,6 +117,7 @@ cdef enum:
 
 cdef enum:
     FRAME_HEADER = 8           # magic and payload length, both big-endian uint32
+    FRAME_CHUNK = 4096         # a frame's buffer starts this small and grows with what arrives
 
 cdef enum:
     PEER_NONE = 0              # nothing to report
@@ -228,6 +229,7 @@ cdef struct Conn:
     char *xbuf                 # the peer's frame, header included
     uint32_t xlen
     uint32_t xgot
+    uint32_t xcap              # bytes allocated at xbuf (up to xlen)
 
 
 cdef struct ClosedRecord:
@@ -706,7 +708,8 @@ cdef int read_peer_frame(Worker *w, Conn *c, int s) noexcept nogil:
     cdef End *src = &c.ends[s]
     cdef unsigned char header[FRAME_HEADER]
     cdef ssize_t n
-    cdef uint32_t size
+    cdef uint32_t size, cap
+    cdef char *grown
     if c.xread == XR_HEADER:
         # Peeked, not read: bytes that turn out not to be a frame stay in the
         # socket and go on by the ordinary path.
@@ -740,19 +743,31 @@ cdef int read_peer_frame(Worker *w, Conn *c, int s) noexcept nogil:
         if size > l.xmax_payload:
             w.x_too_large += 1
             return exchange_failed(w, c, s)
-        # The whole frame, header included, usually in one recv: exactly its bytes.
-        c.xbuf = <char *>malloc(FRAME_HEADER + size)
+        # The frame, header included, is read to its last byte and no further; a
+        # frame of the usual size (under 4 KiB) in one recv.
+        c.xlen = FRAME_HEADER + size
+        c.xcap = c.xlen if c.xlen < FRAME_CHUNK else FRAME_CHUNK
+        c.xbuf = <char *>malloc(c.xcap)
         if c.xbuf == NULL:
             w.err = ENOMEM
             return FAILED
-        c.xlen = FRAME_HEADER + size
         c.xgot = 0
         c.xread = XR_PAYLOAD
         if not c.xstarted:
             c.xstarted = True
             arm(w, c, T_EXCHANGE, now_s() + l.xframe_timeout)
     while c.xgot < c.xlen:
-        n = recv(src.fd, c.xbuf + c.xgot, c.xlen - c.xgot, MSG_DONTWAIT)
+        if c.xgot == c.xcap:
+            # Memory follows the bytes that came, not the size a header claims:
+            # a peer that declares a large frame and sends nothing holds 4 KiB.
+            cap = c.xcap * 4 if c.xcap < c.xlen / 4 else c.xlen
+            grown = <char *>realloc(c.xbuf, cap)
+            if grown == NULL:
+                w.err = ENOMEM
+                return FAILED
+            c.xbuf = grown
+            c.xcap = cap
+        n = recv(src.fd, c.xbuf + c.xgot, c.xcap - c.xgot, MSG_DONTWAIT)
         if n > 0:
             c.xgot += <uint32_t>n
         elif n == 0:
@@ -1725,6 +1740,7 @@ cdef class Engine:
     def stats(self):
         """Engine health counters, summed over the workers."""
         cdef Worker *w
+        cdef Conn *c
         cdef int i
         totals = dict.fromkeys((
             "active_connections", "connections_accepted", "connections_relayed",
@@ -1761,5 +1777,10 @@ cdef class Engine:
             totals["exchange_frames_too_large"] += w.x_too_large
             totals["exchange_frames_truncated"] += w.x_truncated
             totals["exchange_frames_timed_out"] += w.x_timed_out
+            c = w.conns
+            while c != NULL:
+                if c.xread == XR_PAYLOAD:
+                    totals["exchange_partial_bytes"] += c.xcap
+                c = c.next
             pthread_mutex_unlock(&w.lock)
         return totals

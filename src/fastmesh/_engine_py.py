@@ -893,6 +893,8 @@ class Engine:
                 totals["active_connections"] += len(worker.conns)
                 totals["buffers_in_use"] += sum(
                     1 for c in worker.conns.values() for f in c.flows if f.pending)
+                totals["exchange_partial_bytes"] += sum(
+                    HEADER.size + len(c.xpayload) for c in worker.conns.values() if c.xpayload is not None)
         return totals
 
     # -- used by the workers

@@ -106,7 +106,8 @@ def redis_bench(relay: Relay, requests: int, keepalive: bool, clients: int = 50)
     out = {"requests_per_second": float(row["rps"]), "p50_ms": float(row["p50_latency_ms"]),
            "p99_ms": float(row["p99_latency_ms"])}
     if cpu0 is not None:
-        # What a request costs the relay, whichever way the scheduler shared the cores out.
+        # What a request costs the relay: steadier than the rate, which the scheduler's
+        # placement of client, relay and server on the cores decides.
         out["relay_cpu_seconds"] = round(cpu1 - cpu0, 3)
         out["cpu_us_per_request"] = (cpu1 - cpu0) / requests * 1e6
     return out

@@ -118,7 +118,7 @@ class TcpSeries:
 
 class _Conn:
     __slots__ = ("listener_id", "upstream_index", "series", "pending_received", "pending_sent",
-                 "opened_reported", "reports_waited")
+                 "opened_reported", "waited")
 
     def __init__(self, listener_id: int, upstream_index: int) -> None:
         self.listener_id = listener_id
@@ -127,7 +127,7 @@ class _Conn:
         self.pending_received = 0
         self.pending_sent = 0
         self.opened_reported = False
-        self.reports_waited = 0  # reports it sat out because its peer was not known yet
+        self.waited = False  # it sat out a report because its peer was not known yet
 
 
 PeerLookup = Callable[[int], "Workload | None"]  # conn id -> peer, or None while still unknown
@@ -213,13 +213,13 @@ class TcpTelemetry:
             conn = self._open[conn_id]
             series = conn.series
             if series is None:
-                # A connection sits out one report at most: its bytes must not wait for
-                # a peer frame that may never come (Istio reports it as unknown at once).
+                # A connection sits out one report at most: its bytes must not wait for a
+                # peer frame that may never come (Istio 1.7 holds them for as long as that).
                 series = conn.series = self._series_for(conn_id, conn.listener_id, conn.upstream_index,
-                                                        None, may_wait=conn.reports_waited == 0)
+                                                        None, may_wait=not conn.waited)
                 if series is None:
                     if conn.listener_id in self.listeners:
-                        conn.reports_waited += 1
+                        conn.waited = True
                         still_dirty.add(conn_id)  # waiting for its peer
                     continue
             if not conn.opened_reported:

@@ -23,11 +23,11 @@ MiB = 1 << 20
 class Serve:
     """A `fastmesh serve` subprocess with its admin endpoint on a free port."""
 
-    def __init__(self, tmp_path: Path, upstream: tuple[str, int], *extra: str) -> None:
+    def __init__(self, tmp_path: Path, upstream: tuple[str, int], *extra: str, log: Path | None = None) -> None:
         self.listen = ("127.0.0.1", free_port())
         self.admin = ("127.0.0.1", free_port())
         self.metrics = ("127.0.0.1", free_port())
-        self.log_path = tmp_path / f"serve-{self.listen[1]}.log"
+        self.log_path = log or tmp_path / f"serve-{self.listen[1]}.log"
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [
@@ -68,6 +68,8 @@ class Serve:
         return json.loads(body)
 
     def output(self) -> str:
+        if not self.log_path.is_file():
+            return f"(output went to {self.log_path})"
         if not self.log.closed:
             self.log.flush()
         return self.log_path.read_text()
@@ -83,8 +85,8 @@ class Serve:
 def serve(tmp_path):
     started: list[Serve] = []
 
-    def start(upstream: tuple[str, int], *extra: str) -> Serve:
-        process = Serve(tmp_path, upstream, *extra)
+    def start(upstream: tuple[str, int], *extra: str, log: Path | None = None) -> Serve:
+        process = Serve(tmp_path, upstream, *extra, log=log)
         started.append(process)
         return process
 
@@ -117,6 +119,21 @@ def test_serve_relays_exact_bytes_and_exits_cleanly_on_sigterm(serve, upstream):
     assert proxy.stop(signal.SIGTERM) == 0
     output = proxy.output()
     assert "stopped after 1 connection(s), %d bytes in, %d bytes out" % (len(request), len(response)) in output
+
+
+def test_logs_on_a_full_disk_change_nothing_else(serve, upstream):
+    # stdout and stderr on a device where every write fails with ENOSPC, like a
+    # log volume that filled up: bytes, metrics and a clean exit all the same.
+    request = random_bytes(MiB)
+    server = upstream(lambda conn: (conn.sendall(request), conn.shutdown(socket.SHUT_WR), read_all(conn))[2])
+    proxy = serve(server.address, log=Path("/dev/full"))
+    with socket.create_connection(proxy.listen) as client:
+        assert read_all(client) == (len(request), sha256(request))
+        client.sendall(request[:1000])
+    assert server.wait(1) == [(1000, sha256(request[:1000]))]
+    with urllib.request.urlopen("http://%s:%d/stats/prometheus" % proxy.metrics, timeout=10) as response:
+        assert "istio_tcp_connections_opened_total{" in response.read().decode()
+    assert proxy.stop() == 0
 
 
 def test_sigint_stops_cleanly_and_closes_the_listener(serve, upstream):

@@ -4,6 +4,7 @@ signals, a dead upstream, and bad command lines."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -133,6 +134,28 @@ def test_logs_on_a_full_disk_change_nothing_else(serve, upstream):
     assert server.wait(1) == [(1000, sha256(request[:1000]))]
     with urllib.request.urlopen("http://%s:%d/stats/prometheus" % proxy.metrics, timeout=10) as response:
         assert "istio_tcp_connections_opened_total{" in response.read().decode()
+    assert proxy.stop() == 0
+
+
+@pytest.mark.parametrize("hostile", [
+    random_bytes(4096),                                        # not HTTP at all
+    b"GET /stats HTTP/1.1\r\nX: " + b"a" * 200_000 + b"\r\n\r\n",  # a header far too long
+    b"GET /" + b"%" * 100 + b" HTTP/1.1\r\nContent-Length: -1\r\n\r\n",  # nonsense request line and length
+], ids=["binary", "huge-header", "bad-length"])
+def test_hostile_bytes_on_the_admin_and_metrics_ports_are_refused_and_serving_goes_on(serve, upstream, hostile):
+    server = upstream(lambda conn: None)
+    proxy = serve(server.address)
+    for address in (proxy.admin, proxy.metrics):
+        with socket.create_connection(address, timeout=10) as client:
+            try:
+                client.sendall(hostile)
+                answer = client.recv(64)
+            except ConnectionResetError:  # refused before reading it all
+                answer = b""
+            assert answer == b"" or re.match(rb"HTTP/1\.[01] 400 ", answer), answer
+    assert proxy.get("/ready") == (200, "LIVE\n")
+    with urllib.request.urlopen("http://%s:%d/stats/prometheus" % proxy.metrics, timeout=10) as response:
+        assert response.status == 200
     assert proxy.stop() == 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_closed_by_relay, free_port, random_bytes, read_all, sha256
+from fastmesh.admin import MAX_HTTP_CONNECTIONS
 
 MiB = 1 << 20
 
@@ -157,6 +158,38 @@ def test_hostile_bytes_on_the_admin_and_metrics_ports_are_refused_and_serving_go
     with urllib.request.urlopen("http://%s:%d/stats/prometheus" % proxy.metrics, timeout=10) as response:
         assert response.status == 200
     assert proxy.stop() == 0
+
+
+def test_a_flood_of_idle_connections_to_the_metrics_port_is_capped_and_counted(serve, upstream):
+    # Idle connections past the cap are closed at once instead of holding descriptors
+    # the data plane needs; once they go, scrapes are served again.
+    server = upstream(lambda conn: conn.sendall(b"relayed"))
+    proxy = serve(server.address)
+    flood = [socket.create_connection(proxy.metrics) for _ in range(MAX_HTTP_CONNECTIONS)]
+    try:
+        time.sleep(0.3)  # all accepted
+        for _ in range(10):
+            with socket.create_connection(proxy.metrics) as sock:
+                assert_closed_by_relay(sock)  # turned away without a byte
+        with socket.create_connection(proxy.listen, timeout=10) as client:  # the data plane is untouched
+            assert client.recv(100) == b"relayed"
+        status, body = proxy.get("/stats")
+        assert json.loads(body)["http_connections_refused"]["127.0.0.1:%d" % proxy.metrics[1]] == 10
+    finally:
+        for sock in flood:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen("http://%s:%d/stats/prometheus" % proxy.metrics, timeout=10) as response:
+                assert response.status == 200
+                break
+        except OSError:  # the closes may not all be seen yet
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert proxy.stop() == 0
+    assert "10 connection(s) refused so far" not in proxy.output()  # logged at the 1st and every 1000th
+    assert "1 connection(s) refused so far, %d already open" % MAX_HTTP_CONNECTIONS in proxy.output()
 
 
 def test_sigint_stops_cleanly_and_closes_the_listener(serve, upstream):

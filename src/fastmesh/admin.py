@@ -1,8 +1,11 @@
-"""The admin HTTP endpoint (Envoy's port 15000 by default): readiness, engine
-health and the effective configuration, served by aiohttp on the control loop."""
+"""The HTTP side of a sidecar, served by aiohttp on the control loop: the admin
+endpoint (Envoy's port 15000 by default: readiness, engine health, the effective
+configuration), and the capped server that carries it and the metrics endpoint."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any, Callable
 
 from aiohttp import web
@@ -10,9 +13,12 @@ from aiohttp import web
 from fastmesh.addr import Address
 from fastmesh.relay import Relay
 
+log = logging.getLogger("fastmesh.admin")
+
 
 def make_app(relay: Relay, config: Callable[[], dict[str, Any]],
-             exchange_counters: Callable[[], dict[str, int]] | None = None) -> web.Application:
+             exchange_counters: Callable[[], dict[str, int]] | None = None,
+             http_refused: Callable[[], dict[str, int]] | None = None) -> web.Application:
     async def ready(_: web.Request) -> web.Response:
         # Envoy answers LIVE once its listeners are up; fastmesh binds them before this app starts.
         if relay.listeners and relay.engine.running:
@@ -23,6 +29,8 @@ def make_app(relay: Relay, config: Callable[[], dict[str, Any]],
         body = {"implementation": relay.implementation, "engine": relay.stats(), "totals": relay.counters()}
         if exchange_counters is not None:
             body["exchange"] = exchange_counters()
+        if http_refused is not None:
+            body["http_connections_refused"] = http_refused()
         return web.json_response(body)
 
     async def config_dump(_: web.Request) -> web.Response:
@@ -35,15 +43,58 @@ def make_app(relay: Relay, config: Callable[[], dict[str, Any]],
     return app
 
 
-async def serve_app(app: web.Application, address: Address) -> tuple[web.AppRunner, Address]:
-    """Serve `app` (admin or metrics) on `address`; returns the runner (for cleanup) and the bound address."""
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise OSError(exc.errno, f"cannot serve on {address}: {exc.strerror}") from None
-    bound = runner.addresses[0]
-    return runner, Address(bound[0], bound[1])
+# Open connections per HTTP endpoint. A scraper and an operator need a few; a flood of
+# idle ones (aiohttp closes them only after its 75 s keep-alive timeout) would
+# otherwise take file descriptors from the data plane.
+MAX_HTTP_CONNECTIONS = 64
+
+
+class _TurnAway(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()  # before a byte is read: the descriptor is free at once
+
+
+class HttpEndpoint:
+    """An aiohttp app served on one address with at most `limit` connections open;
+    the ones beyond are closed at once, counted in `refused` and logged."""
+
+    def __init__(self, runner: web.AppRunner, limit: int) -> None:
+        self._runner = runner
+        self._limit = limit
+        self._server: asyncio.AbstractServer | None = None
+        self.address: Address | None = None
+        self.refused = 0
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        handlers = self._runner.server
+        assert handlers is not None
+        if len(handlers.connections) < self._limit:
+            return handlers()
+        self.refused += 1
+        if self.refused == 1 or self.refused % 1000 == 0:
+            log.warning("http://%s/: %d connection(s) refused so far, %d already open",
+                        self.address, self.refused, self._limit)
+        return _TurnAway()
+
+    async def start(self, address: Address) -> None:
+        await self._runner.setup()
+        try:
+            self._server = await asyncio.get_running_loop().create_server(
+                self._protocol, address.host, address.port, reuse_address=True)
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise OSError(exc.errno, f"cannot serve on {address}: {exc.strerror}") from None
+        bound = self._server.sockets[0].getsockname()
+        self.address = Address(bound[0], bound[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._runner.cleanup()  # closes the open connections too
+
+
+async def serve_app(app: web.Application, address: Address, limit: int = MAX_HTTP_CONNECTIONS) -> HttpEndpoint:
+    """Serve `app` (admin or metrics) on `address`; close() the result to stop."""
+    endpoint = HttpEndpoint(web.AppRunner(app, access_log=None), limit)
+    await endpoint.start(address)
+    return endpoint

@@ -9,11 +9,10 @@ import dataclasses
 import logging
 from typing import Any
 
-from aiohttp import web
 
 from fastmesh._version import __version__
 from fastmesh.addr import Address
-from fastmesh.admin import make_app, serve_app
+from fastmesh.admin import HttpEndpoint, make_app, serve_app
 from fastmesh.engine import IMPLEMENTATION
 from fastmesh.exchange import DEFAULT_MAX_PAYLOAD, INBOUND, ExchangeSettings, encode_frame
 from fastmesh.exposition import MetricsEndpoint
@@ -107,7 +106,7 @@ class Sidecar:
         self.admin_address: Address | None = None
         self.metrics_address: Address | None = None
         self.listener_configs: dict[int, ListenerConfig] = {}  # listener id -> the config it was opened with
-        self._runners: list[web.AppRunner] = []
+        self._http: list[HttpEndpoint] = []  # metrics, then admin
         self._reporter: asyncio.Task[None] | None = None
 
     async def _listen(self, listener_config: ListenerConfig, replacing: int | None = None) -> None:
@@ -164,14 +163,16 @@ class Sidecar:
                 self.relay.add_consumer(self.telemetry.on_batch)
                 endpoint = MetricsEndpoint(self.relay, self.telemetry, self.peers,
                                            before_scrape=self.relay.collect)
-                runner, self.metrics_address = await serve_app(endpoint.app(), config.metrics)
-                self._runners.append(runner)
+                http = await serve_app(endpoint.app(), config.metrics)
+                self._http.append(http)
+                self.metrics_address = http.address
                 log.info("metrics on http://%s/stats/prometheus", self.metrics_address)
                 self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
             if config.admin is not None:
-                runner, self.admin_address = await serve_app(
-                    make_app(self.relay, self.config_dump, self.peers.counters), config.admin)
-                self._runners.append(runner)
+                http = await serve_app(make_app(self.relay, self.config_dump, self.peers.counters,
+                                                self.http_refused), config.admin)
+                self._http.append(http)
+                self.admin_address = http.address
                 log.info("admin on http://%s/", self.admin_address)
         except BaseException:
             await self.stop(drain_timeout=0)
@@ -191,9 +192,9 @@ class Sidecar:
         await self.relay.close(self.config.drain_timeout if drain_timeout is None else drain_timeout)
         if self.telemetry is not None:
             self.telemetry.report()
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners.clear()
+        for http in self._http:
+            await http.close()
+        self._http.clear()
 
     def _listener_dump(self, listener: Listener) -> dict[str, Any]:
         routes = listener.routes
@@ -224,6 +225,10 @@ class Sidecar:
                 "detect_timeout_seconds": exchange.detect_timeout,
             },
         }
+
+    def http_refused(self) -> dict[str, int]:
+        """Connections turned away by the metrics and admin endpoints, by address."""
+        return {str(http.address): http.refused for http in self._http}
 
     def config_dump(self) -> dict[str, Any]:
         config = self.config

@@ -248,6 +248,27 @@ def test_a_frame_that_cannot_be_trusted_resets_the_connection_and_leaks_nothing(
     assert inbound.peers == {} and inbound.bytes == [0, 0, 0, 0]
 
 
+def test_identical_peer_frames_are_held_once_and_each_connection_still_gets_its_peer(make_engine, upstream):
+    # One workload sends the same frame on every connection: the engine keeps one
+    # copy for all of them. Distinct frames, more than it keeps, are each reported right.
+    frames = [independent_frame(dict(CLIENT, NAME=f"ratings-v2-{i}"), f"sidecar~10.0.0.{i}~r.default~x")
+              for i in range(20)]
+    sent = [frames[0]] * 30 + frames[1:] + frames[1:3]  # 30 alike, 19 new (past the 16 kept), 2 recent again
+    app = upstream(collect_all)
+    inbound = Side(make_engine, "inbound", SERVER_FRAME, app.address)
+    for i, frame in enumerate(sent):
+        with socket.create_connection(inbound.address) as client:
+            client.sendall(frame + b"app %d" % i)
+            client.shutdown(socket.SHUT_WR)
+            assert read_all(client) == (len(SERVER_FRAME), sha256(SERVER_FRAME))
+    assert sorted(app.wait(len(sent))) == sorted(b"app %d" % i for i in range(len(sent)))
+    inbound.wait_closed(len(sent))
+    assert sorted(inbound.peers.values()) == sorted(frame[8:] for frame in sent)
+    # 29 repeats of the first; frames 1 and 2 again, by then replaced among the 16 kept
+    assert inbound.stats()["exchange_frames_shared"] == 29
+    assert inbound.stats()["exchange_frames_received"] == len(sent)
+
+
 def test_memory_for_a_frame_follows_the_bytes_that_came_not_the_declared_size(make_engine, upstream):
     # 20 peers each declare a 60 KiB payload and send only the header: the engine
     # must not hold 20 x 60 KiB for them. Then the frames come whole, in pieces.

@@ -118,6 +118,7 @@ cdef enum:
 cdef enum:
     FRAME_HEADER = 8           # magic and payload length, both big-endian uint32
     FRAME_CHUNK = 4096         # a frame's buffer starts this small and grows with what arrives
+    FRAMES_KEPT = 16           # recent peer frames a worker keeps to share (each at most FRAME_CHUNK)
 
 cdef enum:
     PEER_NONE = 0              # nothing to report
@@ -161,6 +162,14 @@ for _name, _code in (
 ):
     if CloseReason[_name] != _code:
         raise ImportError(f"fastmesh._core close code {_name} does not match fastmesh.reasons")
+
+
+cdef struct Frame:
+    # A peer's frame, header included. A workload sends the same frame on every
+    # connection, so the connections that received the same bytes share one.
+    int refs
+    uint32_t len
+    char *data
 
 
 cdef struct Flow:
@@ -226,10 +235,11 @@ cdef struct Conn:
     bint xcan_send             # our frame may still go first toward the peer
     bint xstarted              # frame bytes have been seen: the frame deadline runs
     int xreport                # PEER_* waiting for collect()
-    char *xbuf                 # the peer's frame, header included
+    char *xbuf                 # the peer's frame while it arrives, header included
     uint32_t xlen
     uint32_t xgot
     uint32_t xcap              # bytes allocated at xbuf (up to xlen)
+    Frame *xpeer               # the peer's frame once read, until collect() takes it
 
 
 cdef struct ClosedRecord:
@@ -240,8 +250,7 @@ cdef struct ClosedRecord:
     int err
     uint64_t delta[4]
     int peer_state             # PEER_*
-    char *peer                 # the frame of a PEER_FOUND, header included, owned by the record
-    uint32_t peer_len
+    Frame *peer                # the frame of a PEER_FOUND (a reference the record holds)
 
 
 cdef struct Cluster:
@@ -342,6 +351,10 @@ cdef struct Worker:
     uint64_t x_too_large
     uint64_t x_truncated
     uint64_t x_timed_out
+    uint64_t x_shared
+    Frame *kept[FRAMES_KEPT]   # recent distinct peer frames, each with a reference of its own
+    int nkept
+    int kept_next              # the one to replace when all are in use
 
 
 # ---------------------------------------------------------------- small helpers
@@ -461,6 +474,47 @@ cdef void release_flow(Worker *w, Flow *f) noexcept nogil:
     f.pending = 0
 
 
+# ---------------------------------------------------------------- shared peer frames
+
+cdef void release_frame(Frame *f) noexcept nogil:
+    if f != NULL:
+        f.refs -= 1
+        if f.refs == 0:
+            free(f.data)
+            free(f)
+
+
+cdef Frame *share_frame(Worker *w, char *data, uint32_t length) noexcept nogil:
+    """A reference to a frame holding `data`, which it takes over: one the worker
+    keeps if the same bytes came before, else a new one, kept for the connections
+    to come. NULL without memory."""
+    cdef Frame *f
+    cdef int i
+    for i in range(w.nkept):
+        f = w.kept[i]
+        if f.len == length and memcmp(f.data, data, length) == 0:
+            free(data)
+            f.refs += 1
+            w.x_shared += 1
+            return f
+    f = <Frame *>malloc(sizeof(Frame))
+    if f == NULL:
+        free(data)
+        return NULL
+    f.data = data
+    f.len = length
+    f.refs = 1
+    if length <= FRAME_CHUNK:  # a large frame is not kept: what a peer can pin stays small
+        if w.nkept < FRAMES_KEPT:
+            w.nkept += 1
+        else:
+            release_frame(w.kept[w.kept_next])  # connections still holding it keep it alive
+        w.kept[w.kept_next] = f
+        w.kept_next = (w.kept_next + 1) % FRAMES_KEPT
+        f.refs += 1
+    return f
+
+
 # ---------------------------------------------------------------- connection lifecycle
 
 cdef ClosedRecord *record_closed(Worker *w, uint64_t conn_id, int listener_id, int upstream_index,
@@ -493,7 +547,6 @@ cdef ClosedRecord *record_closed(Worker *w, uint64_t conn_id, int listener_id, i
     r.delta[3] = d3
     r.peer_state = PEER_NONE
     r.peer = NULL
-    r.peer_len = 0
     return r
 
 
@@ -585,9 +638,10 @@ cdef void finish(Worker *w, Conn *c, int reason, int err) noexcept nogil:
     if r != NULL and c.xreport != PEER_NONE:
         r.peer_state = c.xreport
         if c.xreport == PEER_FOUND:
-            r.peer = c.xbuf
-            r.peer_len = c.xlen
-            c.xbuf = NULL
+            r.peer = c.xpeer
+            c.xpeer = NULL
+    release_frame(c.xpeer)
+    c.xpeer = NULL
     free(c.xbuf)
     c.xbuf = NULL
     if c.prev != NULL:
@@ -780,7 +834,9 @@ cdef int read_peer_frame(Worker *w, Conn *c, int s) noexcept nogil:
             w.err = errno
             return FAILED
     w.x_frames_received += 1
-    exchange_settled(w, c, PEER_FOUND)
+    c.xpeer = share_frame(w, c.xbuf, c.xlen)
+    c.xbuf = NULL
+    exchange_settled(w, c, PEER_FOUND)  # without memory for xpeer, only who the peer is is lost
     return MOVED
 
 
@@ -1435,8 +1491,10 @@ cdef class Engine:
                 for j in range(w.nbufs):
                     free(w.bufs[j])
                 for j in range(w.nclosed):
-                    free(w.closed[j].peer)
+                    release_frame(w.closed[j].peer)
                 free(w.closed)
+                for j in range(w.nkept):
+                    release_frame(w.kept[j])
                 if w.epfd >= 0:
                     close(w.epfd)
                 if w.wakefd >= 0:
@@ -1685,26 +1743,26 @@ cdef class Engine:
                 if changed:
                     updated.append((c.id, d[0], d[1], d[2], d[3]))
                 if c.xreport != PEER_NONE:
-                    if c.xreport == PEER_FOUND:
-                        last_payload = payload_of(c.xbuf, c.xlen, last_payload)
+                    if c.xreport == PEER_FOUND and c.xpeer != NULL:
+                        last_payload = payload_of(c.xpeer.data, c.xpeer.len, last_payload)
                         peers.append((c.id, last_payload))
                     else:
                         peers.append((c.id, None))
                     c.xreport = PEER_NONE
-                    free(c.xbuf)
-                    c.xbuf = NULL
+                    release_frame(c.xpeer)
+                    c.xpeer = NULL
                 c = c.next
             for j in range(w.nclosed):
                 r = &w.closed[j]
                 closed.append((r.id, r.listener_id, r.upstream_index, r.reason, r.err,
                                r.delta[0], r.delta[1], r.delta[2], r.delta[3]))
                 if r.peer_state != PEER_NONE:
-                    if r.peer_state == PEER_FOUND:
-                        last_payload = payload_of(r.peer, r.peer_len, last_payload)
+                    if r.peer_state == PEER_FOUND and r.peer != NULL:
+                        last_payload = payload_of(r.peer.data, r.peer.len, last_payload)
                         peers.append((r.id, last_payload))
                     else:
                         peers.append((r.id, None))
-                    free(r.peer)
+                    release_frame(r.peer)
                     r.peer = NULL
             w.nclosed = 0
             pthread_mutex_unlock(&w.lock)
@@ -1777,6 +1835,7 @@ cdef class Engine:
             totals["exchange_frames_too_large"] += w.x_too_large
             totals["exchange_frames_truncated"] += w.x_truncated
             totals["exchange_frames_timed_out"] += w.x_timed_out
+            totals["exchange_frames_shared"] += w.x_shared
             c = w.conns
             while c != NULL:
                 if c.xread == XR_PAYLOAD:

@@ -44,6 +44,8 @@ DOWN, UP = 0, 1  # the side that connected to us, the side we connected to
 _EMPTY = memoryview(b"")
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends RST, not FIN
 _ACCEPT_PAUSE = 0.1
+_FRAME_CHUNK = 4096  # the largest peer frame kept for sharing, header included, as in _core
+_FRAMES_KEPT = 16
 _SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST has the same value
 # Out of fds or memory: retrying at once would spin, so the listener pauses.
 _ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -280,6 +282,7 @@ class _Worker:
         self.peers: list[Peer] = []  # of closed connections, waiting for collect()
         self.listeners: dict[int, _Listener] = {}  # only worker 0 accepts
         self.closed: list[Closed] = []  # records waiting for collect()
+        self.kept: dict[bytes, bytes] = {}  # recent distinct peer payloads, shared by the connections that got them
         self.counters = {name: 0 for name in _STATS if name not in _GAUGES}
         self.stopping = False
         self.thread: Optional[threading.Thread] = None
@@ -709,9 +712,21 @@ class _Worker:
             conn.xpayload += data
         if len(conn.xpayload) == conn.xlen:
             self.counters["exchange_frames_received"] += 1
-            self._settle(conn, bytes(conn.xpayload))
+            self._settle(conn, self._share(bytes(conn.xpayload)))
             conn.xpayload = None
             self._sync(conn)
+
+    def _share(self, payload: bytes) -> bytes:
+        """The payload object of a recent identical frame, else this one, kept (if small)."""
+        kept = self.kept.get(payload)
+        if kept is not None:
+            self.counters["exchange_frames_shared"] += 1
+            return kept
+        if HEADER.size + len(payload) <= _FRAME_CHUNK:
+            if len(self.kept) == _FRAMES_KEPT:
+                del self.kept[next(iter(self.kept))]  # the oldest
+            self.kept[payload] = payload
+        return payload
 
     def _exchange_timer(self, conn: _Conn) -> None:
         try:

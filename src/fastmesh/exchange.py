@@ -45,6 +45,7 @@ EXCHANGE_STATS = (
     "exchange_frames_too_large",  # declared payload above the limit: connection reset
     "exchange_frames_truncated",  # the stream ended inside a frame: connection reset
     "exchange_frames_timed_out",  # a frame started and did not complete in time: connection reset
+    "exchange_frames_shared",  # a peer frame identical to a recent one: held once for both
     "exchange_partial_bytes",  # a gauge: memory held for peer frames still arriving
 )
 

@@ -270,8 +270,8 @@ def test_identical_peer_frames_are_held_once_and_each_connection_still_gets_its_
 
 
 def test_memory_for_a_frame_follows_the_bytes_that_came_not_the_declared_size(make_engine, upstream):
-    # 20 peers each declare a 60 KiB payload and send only the header: the engine
-    # must not hold 20 x 60 KiB for them. Then the frames come whole, in pieces.
+    # 20 peers each declare a payload of over 50 KiB and send only the header: the
+    # engine must not hold 20 times that for them. Then the frames come, in pieces.
     metadata = dict(CLIENT, LABELS={f"label-{i}": "v" * 40 for i in range(1000)})
     frame = independent_frame(metadata, "sidecar~10.0.0.1~big.default~default.svc.cluster.local")
     assert 50_000 < len(frame) - 8 < 64 * 1024

@@ -62,7 +62,7 @@ _STATS = (
 # Computed by stats() from live state, or always 0 here (no pipes; closed records
 # are kept in an unbounded list); the others are counters kept by each worker.
 _GAUGES = ("active_connections", "pipes_in_use", "pipes_pooled", "buffers_in_use",
-           "splice_fallbacks", "records_dropped")
+           "splice_fallbacks", "records_dropped", "exchange_partial_bytes")
 # The records of collect(), as in _core.pyi.
 Opened = tuple[int, int, int]
 Updated = tuple[int, int, int, int, int]

@@ -9,7 +9,6 @@ import dataclasses
 import logging
 from typing import Any
 
-
 from fastmesh._version import __version__
 from fastmesh.addr import Address
 from fastmesh.admin import HttpEndpoint, make_app, serve_app

@@ -1424,6 +1424,18 @@ cdef object payload_of(char *frame, uint32_t length, object previous):
     return frame[FRAME_HEADER:length]
 
 
+cdef object report_peer(list peers, uint64_t conn_id, int state, Frame *frame, object previous):
+    """Add a settled peer to collect()'s list: (conn id, payload), or (conn id, None)
+    for a peer that sent no frame. Releases the frame; returns the payload object
+    the next report may reuse."""
+    cdef object payload = None
+    if state == PEER_FOUND and frame != NULL:
+        payload = previous = payload_of(frame.data, frame.len, previous)
+    peers.append((conn_id, payload))
+    release_frame(frame)
+    return previous
+
+
 cdef class Engine:
     """Relays TCP between socket pairs in native worker threads."""
 
@@ -1743,13 +1755,8 @@ cdef class Engine:
                 if changed:
                     updated.append((c.id, d[0], d[1], d[2], d[3]))
                 if c.xreport != PEER_NONE:
-                    if c.xreport == PEER_FOUND and c.xpeer != NULL:
-                        last_payload = payload_of(c.xpeer.data, c.xpeer.len, last_payload)
-                        peers.append((c.id, last_payload))
-                    else:
-                        peers.append((c.id, None))
+                    last_payload = report_peer(peers, c.id, c.xreport, c.xpeer, last_payload)
                     c.xreport = PEER_NONE
-                    release_frame(c.xpeer)
                     c.xpeer = NULL
                 c = c.next
             for j in range(w.nclosed):
@@ -1757,12 +1764,7 @@ cdef class Engine:
                 closed.append((r.id, r.listener_id, r.upstream_index, r.reason, r.err,
                                r.delta[0], r.delta[1], r.delta[2], r.delta[3]))
                 if r.peer_state != PEER_NONE:
-                    if r.peer_state == PEER_FOUND and r.peer != NULL:
-                        last_payload = payload_of(r.peer.data, r.peer.len, last_payload)
-                        peers.append((r.id, last_payload))
-                    else:
-                        peers.append((r.id, None))
-                    release_frame(r.peer)
+                    last_payload = report_peer(peers, r.id, r.peer_state, r.peer, last_payload)
                     r.peer = NULL
             w.nclosed = 0
             pthread_mutex_unlock(&w.lock)

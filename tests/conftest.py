@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import pytest
 from google.protobuf import any_pb2, struct_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from fastmesh import _engine_py
 from fastmesh.exchange import HEADER, MAGIC
@@ -243,6 +244,14 @@ class RunningSidecar(BackgroundSidecar):
             "http://%s:%d%s" % (*self.sidecar.metrics_address, path), headers={"Accept": accept})
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.headers["Content-Type"], response.read().decode()
+
+    def samples(self) -> dict[str, list]:
+        """The scraped samples by name (each name may have several label sets)."""
+        found: dict[str, list] = {}
+        for family in text_string_to_metric_families(self.scrape()[1]):
+            for sample in family.samples:
+                found.setdefault(sample.name, []).append(sample)
+        return found
 
 
 @pytest.fixture

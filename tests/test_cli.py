@@ -44,8 +44,9 @@ class Serve:
         )
         self.wait_ready()
 
-    def get(self, path: str) -> tuple[int, str]:
-        url = "http://%s:%d%s" % (*self.admin, path)
+    def get(self, path: str, address: tuple[str, int] | None = None) -> tuple[int, str]:
+        """GET `path` from the admin port, or from `address` (say, the metrics port)."""
+        url = "http://%s:%d%s" % (*(address or self.admin), path)
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 return response.status, response.read().decode()
@@ -133,8 +134,8 @@ def test_logs_on_a_full_disk_change_nothing_else(serve, upstream):
         assert read_all(client) == (len(request), sha256(request))
         client.sendall(request[:1000])
     assert server.wait(1) == [(1000, sha256(request[:1000]))]
-    with urllib.request.urlopen("http://%s:%d/stats/prometheus" % proxy.metrics, timeout=10) as response:
-        assert "istio_tcp_connections_opened_total{" in response.read().decode()
+    status, body = proxy.get("/stats/prometheus", proxy.metrics)
+    assert status == 200 and "istio_tcp_connections_opened_total{" in body
     assert proxy.stop() == 0
 
 
@@ -155,8 +156,7 @@ def test_hostile_bytes_on_the_admin_and_metrics_ports_are_refused_and_serving_go
                 answer = b""
             assert answer == b"" or re.match(rb"HTTP/1\.[01] 400 ", answer), answer
     assert proxy.get("/ready") == (200, "LIVE\n")
-    with urllib.request.urlopen("http://%s:%d/stats/prometheus" % proxy.metrics, timeout=10) as response:
-        assert response.status == 200
+    assert proxy.get("/stats/prometheus", proxy.metrics)[0] == 200
     assert proxy.stop() == 0
 
 
@@ -181,9 +181,8 @@ def test_a_flood_of_idle_connections_to_the_metrics_port_is_capped_and_counted(s
     deadline = time.monotonic() + 10
     while True:
         try:
-            with urllib.request.urlopen("http://%s:%d/stats/prometheus" % proxy.metrics, timeout=10) as response:
-                assert response.status == 200
-                break
+            assert proxy.get("/stats/prometheus", proxy.metrics)[0] == 200
+            break
         except OSError:  # the closes may not all be seen yet
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -262,9 +261,7 @@ def test_two_serve_processes_learn_each_others_identity(serve, upstream):
                               (inbound, 'source_workload="ratings-v2"')):
         deadline = time.monotonic() + 20
         while True:
-            url = "http://%s:%d/stats/prometheus" % proxy.metrics
-            with urllib.request.urlopen(url, timeout=5) as response:
-                text = response.read().decode()
+            text = proxy.get("/stats/prometheus", proxy.metrics)[1]
             opened = [line for line in text.splitlines() if line.startswith("istio_tcp_connections_opened_total")]
             if opened or time.monotonic() > deadline:
                 break

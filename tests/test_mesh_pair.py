@@ -12,7 +12,6 @@ import time
 import pymysql
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import RATINGS_V2
 from fastmesh.addr import Address
@@ -42,19 +41,10 @@ def start_pair(sidecar, database: tuple[str, int], database_node: NodeMetadata, 
     return outbound, inbound
 
 
-def samples(running) -> dict[str, list]:
-    _, text = running.scrape()
-    found: dict[str, list] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found.setdefault(sample.name, []).append(sample)
-    return found
-
-
 def wait_closed(running, connections: int, timeout: float = 20.0) -> dict[str, list]:
     deadline = time.monotonic() + timeout
     while True:
-        found = samples(running)
+        found = running.samples()
         closed = sum(s.value for s in found.get("istio_tcp_connections_closed_total", []))
         if closed >= connections or time.monotonic() > deadline:
             return found
@@ -161,7 +151,7 @@ def test_a_sidecar_pair_in_front_of_mariadb_learns_both_identities(mariadb_port,
     check_both_reporters(outbound, inbound, 4, MYSQLDB_V1, service)
     # The greeting never waited for the detect timeout: the mesh client's frame was there first.
     assert "detect_timeout" not in {
-        s.labels["event"] for s in samples(inbound)["fastmesh_metadata_exchange_total"] if s.value}
+        s.labels["event"] for s in inbound.samples()["fastmesh_metadata_exchange_total"] if s.value}
 
 
 def test_a_plain_mariadb_client_through_an_inbound_sidecar_is_an_unknown_source(mariadb_port, sidecar):

@@ -8,7 +8,6 @@ import socket
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import MONGODB_SERVICE, MONGODB_V1, RATINGS_V2
 from fastmesh.addr import Address
@@ -214,17 +213,16 @@ def test_a_client_that_never_speaks_is_reported_while_its_connection_stays_open(
         assert client.recv(len(greeting), socket.MSG_WAITALL) == greeting
         deadline = time.monotonic() + 20
         while True:
-            found = {sample.name: sample for family in text_string_to_metric_families(inbound.scrape()[1])
-                     for sample in family.samples if sample.name.startswith("istio_tcp_")}
+            found = inbound.samples()
             if "istio_tcp_sent_bytes_total" in found or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        sent = found["istio_tcp_sent_bytes_total"]
+        (sent,) = found["istio_tcp_sent_bytes_total"]
         assert sent.value == len(greeting) and sent.labels["source_workload"] == "unknown"
         assert sent.labels["destination_workload"] == "mongodb-v1"
-        assert found["istio_tcp_connections_opened_total"].value == 1
-        assert found["istio_tcp_connections_closed_total"].value == 0  # still open
-        assert found["istio_tcp_received_bytes_total"].value == 0
+        assert [s.value for s in found["istio_tcp_connections_opened_total"]] == [1]
+        assert [s.value for s in found["istio_tcp_connections_closed_total"]] == [0]  # still open
+        assert [s.value for s in found["istio_tcp_received_bytes_total"]] == [0]
 
 
 def test_pairs_outside_any_listener_are_not_reported():

@@ -337,9 +337,10 @@ def parse_variant(text: str) -> RelaySpec:
 
 
 def fastmesh_env(extra: dict[str, str]) -> dict[str, str]:
-    # Run the working tree's package even when it is not pip-installed.
+    # Run the working tree's package even when it is not pip-installed; a variant's
+    # FASTMESH_SRC=DIR runs the package in DIR instead (another build, side by side).
     env = dict(os.environ, **extra)
-    src = str(REPO / "src")
+    src = env.pop("FASTMESH_SRC", None) or str(REPO / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     return env
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from fastmesh.addr import Address
 from fastmesh.identity import NodeMetadata, Workload
-from fastmesh.sidecar import BackgroundSidecar, SidecarConfig
-from fastmesh.telemetry import OUTBOUND
+from fastmesh.routing import OUTBOUND
+from fastmesh.settings import ListenerConfig, SidecarConfig
+from fastmesh.sidecar import BackgroundSidecar
 
 BENCH = Path(__file__).resolve().parent
 
@@ -77,10 +78,10 @@ def main() -> int:
         upstream_port = int(clients.stdout.readline())
         node = NodeMetadata({"NAME": "ratings-v2-1", "NAMESPACE": "default", "WORKLOAD_NAME": "ratings-v2",
                              "LABELS": {"app": "ratings", "version": "v2"}})
-        config = SidecarConfig(listen=Address("127.0.0.1", 0), upstreams=[Address("127.0.0.1", upstream_port)],
-                               admin=None, metrics=Address("127.0.0.1", 0), direction=OUTBOUND,
-                               node_metadata=node, destination_service="mongodb.default.svc.cluster.local",
-                               reporting_duration=0.5)
+        listener = ListenerConfig.to_upstreams(Address("127.0.0.1", 0), [("127.0.0.1", upstream_port)], OUTBOUND,
+                                               "mongodb.default.svc.cluster.local")
+        config = SidecarConfig(listeners=[listener], admin=None, metrics=Address("127.0.0.1", 0),
+                               node_metadata=node, reporting_duration=0.5)
         running = BackgroundSidecar(config)
         peers = [Workload(f"client-{i}", f"ns-{i % 10}", f"app-{i}", "v1", f"app-{i}", "v1", "Kubernetes")
                  for i in range(args.label_sets)]

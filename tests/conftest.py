@@ -19,6 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastmesh import _engine_py
 from fastmesh.exchange import HEADER, MAGIC
 from fastmesh.identity import NodeMetadata
+from fastmesh.records import Closed, Opened, Updated
+from fastmesh.routing import OUTBOUND, RouteTable
+from fastmesh.settings import ListenerConfig, SidecarConfig
 from fastmesh.sidecar import BackgroundSidecar
 
 try:
@@ -26,7 +29,11 @@ try:
 except ImportError:  # test_engine_selection.py reports this as a failure
     _core = None
 
-ENGINE_MODULES = {"cython": _core, "python": _engine_py}
+NO_EXTENSIONS = bool(os.environ.get("FASTMESH_NO_EXTENSIONS"))
+# Every engine test runs on both engines; under FASTMESH_NO_EXTENSIONS=1 (the
+# second run of the README's test command) the whole suite runs on the twin only.
+ENGINE_MODULES = {"python": _engine_py} if NO_EXTENSIONS else {"cython": _core, "python": _engine_py}
+EXPECTED_IMPLEMENTATION = "python" if NO_EXTENSIONS else "cython"  # what fastmesh.engine must pick
 
 
 @pytest.fixture(params=sorted(ENGINE_MODULES))
@@ -141,7 +148,7 @@ def relay_to(make_engine):
         sock = listening_socket()
         sock.setblocking(False)
         sockets.append(sock)
-        engine.add_listener(sock.fileno(), [address], connect_timeout)
+        engine.add_listener(sock.fileno(), RouteTable.single([address], connect_timeout))
         engine.start()
         return engine, sock.getsockname()
 
@@ -186,8 +193,9 @@ class ConnRecord:
 
     opened: bool = False
     closed: bool = False
-    listener_id: int = -2
-    upstream_index: int = -2
+    listener_id: int | None = None
+    cluster: int | None = None
+    endpoint: int | None = None
     reason: int = 0
     err: int = 0
     bytes: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # down_rx, down_tx, up_rx, up_tx
@@ -202,23 +210,25 @@ class Collector:
         self.updates_for_closed = 0
 
     def collect(self) -> None:
-        opened, updated, closed, _ = self.engine.collect()
-        for conn_id, listener_id, upstream_index in opened:
-            record = self.conns[conn_id]
+        batch = self.engine.collect()
+        for opened in batch.opened:
+            record = self.conns[opened.conn_id]
             assert not record.opened, "a connection was reported opened twice"
             record.opened = True
-            record.listener_id, record.upstream_index = listener_id, upstream_index
-        for conn_id, *deltas in updated:
-            record = self.conns[conn_id]
+            record.listener_id, record.cluster, record.endpoint = opened.listener_id, opened.cluster, opened.endpoint
+        for updated in batch.updated:
+            record = self.conns[updated.conn_id]
             assert not record.closed, "an update arrived after the close"
-            record.bytes = [a + b for a, b in zip(record.bytes, deltas)]
-        for conn_id, listener_id, upstream_index, reason, err, *deltas in closed:
-            record = self.conns[conn_id]
+            record.bytes = [a + b for a, b in zip(record.bytes, updated[1:])]
+        for closed in batch.closed:
+            record = self.conns[closed.conn_id]
             assert not record.closed, "a connection was reported closed twice"
+            if record.opened:
+                assert (record.listener_id, record.cluster, record.endpoint) == closed[1:4]
             record.closed = True
-            record.listener_id, record.upstream_index = listener_id, upstream_index
-            record.reason, record.err = reason, err
-            record.bytes = [a + b for a, b in zip(record.bytes, deltas)]
+            record.listener_id, record.cluster, record.endpoint = closed.listener_id, closed.cluster, closed.endpoint
+            record.reason, record.err = closed.reason, closed.errno
+            record.bytes = [a + b for a, b in zip(record.bytes, closed[6:])]
 
     def closed(self) -> list[ConnRecord]:
         return [r for r in self.conns.values() if r.closed]
@@ -252,6 +262,29 @@ class RunningSidecar(BackgroundSidecar):
             for sample in family.samples:
                 found.setdefault(sample.name, []).append(sample)
         return found
+
+
+def opened(conn_id: int, listener_id: int | None = 0, cluster: int | None = 0,
+           endpoint: int | None = 0) -> Opened:
+    return Opened(conn_id, listener_id, cluster, endpoint)
+
+
+def updated(conn_id: int, received: int, sent: int) -> Updated:
+    """What a relay reports when it read `received` bytes from the downstream (and
+    wrote them upstream) and wrote `sent` back."""
+    return Updated(conn_id, received, sent, sent, received)
+
+
+def closed(conn_id: int, reason: int, received: int = 0, sent: int = 0, listener_id: int | None = 0,
+           cluster: int | None = 0, endpoint: int | None = 0, errno: int = 0) -> Closed:
+    return Closed(conn_id, listener_id, cluster, endpoint, reason, errno, received, sent, sent, received)
+
+
+def one_listener(listen: Any, upstreams: list, direction: str = OUTBOUND, destination_service: str = "",
+                 mesh_peer: bool = False, **options: Any) -> SidecarConfig:
+    """A sidecar config with one listener to `upstreams`, as `serve --listen --upstream` builds it."""
+    listener = ListenerConfig.to_upstreams(listen, upstreams, direction, destination_service, mesh_peer)
+    return SidecarConfig(listeners=[listener], **options)
 
 
 @pytest.fixture

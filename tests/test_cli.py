@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_closed_by_relay, free_port, random_bytes, read_all, sha256
+from conftest import EXPECTED_IMPLEMENTATION, assert_closed_by_relay, free_port, random_bytes, read_all, sha256
 from fastmesh.admin import MAX_HTTP_CONNECTIONS
 
 MiB = 1 << 20
@@ -100,6 +101,33 @@ def serve(tmp_path):
             process.process.wait()
 
 
+def test_admin_connections_shows_each_open_connection_and_its_bytes(serve, upstream):
+    release = threading.Event()
+
+    def hold(conn: socket.socket) -> None:
+        conn.sendall(conn.recv(5) + b"!")
+        release.wait(20)
+
+    proxy = serve(upstream(hold).address)
+    try:
+        with socket.create_connection(proxy.listen) as client:
+            client.sendall(b"hello")
+            assert client.recv(6, socket.MSG_WAITALL) == b"hello!"
+            status, body = proxy.get("/connections")
+            assert status == 200
+            (connection,) = json.loads(body)
+            assert {k: connection[k] for k in ("listener_id", "cluster", "endpoint", "state")} == {
+                "listener_id": 0, "cluster": 0, "endpoint": 0, "state": "open"}
+            assert connection["downstream"] == {"eof": False, "shut": False, "pending": 0, "rx": 5, "tx": 5}
+            assert connection["upstream"] == {"eof": False, "shut": False, "pending": 0, "rx": 6, "tx": 6}
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while proxy.get("/connections")[1] != "[]" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.get("/connections") == (200, "[]")
+
+
 def test_serve_relays_exact_bytes_and_exits_cleanly_on_sigterm(serve, upstream):
     response = random_bytes(3 * MiB)
 
@@ -118,7 +146,7 @@ def test_serve_relays_exact_bytes_and_exits_cleanly_on_sigterm(serve, upstream):
     assert server.wait(1) == [(len(request), sha256(request))]
 
     stats = proxy.stats()
-    assert stats["implementation"] == "cython"
+    assert stats["implementation"] == EXPECTED_IMPLEMENTATION
     assert proxy.stop(signal.SIGTERM) == 0
     output = proxy.output()
     assert "stopped after 1 connection(s), %d bytes in, %d bytes out" % (len(request), len(response)) in output

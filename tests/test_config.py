@@ -203,7 +203,7 @@ def test_a_plan_follows_the_virtual_service_and_the_destination_rule(tmp_path):
                 "  - {port: {number: 7000}, loadBalancer: {simple: LEAST_CONN}}")
     built = plan(load_documents([path]))
     (listener,) = built.sidecar.listeners
-    routes = listener.upstreams
+    routes = listener.routes
     assert isinstance(routes, RouteTable)
     assert [(c.name, c.endpoints, c.lb, c.max_connections, c.connect_timeout) for c in routes.clusters] == [
         ("outbound|7000|v1|db.default.svc.cluster.local", (("10.0.0.1", 7001),), "LEAST_CONN", 5, 0.25),
@@ -217,10 +217,10 @@ def test_the_bookinfo_example_plans_a_mesh_peer_endpoint():
     files = ["mesh.yaml", "destination-rule-mongodb.yaml", "virtual-service-mongodb.yaml", "ratings-v2-sidecar.yaml"]
     built = plan(load_documents([BOOKINFO / f for f in files]))
     (listener,) = built.sidecar.listeners
-    (cluster,) = listener.upstreams.clusters  # type: ignore[union-attr]
+    (cluster,) = listener.routes.clusters
     assert (cluster.endpoints, cluster.mesh_peers, cluster.lb, cluster.max_connections) == (
         (("127.0.0.1", 15006),), (True,), "LEAST_CONN", 100)
-    assert built.sidecar.exchange_settings("outbound", listener.upstreams) is not None  # type: ignore[arg-type]
+    assert built.sidecar.exchange_settings(listener) is not None
 
 
 def answering(upstream, *answers: bytes) -> list[tuple[str, int]]:

@@ -86,8 +86,8 @@ def test_weighted_routes_split_connections_exactly(make_engine, servers):
     assert answers == {b"0": 800, b"1": 200}
     collector = Collector(engine)
     records = collector.wait_closed(1000)
-    # upstream_index names the endpoint, in the order of RouteTable.endpoints().
-    assert collections.Counter(r.upstream_index for r in records) == {0: 800, 1: 200}
+    # Each record names its cluster and the endpoint in it.
+    assert collections.Counter((r.cluster, r.endpoint) for r in records) == {(0, 0): 800, (1, 0): 200}
 
 
 def test_round_robin_and_random_spread_over_a_clusters_endpoints(make_engine, servers):
@@ -130,23 +130,23 @@ def test_least_conn_sends_new_connections_to_the_least_loaded_endpoint(make_engi
         client.close()
 
 
-def turned_away(engine, address, reason: CloseReason, upstream_index: int) -> None:
+def turned_away(engine, address, reason: CloseReason, cluster: int | None) -> None:
     with socket.create_connection(address) as client:
         assert_closed_by_relay(client)
     (record,) = Collector(engine).wait_closed(1)
-    assert (record.reason, record.upstream_index) == (reason, upstream_index)
+    assert (record.reason, record.cluster, record.endpoint) == (reason, cluster, None)
 
 
 def test_no_route_no_endpoint_and_overflow_turn_the_client_away(make_engine, servers):
     backends = servers(1)
     backends.hold = True
     engine, sock = routed(make_engine, RouteTable((Cluster("nothing", "svc"),), ()))
-    turned_away(engine, sock.getsockname(), CloseReason.NO_ROUTE, -1)
+    turned_away(engine, sock.getsockname(), CloseReason.NO_ROUTE, None)
     assert engine.stats()["no_route"] == 1
 
     empty, full = Cluster("empty", "svc"), Cluster("full", "svc", (backends.address(0),), max_connections=1)
     engine, sock = routed(make_engine, RouteTable((full, empty), ((1, 1),)))
-    turned_away(engine, sock.getsockname(), CloseReason.NO_HEALTHY_UPSTREAM, -2 - 1)  # -2 - cluster index
+    turned_away(engine, sock.getsockname(), CloseReason.NO_HEALTHY_UPSTREAM, 1)
     assert engine.stats()["no_healthy_upstream"] == 1
 
     engine, sock = routed(make_engine, RouteTable((full,), ((0, 1),)))
@@ -154,7 +154,7 @@ def test_no_route_no_endpoint_and_overflow_turn_the_client_away(make_engine, ser
     deadline = time.monotonic() + 10
     while backends.accepted[0] < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    turned_away(engine, sock.getsockname(), CloseReason.OVERFLOW, -2)
+    turned_away(engine, sock.getsockname(), CloseReason.OVERFLOW, 0)
     assert engine.stats()["upstream_overflows"] == 1
     first.close()  # the cluster's slot is free again once the first connection ends
     with backends.lock:
@@ -177,3 +177,9 @@ def test_the_schedule_follows_weights_and_tolerates_zero_weights():
     assert RouteTable((a,), ()).schedule() == ()
     with pytest.raises(ValueError, match="route to cluster 3"):
         RouteTable((a,), ((3, 1),))
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_cluster_refuses_a_connect_timeout_no_engine_can_keep(timeout):
+    with pytest.raises(ValueError, match="connect timeout must be positive"):
+        Cluster("c", "svc", (("127.0.0.1", 1),), connect_timeout=timeout)

@@ -7,11 +7,12 @@ import struct
 
 import pytest
 from conftest import independent_frame
+from frame_oracle import FrameReader, Outcome, ReadResult
 from google.protobuf import any_pb2, struct_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastmesh.exchange import MAGIC, FrameReader, Outcome, ReadResult, decode_payload, encode_frame
+from fastmesh.exchange import MAGIC, decode_payload, encode_frame
 
 NODE = {"NAME": "p", "NAMESPACE": "default", "LABELS": {"app": "a"}}
 NODE_ID = "sidecar~10.0.0.1~p.default~default.svc.cluster.local"

@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 from conftest import assert_closed_by_relay, independent_frame, listening_socket, random_bytes, read_all, sha256
+from frame_oracle import FrameReader, Outcome
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastmesh.exchange import MAGIC, ExchangeSettings, FrameReader, Outcome, decode_payload
+from fastmesh.contract import FRAME_CHUNK, frame_buffer_size
+from fastmesh.exchange import MAGIC, ExchangeSettings, decode_payload
 from fastmesh.reasons import CloseReason
 from fastmesh.routing import RouteTable
 
@@ -36,7 +38,7 @@ class Side:
         self.sock = listening_socket()
         self.sock.setblocking(False)
         routes = RouteTable.single([upstream], mesh_peer=mesh_peer)
-        self.engine.add_listener(self.sock.fileno(), routes, 5.0, ExchangeSettings(role, frame, **settings))
+        self.engine.add_listener(self.sock.fileno(), routes, ExchangeSettings(role, frame, **settings))
         self.engine.start()
         self.address = self.sock.getsockname()
         self.peers: dict[int, bytes | None] = {}
@@ -48,8 +50,8 @@ class Side:
         for conn_id, *deltas in updated:
             self.bytes = [a + b for a, b in zip(self.bytes, deltas)]
         for record in closed:
-            self.closed[record[0]] = record
-            self.bytes = [a + b for a, b in zip(self.bytes, record[5:])]
+            self.closed[record.conn_id] = record
+            self.bytes = [a + b for a, b in zip(self.bytes, record[6:])]
         for conn_id, payload in peers:
             assert conn_id not in self.peers, "a peer was reported twice"
             self.peers[conn_id] = payload
@@ -242,7 +244,7 @@ def test_a_frame_that_cannot_be_trusted_resets_the_connection_and_leaks_nothing(
     assert_closed_by_relay(client)
     client.close()
     (record,) = inbound.wait_closed(1)
-    assert record[3] == CloseReason.DOWNSTREAM_PROTOCOL_ERROR
+    assert record.reason == CloseReason.DOWNSTREAM_PROTOCOL_ERROR
     assert app.wait(1) == [b""]  # not one byte of the frame reached the app
     assert inbound.stats()[reason_stat] == 1
     assert inbound.peers == {} and inbound.bytes == [0, 0, 0, 0]
@@ -269,6 +271,13 @@ def test_identical_peer_frames_are_held_once_and_each_connection_still_gets_its_
     assert inbound.stats()["exchange_frames_received"] == len(sent)
 
 
+def wait_for_stat(side: Side, name: str, value: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while side.stats()[name] != value and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert side.stats()[name] == value
+
+
 def test_memory_for_a_frame_follows_the_bytes_that_came_not_the_declared_size(make_engine, upstream):
     # 20 peers each declare a payload of over 50 KiB and send only the header: the
     # engine must not hold 20 times that for them. Then the frames come, in pieces.
@@ -281,12 +290,17 @@ def test_memory_for_a_frame_follows_the_bytes_that_came_not_the_declared_size(ma
     try:
         for client in clients:
             client.sendall(frame[:8])
-        deadline = time.monotonic() + 10
-        while inbound.stats()["exchange_partial_bytes"] < 20 * 8 and time.monotonic() < deadline:
-            time.sleep(0.02)  # until every header is taken
-        held = inbound.stats()["exchange_partial_bytes"]
-        assert 20 * 8 <= held <= 20 * 4096, held  # the Cython engine's first chunk, the twin's bytes
-        for piece in range(8, len(frame), 7000):
+        # Both engines count what they allocate, fastmesh.contract.frame_buffer_size():
+        # FRAME_CHUNK once the header is in, whatever it declares.
+        wait_for_stat(inbound, "exchange_partial_bytes", 20 * FRAME_CHUNK)
+        for client in clients[:10]:  # 5,000 more bytes each: the buffers grow fourfold
+            client.sendall(frame[8:5008])
+        expected = 10 * FRAME_CHUNK + 10 * frame_buffer_size(5008, len(frame))
+        assert frame_buffer_size(5008, len(frame)) == 4 * FRAME_CHUNK
+        wait_for_stat(inbound, "exchange_partial_bytes", expected)
+        for client in clients[10:]:
+            client.sendall(frame[8:5008])
+        for piece in range(5008, len(frame), 7000):
             for client in clients:
                 client.sendall(frame[piece:piece + 7000])
             time.sleep(0.01)

@@ -37,6 +37,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ENGINE_MODULES
 
 from fastmesh.reasons import CloseReason
 
@@ -49,13 +50,12 @@ MAX_LOOPS_PER_SECOND_WHILE_PAUSED = 300  # a pause/retry every 100 ms: about 20 
 
 @pytest.fixture(
     scope="module",
-    params=[("cython", 1), ("cython", 2), ("python", 1), ("python", 2)],
+    params=[(engine, workers) for engine in ENGINE_MODULES for workers in (1, 2)],
     ids=lambda p: f"{p[0]}-{p[1]}worker",
 )
 def scenario(request: pytest.FixtureRequest) -> dict:
-    # Two workers too: the Cython engine pauses the listener per worker (both
-    # watch it, EPOLLEXCLUSIVE), the Python twin hands accepted connections to
-    # the other worker, which is where socket() fails.
+    # Two workers too: each worker accepts on the listener and pauses it on its own
+    # (the Cython engine's workers with EPOLLEXCLUSIVE).
     engine, workers = request.param
     env = {k: v for k, v in os.environ.items() if k != "FASTMESH_NO_EXTENSIONS"}
     if engine == "python":
@@ -97,7 +97,7 @@ def test_upstream_socket_exhaustion_is_a_counted_logged_local_error(scenario):
     for record in records:
         assert (record["reason"], record["err"]) == (CloseReason.LOCAL_ERROR, errno.EMFILE)
         assert record["bytes"] == [0, 0, 0, 0]
-        assert record["listener_id"] == 0 and record["upstream_index"] == 0
+        assert (record["listener_id"], record["cluster"], record["endpoint"]) == (0, 0, 0)
     stats = scenario["stats_after_local_errors"]
     # accept4() succeeded every time: the failing call was socket().
     assert stats["accept_errors"] == 0 and stats["accept_paused"] == 0
@@ -199,7 +199,8 @@ async def _scenario(report: dict, workers: int) -> None:
     import threading
     import time
 
-    from fastmesh.relay import Batch, Relay
+    from fastmesh.records import Batch
+    from fastmesh.relay import Relay
 
     class ListHandler(logging.Handler):
         def __init__(self) -> None:
@@ -259,15 +260,16 @@ async def _scenario(report: dict, workers: int) -> None:
             self.closed: list[dict] = []
 
         def __call__(self, batch: Batch) -> None:
-            for conn_id, *deltas in batch.updated:
-                self._add(conn_id, deltas)
-            for conn_id, listener_id, upstream_index, reason, err, *deltas in batch.closed:
-                self._add(conn_id, deltas)
-                self.closed.append({"id": conn_id, "listener_id": listener_id,
-                                    "upstream_index": upstream_index, "reason": reason, "err": err,
-                                    "bytes": self.bytes.pop(conn_id)})
+            for updated in batch.updated:
+                self._add(updated.conn_id, updated[1:])
+            for closed in batch.closed:
+                self._add(closed.conn_id, closed[6:])
+                self.closed.append({"id": closed.conn_id, "listener_id": closed.listener_id,
+                                    "cluster": closed.cluster, "endpoint": closed.endpoint,
+                                    "reason": closed.reason, "err": closed.errno,
+                                    "bytes": self.bytes.pop(closed.conn_id)})
 
-        def _add(self, conn_id: int, deltas: list[int]) -> None:
+        def _add(self, conn_id: int, deltas: tuple[int, ...]) -> None:
             old = self.bytes.setdefault(conn_id, [0, 0, 0, 0])
             self.bytes[conn_id] = [a + b for a, b in zip(old, deltas)]
 

@@ -13,11 +13,10 @@ import pymysql
 import pytest
 import redis
 
-from conftest import RATINGS_V2
+from conftest import RATINGS_V2, one_listener
 from fastmesh.addr import Address
 from fastmesh.identity import NodeMetadata
-from fastmesh.sidecar import SidecarConfig
-from fastmesh.telemetry import INBOUND, OUTBOUND
+from fastmesh.routing import INBOUND, OUTBOUND
 from test_real_servers import listens, redis_server, start_until_ready, stop_server, tool  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.bench_tools
@@ -31,13 +30,12 @@ MYSQLDB_V1 = NodeMetadata({"NAME": "mysqldb-v1-0", "NAMESPACE": "default", "WORK
 
 def start_pair(sidecar, database: tuple[str, int], database_node: NodeMetadata, service: str):
     """The database's inbound sidecar, then ratings-v2's outbound sidecar in front of it."""
-    inbound = sidecar(SidecarConfig(
-        listen=LOOPBACK_ANY_PORT, upstreams=[Address(*database)], admin=None, metrics=LOOPBACK_ANY_PORT,
-        direction=INBOUND, node_metadata=database_node, destination_service=service, reporting_duration=0.5))
-    outbound = sidecar(SidecarConfig(
-        listen=LOOPBACK_ANY_PORT, upstreams=[inbound.listen], admin=None, metrics=LOOPBACK_ANY_PORT,
-        direction=OUTBOUND, node_metadata=RATINGS_V2, destination_service=service, reporting_duration=0.5,
-        mesh_peer=True))
+    inbound = sidecar(one_listener(
+        LOOPBACK_ANY_PORT, [database], INBOUND, service, admin=None, metrics=LOOPBACK_ANY_PORT,
+        node_metadata=database_node, reporting_duration=0.5))
+    outbound = sidecar(one_listener(
+        LOOPBACK_ANY_PORT, [inbound.listen], OUTBOUND, service, mesh_peer=True, admin=None,
+        metrics=LOOPBACK_ANY_PORT, node_metadata=RATINGS_V2, reporting_duration=0.5))
     return outbound, inbound
 
 

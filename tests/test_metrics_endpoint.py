@@ -15,19 +15,18 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from conftest import MONGODB_SERVICE as MONGODB
-from conftest import MONGODB_V1, RATINGS_V2, assert_closed_by_relay, free_port
+from conftest import MONGODB_V1, RATINGS_V2, assert_closed_by_relay, free_port, one_listener
 from fastmesh.addr import Address
 from fastmesh.identity import NodeMetadata
-from fastmesh.sidecar import SidecarConfig
-from fastmesh.telemetry import INBOUND, OUTBOUND
+from fastmesh.routing import INBOUND, OUTBOUND
+from fastmesh.settings import SidecarConfig
 
 LOOPBACK_ANY_PORT = Address("127.0.0.1", 0)
 
 
 def config(upstream: tuple[str, int], direction: str, node: NodeMetadata, **overrides) -> SidecarConfig:
-    return SidecarConfig(
-        listen=LOOPBACK_ANY_PORT, upstreams=[Address(*upstream)], admin=None, metrics=LOOPBACK_ANY_PORT,
-        direction=direction, node_metadata=node, destination_service=MONGODB, **overrides)
+    return one_listener(LOOPBACK_ANY_PORT, [upstream], direction, MONGODB, admin=None, metrics=LOOPBACK_ANY_PORT,
+                        node_metadata=node, **overrides)
 
 
 def hello_server(conn: socket.socket) -> None:

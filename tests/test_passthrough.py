@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ENGINE_MODULES
 
 SERVICE_IP = "10.77.0.1"  # the service's address, on the loopback of the sidecar's namespace
 CLIENT_NET, SIDECAR_NET = "10.78.0.1", "10.78.0.2"  # the two ends of the veth between the namespaces
@@ -111,7 +112,7 @@ def config(directory: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("engine", ["cython", "python"])
+@pytest.mark.parametrize("engine", sorted(ENGINE_MODULES))
 def test_passthrough_connects_to_the_original_destination(namespaces, engine, tmp_path):
     client_ns, pod_ns = namespaces
     env = dict(os.environ, **({"FASTMESH_NO_EXTENSIONS": "1"} if engine == "python" else {}))

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import logging
 
-from conftest import MONGODB_SERVICE, MONGODB_V1, RATINGS_V2, independent_frame
+from conftest import MONGODB_SERVICE, MONGODB_V1, RATINGS_V2, closed, independent_frame, opened
 
 from fastmesh.exchange import HEADER, ExchangeSettings, encode_frame
 from fastmesh.identity import UNKNOWN_WORKLOAD, Workload
 from fastmesh.peers import PeerDirectory
-from fastmesh.relay import Batch
-from fastmesh.routing import RouteTable
-from fastmesh.telemetry import INBOUND, ListenerTelemetry, TcpTelemetry
+from fastmesh.records import Batch, Peer
+from fastmesh.routing import INBOUND, RouteTable
+from fastmesh.telemetry import ListenerTelemetry, TcpTelemetry
 
 INBOUND_LISTENER, PLAIN_LISTENER = 0, 1
 RATINGS_PAYLOAD = encode_frame(RATINGS_V2.values, "ratings")[HEADER.size:]
@@ -20,23 +20,23 @@ RATINGS_PAYLOAD = encode_frame(RATINGS_V2.values, "ratings")[HEADER.size:]
 
 def directory() -> PeerDirectory:
     peers = PeerDirectory()
-    peers.listeners[INBOUND_LISTENER] = (ExchangeSettings(INBOUND, encode_frame(MONGODB_V1.values)),
-                                         RouteTable.single([("127.0.0.1", 27017)]))
+    peers.add_listener(INBOUND_LISTENER, ExchangeSettings(INBOUND, encode_frame(MONGODB_V1.values)),
+                       RouteTable.single([("127.0.0.1", 27017)]))
     return peers
 
 
 def test_a_connection_waits_for_its_exchange_and_then_has_the_peers_identity():
     peers = directory()
-    peers.on_batch(Batch([(10, INBOUND_LISTENER, 0), (11, PLAIN_LISTENER, 0)], [], []))
+    peers.on_batch(Batch([opened(10, INBOUND_LISTENER), opened(11, PLAIN_LISTENER)], [], []))
     assert peers.peer_of(10) is None  # exchanging, not settled: telemetry waits
     assert peers.peer_of(11) == UNKNOWN_WORKLOAD  # no exchange on that listener
-    peers.on_batch(Batch([], [], [], [(10, RATINGS_PAYLOAD)]))
+    peers.on_batch(Batch([], [], [], [Peer(10, RATINGS_PAYLOAD)]))
     assert peers.peer_of(10) == Workload("ratings-v2", "default", "ratings", "v2", "ratings", "v2", "Kubernetes")
 
 
 def test_a_peer_that_sent_no_frame_is_unknown():
     peers = directory()
-    peers.on_batch(Batch([(10, INBOUND_LISTENER, 0)], [], [], [(10, None)]))
+    peers.on_batch(Batch([opened(10, INBOUND_LISTENER)], [], [], [Peer(10, None)]))
     assert peers.peer_of(10) == UNKNOWN_WORKLOAD
     assert peers.counters() == {"exchange_peers_found": 0, "exchange_payloads_invalid": 0}
 
@@ -48,8 +48,8 @@ def test_a_payload_is_decoded_once_however_many_connections_carry_it(monkeypatch
     real = fastmesh.peers.decode_payload
     monkeypatch.setattr(fastmesh.peers, "decode_payload", lambda p: calls.append(p) or real(p))
     peers = directory()
-    opened = [(i, INBOUND_LISTENER, 0) for i in range(100)]
-    peers.on_batch(Batch(opened, [], [], [(i, RATINGS_PAYLOAD) for i in range(100)]))
+    peers.on_batch(Batch([opened(i, INBOUND_LISTENER) for i in range(100)], [], [],
+                         [Peer(i, RATINGS_PAYLOAD) for i in range(100)]))
     assert len(calls) == 1
     assert {peers.peer_of(i).workload for i in range(100)} == {"ratings-v2"}
     assert peers.counters()["exchange_peers_found"] == 100
@@ -60,7 +60,7 @@ def test_a_payload_that_does_not_decode_is_an_unknown_peer_counted_and_logged_on
     garbage = b"\xff" * 5
     wrong_type = independent_frame({"NAME": "x"}, "id", type_url="type.googleapis.com/google.protobuf.Empty")
     with caplog.at_level(logging.WARNING, logger="fastmesh.exchange"):
-        peers.on_batch(Batch([], [], [], [(1, garbage), (2, garbage), (3, wrong_type[HEADER.size:])]))
+        peers.on_batch(Batch([], [], [], [Peer(1, garbage), Peer(2, garbage), Peer(3, wrong_type[HEADER.size:])]))
     assert [peers.peer_of(i) for i in (1, 2, 3)] == [UNKNOWN_WORKLOAD] * 3
     assert peers.counters()["exchange_payloads_invalid"] == 3
     assert len(caplog.records) == 2  # once per distinct payload
@@ -72,19 +72,20 @@ def test_labels_of_the_wrong_type_in_a_peers_metadata_are_ignored():
     payload = independent_frame({"WORKLOAD_NAME": "w", "NAMESPACE": "ns", "CLUSTER_ID": 7,
                                  "LABELS": {"app": "a", "version": 2}}, "id")[HEADER.size:]
     peers = directory()
-    peers.on_batch(Batch([], [], [], [(1, payload)]))
+    peers.on_batch(Batch([], [], [], [Peer(1, payload)]))
     assert peers.peer_of(1) == Workload("w", "ns", "a", "", "a", "latest", "")
 
 
 def test_a_connection_that_closed_in_the_batch_is_labelled_with_its_peer_then_forgotten():
     peers = directory()
-    telemetry = TcpTelemetry({INBOUND_LISTENER: ListenerTelemetry(INBOUND, MONGODB_V1.workload(), MONGODB_SERVICE)},
-                             peer_of=peers.peer_of)
-    batch = Batch([], [], [(10, INBOUND_LISTENER, 0, 1, 0, 6, 12, 12, 6)], [(10, RATINGS_PAYLOAD)])
+    telemetry = TcpTelemetry(peer_of=peers.peer_of)
+    telemetry.add_listener(INBOUND_LISTENER, ListenerTelemetry(INBOUND, MONGODB_V1.workload(), MONGODB_SERVICE))
+    batch = Batch([opened(10, INBOUND_LISTENER)], [], [closed(10, 1, 6, 12, listener_id=INBOUND_LISTENER)],
+                  [Peer(10, RATINGS_PAYLOAD)])
     peers.on_batch(batch)
-    telemetry.on_batch(batch)
+    telemetry.on_batch(batch)  # the sidecar's pipeline: peers, telemetry, then forget
+    peers.forget(batch.closed)
     ((labels, series),) = telemetry.samples()
     assert labels[1] == "ratings-v2" and labels[9] == "mongodb-v1"
     assert (series.opened, series.closed, series.received, series.sent) == (1, 1, 6, 12)
-    peers.on_batch(Batch([], [], []))
-    assert peers.peer_of(10) == UNKNOWN_WORKLOAD and not peers._peers
+    assert peers.peer_of(10) == UNKNOWN_WORKLOAD and not peers._peers and not peers._awaiting

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import MONGODB_V1, RATINGS_V2, free_port
 from test_metrics_endpoint import config, hello_server, send_world
-from fastmesh.telemetry import INBOUND, OUTBOUND
+from fastmesh.routing import INBOUND, OUTBOUND
 
 pytestmark = pytest.mark.bench_tools
 

@@ -29,12 +29,10 @@ import pytest
 
 from conftest import free_port
 from fastmesh.reasons import CloseReason
-from fastmesh.relay import Batch, Relay
+from fastmesh.records import Batch
+from fastmesh.relay import Relay
 
-try:
-    from fastmesh import _core
-except ImportError:  # reported by the tests, see cython_engine()
-    _core = None
+from fastmesh.engine import Engine
 
 pytestmark = pytest.mark.bench_tools
 
@@ -53,10 +51,9 @@ def tool(name: str) -> str:
     return path
 
 
-def cython_engine() -> Any:
-    if _core is None:
-        pytest.fail("fastmesh._core is not built: run `pip install -e .`")
-    return _core.Engine(1)
+def default_engine() -> Any:
+    """The engine fastmesh picks (test_engine_selection.py checks which one it is)."""
+    return Engine(1)
 
 
 def start_server(args: list[str], log_path) -> subprocess.Popen:
@@ -106,11 +103,11 @@ class PerConnection:
         self.ended: dict[int, tuple[int, int]] = {}  # conn_id -> (reason, errno)
 
     def __call__(self, batch: Batch) -> None:
-        for conn_id, *deltas in batch.updated:
-            self.bytes[conn_id] = [a + b for a, b in zip(self.bytes[conn_id], deltas)]
-        for conn_id, _, _, reason, err, *deltas in batch.closed:
-            self.bytes[conn_id] = [a + b for a, b in zip(self.bytes[conn_id], deltas)]
-            self.ended[conn_id] = (reason, err)
+        for updated in batch.updated:
+            self.bytes[updated.conn_id] = [a + b for a, b in zip(self.bytes[updated.conn_id], updated[1:])]
+        for closed in batch.closed:
+            self.bytes[closed.conn_id] = [a + b for a, b in zip(self.bytes[closed.conn_id], closed[6:])]
+            self.ended[closed.conn_id] = (closed.reason, closed.errno)
 
 
 class RelayRun:
@@ -181,7 +178,7 @@ def through_relay(upstream_port: int, drive: Callable[[int], Any]) -> tuple[Any,
     connections drained and return drive's result and what the relay saw."""
 
     async def main() -> tuple[Any, RelayRun]:
-        relay = Relay(engine=cython_engine(), collect_interval=0.1)
+        relay = Relay(engine=default_engine(), collect_interval=0.1)
         conns = PerConnection()
         relay.add_consumer(conns)
         try:

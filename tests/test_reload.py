@@ -131,15 +131,15 @@ def _answers(port: int) -> bool:
 
 def test_a_reload_replaces_only_the_listeners_that_changed(sidecar, upstream):
     from fastmesh.addr import Address
-    from fastmesh.sidecar import ListenerConfig, SidecarConfig
+    from fastmesh.settings import ListenerConfig, SidecarConfig
 
     v1, v2 = upstream(tagging(b"v1:")), upstream(tagging(b"v2:"))
-    first = ListenerConfig(Address("127.0.0.1", free_port()), [Address(*v1.address)])
-    second = ListenerConfig(Address("127.0.0.1", free_port()), [Address(*v1.address)])
+    first = ListenerConfig.to_upstreams(Address("127.0.0.1", free_port()), [v1.address])
+    second = ListenerConfig.to_upstreams(Address("127.0.0.1", free_port()), [v1.address])
     running = sidecar(SidecarConfig(listeners=[first, second], admin=None, metrics=None))
     relay = running.sidecar.relay
     before = dict(relay.listeners)
-    changed = ListenerConfig(second.listen, [Address(*v2.address)])
+    changed = ListenerConfig.to_upstreams(second.listen, [v2.address])
     running.call(running.sidecar.reload(SidecarConfig(listeners=[first, changed], admin=None, metrics=None)))
     after = dict(relay.listeners)
     kept = [i for i in before if i in after]

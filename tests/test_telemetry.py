@@ -9,13 +9,14 @@ import time
 
 import pytest
 
-from conftest import MONGODB_SERVICE, MONGODB_V1, RATINGS_V2
+from conftest import MONGODB_SERVICE, MONGODB_V1, RATINGS_V2, closed, one_listener, opened, updated
 from fastmesh.addr import Address
 from fastmesh.identity import MetadataError, NodeMetadata, Workload, load_node_metadata, parse_node_metadata
 from fastmesh.reasons import CloseReason
-from fastmesh.relay import Batch
-from fastmesh.sidecar import SidecarConfig
-from fastmesh.telemetry import INBOUND, OUTBOUND, TCP_LABELS, ListenerTelemetry, TcpTelemetry, service_name
+from fastmesh.records import Batch
+from fastmesh.routing import INBOUND, OUTBOUND
+from fastmesh.settings import ExchangeConfig
+from fastmesh.telemetry import TCP_LABELS, ListenerTelemetry, TcpTelemetry, service_name
 
 
 
@@ -103,7 +104,9 @@ def test_destination_service_name(host, namespace, expected):
 
 
 def fresh(direction: str = OUTBOUND) -> TcpTelemetry:
-    return TcpTelemetry({0: ListenerTelemetry(direction, RATINGS_V2.workload(), MONGODB_SERVICE)})
+    telemetry = TcpTelemetry()
+    telemetry.add_listener(0, ListenerTelemetry(direction, RATINGS_V2.workload(), MONGODB_SERVICE))
+    return telemetry
 
 
 def only_series(telemetry: TcpTelemetry):
@@ -113,21 +116,21 @@ def only_series(telemetry: TcpTelemetry):
 
 def test_open_connections_are_reported_each_period_and_at_close():
     telemetry = fresh()
-    telemetry.on_batch(Batch([(1, 0, 0)], [(1, 100, 40, 40, 100)], []))
+    telemetry.on_batch(Batch([opened(1)], [updated(1, 100, 40)], []))
     assert list(telemetry.samples()) == []  # nothing until the reporting period ends
     telemetry.report()
     assert only_series(telemetry)[1] == (1, 0, 100, 40)
-    telemetry.on_batch(Batch([], [(1, 5, 7, 7, 5)], []))
+    telemetry.on_batch(Batch([], [updated(1, 5, 7)], []))
     telemetry.report()
     telemetry.report()  # nothing changed: nothing added, opened still counted once
     assert only_series(telemetry)[1] == (1, 0, 105, 47)
-    telemetry.on_batch(Batch([], [(1, 1, 1, 1, 1)], [(1, 0, 0, CloseReason.DOWNSTREAM_CLOSE, 0, 2, 3, 3, 2)]))
+    telemetry.on_batch(Batch([], [updated(1, 1, 1)], [closed(1, CloseReason.DOWNSTREAM_CLOSE, 2, 3)]))
     assert only_series(telemetry)[1] == (1, 1, 108, 51)  # the close is recorded without waiting
 
 
 def test_a_connection_that_opens_and_closes_between_reports_counts_once():
     telemetry = fresh(INBOUND)
-    telemetry.on_batch(Batch([], [], [(9, 0, 0, CloseReason.UPSTREAM_CLOSE, 0, 6, 12, 12, 6)]))
+    telemetry.on_batch(Batch([], [], [closed(9, CloseReason.UPSTREAM_CLOSE, 6, 12)]))
     result, values = only_series(telemetry)
     assert values == (1, 1, 6, 12)
     assert result["reporter"] == "destination" and result["response_flags"] == "-"
@@ -146,7 +149,7 @@ def test_a_connection_that_opens_and_closes_between_reports_counts_once():
 )
 def test_response_flags_of_a_connection_that_ends_before_its_first_report(reason, flags):
     telemetry = fresh()
-    telemetry.on_batch(Batch([(1, 0, 0)], [], [(1, 0, 0, reason, 111, 0, 0, 0, 0)]))
+    telemetry.on_batch(Batch([opened(1)], [], [closed(1, reason, errno=111)]))
     result, values = only_series(telemetry)
     assert result["response_flags"] == flags
     assert values == (1, 1, 0, 0)
@@ -156,23 +159,25 @@ def test_labels_are_fixed_at_the_first_report():
     # As Istio fills a connection's request info once: a reset after the first
     # report adds to the same series rather than splitting it.
     telemetry = fresh()
-    telemetry.on_batch(Batch([(1, 0, 0)], [(1, 10, 0, 0, 10)], []))
+    telemetry.on_batch(Batch([opened(1)], [updated(1, 10, 0)], []))
     telemetry.report()
-    telemetry.on_batch(Batch([], [], [(1, 0, 0, CloseReason.UPSTREAM_RESET, 104, 0, 0, 0, 0)]))
+    telemetry.on_batch(Batch([], [], [closed(1, CloseReason.UPSTREAM_RESET, errno=104)]))
     result, values = only_series(telemetry)
     assert result["response_flags"] == "-" and values == (1, 1, 10, 0)
 
 
 def inbound_with_peers(peers: dict[int, Workload | None]) -> TcpTelemetry:
-    return TcpTelemetry({0: ListenerTelemetry(INBOUND, MONGODB_V1.workload(), MONGODB_SERVICE)}, peer_of=peers.get)
+    telemetry = TcpTelemetry(peer_of=peers.get)
+    telemetry.add_listener(0, ListenerTelemetry(INBOUND, MONGODB_V1.workload(), MONGODB_SERVICE))
+    return telemetry
 
 
 def test_a_peer_that_is_not_known_yet_holds_the_report_back_until_close():
     telemetry = inbound_with_peers({1: None})
-    telemetry.on_batch(Batch([(1, 0, 0)], [(1, 3, 0, 0, 3)], []))
+    telemetry.on_batch(Batch([opened(1)], [updated(1, 3, 0)], []))
     telemetry.report()
     assert list(telemetry.samples()) == []
-    telemetry.on_batch(Batch([], [], [(1, 0, 0, CloseReason.DOWNSTREAM_CLOSE, 0, 1, 0, 0, 1)]))
+    telemetry.on_batch(Batch([], [], [closed(1, CloseReason.DOWNSTREAM_CLOSE, 1, 0)]))
     result, values = only_series(telemetry)
     assert result["source_workload"] == "unknown" and values == (1, 1, 4, 0)  # recorded, unlike Istio 1.7
 
@@ -182,15 +187,15 @@ def test_a_peer_still_unknown_after_a_whole_period_is_reported_unknown_and_stays
     # its bytes must not wait for a frame that may never come.
     peers: dict[int, Workload | None] = {1: None}
     telemetry = inbound_with_peers(peers)
-    telemetry.on_batch(Batch([(1, 0, 0)], [(1, 0, 50, 50, 0)], []))
+    telemetry.on_batch(Batch([opened(1)], [updated(1, 0, 50)], []))
     telemetry.report()
     assert list(telemetry.samples()) == []  # the first report waits for the peer
-    telemetry.on_batch(Batch([], [(1, 0, 7, 7, 0)], []))
+    telemetry.on_batch(Batch([], [updated(1, 0, 7)], []))
     telemetry.report()
     result, values = only_series(telemetry)
     assert result["source_workload"] == "unknown" and values == (1, 0, 0, 57)
     peers[1] = RATINGS_V2.workload()  # a frame that comes after that cannot relabel what was reported
-    telemetry.on_batch(Batch([], [], [(1, 0, 0, CloseReason.UPSTREAM_CLOSE, 0, 0, 3, 3, 0)]))
+    telemetry.on_batch(Batch([], [], [closed(1, CloseReason.UPSTREAM_CLOSE, 0, 3)]))
     result, values = only_series(telemetry)
     assert result["source_workload"] == "unknown" and values == (1, 1, 0, 60)
 
@@ -205,10 +210,10 @@ def test_a_client_that_never_speaks_is_reported_while_its_connection_stays_open(
         conn.recv(1)  # until the client goes
 
     app = upstream(stream_then_wait)
-    inbound = sidecar(SidecarConfig(
-        listen=Address("127.0.0.1", 0), upstreams=[Address(*app.address)], admin=None,
-        metrics=Address("127.0.0.1", 0), direction=INBOUND, node_metadata=MONGODB_V1,
-        destination_service=MONGODB_SERVICE, reporting_duration=0.2, exchange_detect_timeout=0.05))
+    inbound = sidecar(one_listener(
+        Address("127.0.0.1", 0), [app.address], INBOUND, MONGODB_SERVICE, admin=None,
+        metrics=Address("127.0.0.1", 0), node_metadata=MONGODB_V1, reporting_duration=0.2,
+        exchange=ExchangeConfig(detect_timeout=0.05)))
     with socket.create_connection(inbound.listen) as client:
         assert client.recv(len(greeting), socket.MSG_WAITALL) == greeting
         deadline = time.monotonic() + 20
@@ -227,7 +232,7 @@ def test_a_client_that_never_speaks_is_reported_while_its_connection_stays_open(
 
 def test_pairs_outside_any_listener_are_not_reported():
     telemetry = fresh()
-    telemetry.on_batch(Batch([(1, -1, -1)], [(1, 5, 5, 5, 5)], [(2, -1, -1, 1, 0, 1, 1, 1, 1)]))
+    telemetry.on_batch(Batch([opened(1, None, None, None)], [updated(1, 5, 5)], [closed(2, 1, 1, 1, None, None, None)]))
     telemetry.report()
     assert list(telemetry.samples()) == []
 

@@ -4,8 +4,10 @@ with recv/send: one test suite runs against both engines.
 
 Each worker thread owns a selector, its connections and a lock held while it handles
 a batch of events (never while it waits in select()); every call from Python takes
-that lock. Sockets are level-triggered and watched only for what their connection
-can do next: that is how backpressure and "no reading while connecting" work.
+that lock. Every worker accepts on every listener and keeps what it accepts, as the
+Cython engine's workers do (one wakes per connection: EPOLLEXCLUSIVE). Sockets are
+level-triggered and watched only for what their connection can do next: that is
+how backpressure and "no reading while connecting" work.
 
 The peer metadata exchange follows the Cython engine's rules, except that the
 peer's first bytes are read rather than peeked (with level-triggered sockets a
@@ -19,19 +21,23 @@ import errno
 import ipaddress
 import itertools
 import logging
-import math
 import os
 import random
+import select
 import selectors
 import socket
 import struct
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
-from fastmesh.exchange import EXCHANGE_STATS, HEADER, MAGIC_BYTES, OUTBOUND, ExchangeSettings
+from fastmesh import contract
+from fastmesh.contract import ACCEPT_PAUSE, FRAME_CHUNK, FRAMES_KEPT, GAUGES, STATS, frame_buffer_size
+from fastmesh.defaults import DEFAULTS
+from fastmesh.exchange import HEADER, MAGIC_BYTES, ExchangeSettings
 from fastmesh.reasons import CloseReason
-from fastmesh.routing import ROUTING_STATS, RouteTable
+from fastmesh.records import Batch, Closed, ConnectionInfo, FlowInfo, Opened, Peer, Updated
+from fastmesh.routing import OUTBOUND, RouteTable
 
 IMPLEMENTATION = "python"
 SPLICE_SUPPORTED = False
@@ -43,9 +49,6 @@ _WRITE = selectors.EVENT_WRITE
 DOWN, UP = 0, 1  # the side that connected to us, the side we connected to
 _EMPTY = memoryview(b"")
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends RST, not FIN
-_ACCEPT_PAUSE = 0.1
-_FRAME_CHUNK = 4096  # the largest peer frame kept for sharing, header included, as in _core
-_FRAMES_KEPT = 16
 _SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST has the same value
 # Out of fds or memory: retrying at once would spin, so the listener pauses.
 _ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -53,21 +56,6 @@ _ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 _ACCEPT_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO})
 _REFUSAL_COUNTERS = {CloseReason.NO_ROUTE: "no_route", CloseReason.NO_HEALTHY_UPSTREAM: "no_healthy_upstream",
                      CloseReason.OVERFLOW: "upstream_overflows"}
-_STATS = (
-    "active_connections", "connections_accepted", "connections_relayed",
-    "connect_failures", "connect_timeouts", "accept_errors", "accept_paused",
-    "pipes_in_use", "pipes_pooled", "buffers_in_use", "splice_fallbacks",
-    "loop_iterations", "resets_propagated", "records_dropped",
-) + ROUTING_STATS + EXCHANGE_STATS
-# Computed by stats() from live state, or always 0 here (no pipes; closed records
-# are kept in an unbounded list); the others are counters kept by each worker.
-_GAUGES = ("active_connections", "pipes_in_use", "pipes_pooled", "buffers_in_use",
-           "splice_fallbacks", "records_dropped", "exchange_partial_bytes")
-# The records of collect(), as in _core.pyi.
-Opened = tuple[int, int, int]
-Updated = tuple[int, int, int, int, int]
-Closed = tuple[int, int, int, int, int, int, int, int, int]
-Peer = tuple[int, Optional[bytes]]
 # (family, sockaddr, connect timeout) of the upstream a new connection must dial.
 _Target = tuple[int, tuple[str, int], float]
 
@@ -93,24 +81,6 @@ def _close(sock: socket.socket, reset: bool = False) -> None:
 
 def _errno_of(exc: BaseException) -> int:
     return (exc.errno or 0) if isinstance(exc, OSError) else 0
-
-
-def _parse_upstream(upstream: tuple[str, int]) -> tuple[int, tuple[str, int]]:
-    try:
-        host, port = upstream
-        port = int(port)
-    except (TypeError, ValueError):
-        raise ValueError(f"an upstream must be an (ip, port) pair, not {upstream!r}") from None
-    if not isinstance(host, str):
-        raise ValueError(f"upstream address must be a numeric IP address, not {host!r}")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"upstream address must be a numeric IP address, not {host!r}") from None
-    if not 0 < port < 65536:
-        raise ValueError(f"upstream port out of range: {port}")
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    return family, (host, port)
 
 
 class _SideError(Exception):
@@ -145,10 +115,12 @@ class _Conn:
     """A relayed pair of sockets and the two flows between them."""
 
     def __init__(self, conn_id: int, down: socket.socket, up: Optional[socket.socket],
-                 listener_id: int = -1, upstream_index: int = -1) -> None:
+                 listener: Optional[_Listener] = None, cluster: Optional[int] = None,
+                 endpoint: Optional[int] = None) -> None:
         self.id = conn_id
-        self.listener_id = listener_id
-        self.upstream_index = upstream_index
+        self.listener = listener  # for an accepted connection: its endpoint is released at close
+        self.cluster = cluster
+        self.endpoint = endpoint
         self.socks: list[Optional[socket.socket]] = [down, up]
         self.masks = [0, 0]  # selector events each side is registered for
         self.flows = (_Flow(), _Flow())  # flows[s] carries the bytes read from side s
@@ -156,7 +128,6 @@ class _Conn:
         self.first_eof = -1
         self.announced = False
         self.closed = False
-        self.listener: Optional[_Listener] = None  # for an accepted connection: its endpoint is released at close
         self._reported = (0, 0, 0, 0)
         # peer metadata exchange (see the Cython engine for the rules)
         self.exchange: Optional[ExchangeSettings] = None
@@ -166,10 +137,14 @@ class _Conn:
         self.xcan_send = False  # our frame may still go first toward the peer
         self.xhead = bytearray()  # the first bytes, up to a header's 8
         self.xpayload: Optional[bytearray] = None  # once a header was read
-        self.xlen = 0
+        self.xlen = 0  # the whole frame's length, header included
         self.xdeadline: Optional[float] = None
         self.xstarted = False  # frame bytes seen: the frame deadline runs
         self.xreport: Optional[Peer] = None  # waiting for collect()
+
+    @property
+    def listener_id(self) -> Optional[int]:
+        return self.listener.id if self.listener is not None else None
 
     def take_deltas(self) -> tuple[int, int, int, int]:
         """(down_rx, down_tx, up_rx, up_tx) since the previous call."""
@@ -179,70 +154,101 @@ class _Conn:
         self._reported = now
         return deltas  # type: ignore[return-value]
 
+    def frame_bytes(self) -> int:
+        """exchange_partial_bytes: what the Cython engine allocates for the peer's frame
+        while it arrives (fastmesh.contract.frame_buffer_size)."""
+        if self.xpayload is None:
+            return 0
+        return frame_buffer_size(HEADER.size + len(self.xpayload), self.xlen)
+
+    def info(self, worker: int) -> ConnectionInfo:
+        flows = [FlowInfo(f.eof, f.shut, len(f.pending), f.rx, f.tx) for f in self.flows]
+        return ConnectionInfo(self.id, worker, self.listener_id, self.cluster, self.endpoint,
+                              "connecting" if self.deadline is not None else "open", *flows)
+
+
+class _Selector(selectors.EpollSelector if hasattr(select, "epoll") else selectors.DefaultSelector):  # type: ignore[misc]
+    """A worker's selector. On Linux it watches listening sockets with EPOLLEXCLUSIVE,
+    as the C engine does, so that one worker wakes per new connection: when all
+    woke, the ones that found the connection gone could still fail accept() with
+    EMFILE (the kernel takes the fd slot first), a failure the C engine never sees."""
+
+    def watch_listener(self, sock: socket.socket, data: object) -> None:
+        exclusive = getattr(select, "EPOLLEXCLUSIVE", 0) if isinstance(self, selectors.EpollSelector) else 0
+        if exclusive:
+            self._EVENT_READ = select.EPOLLIN | exclusive  # read by EpollSelector.register
+        try:
+            self.register(sock, _READ, data)
+        finally:
+            self.__dict__.pop("_EVENT_READ", None)
+
+
+def _target(endpoint: tuple[str, int]) -> tuple[int, tuple[str, int]]:
+    host, port = endpoint  # numeric: fastmesh.routing.Cluster checked it
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    return family, (host, port)
+
 
 class _Listener:
-    """A caller's listening socket (our own dup of it) and its route table."""
+    """A caller's listening socket (our own dup of it) and its route table. Every
+    worker accepts on it; a connection stays with the worker that accepted it."""
 
     def __init__(self, listener_id: int, sock: socket.socket, routes: RouteTable,
                  exchange: Optional[ExchangeSettings]) -> None:
         self.id = listener_id
         self.sock = sock
         self.routes = routes
-        self.targets = [_parse_upstream(e) for e in routes.endpoints()]
+        self.targets = [[_target(e) for e in cluster.endpoints] for cluster in routes.clusters]
         self.exchange = exchange
-        self.resume_at: Optional[float] = None  # paused after an accept error until then
         self.closed = False
         self._schedule = routes.schedule()
         self._next = 0
-        self._lock = threading.Lock()  # the counts below: connections close on any worker
+        self._lock = threading.Lock()  # the counts below: workers share listeners
         self._cluster_active = [0] * len(routes.clusters)
         self._cluster_rr = [0] * len(routes.clusters)
-        self._endpoint_active = [0] * len(self.targets)
+        self._endpoint_active = [[0] * len(cluster.endpoints) for cluster in routes.clusters]
 
-    def pick(self, client: socket.socket) -> tuple[int, Optional[CloseReason], Optional[_Target]]:
-        """(upstream index, None, target) for a connection to make, or (index, reason, None)
-        for a client to turn away: -1 with NO_ROUTE, -2 - cluster with NO_HEALTHY_UPSTREAM
-        or OVERFLOW, as the Cython engine reports them. A PASSTHROUGH connection's index
-        is -2 - cluster too: it has no endpoint of the cluster's own."""
+    def pick(self, client: socket.socket
+             ) -> tuple[Optional[int], Optional[int], Optional[CloseReason], Optional[_Target]]:
+        """(cluster, endpoint, None, target) for a connection to make, or (cluster, endpoint,
+        reason, None) for a client to turn away. A PASSTHROUGH connection has no endpoint of
+        its cluster's own: it goes where the client meant to go."""
         if not self._schedule:
-            return -1, CloseReason.NO_ROUTE, None
+            return None, None, CloseReason.NO_ROUTE, None
         with self._lock:
             ci = self._schedule[self._next % len(self._schedule)]
             self._next += 1
             cluster = self.routes.clusters[ci]
             count = len(cluster.endpoints)
             if count == 0 and cluster.lb != "PASSTHROUGH":
-                return -2 - ci, CloseReason.NO_HEALTHY_UPSTREAM, None
+                return ci, None, CloseReason.NO_HEALTHY_UPSTREAM, None
             if cluster.max_connections and self._cluster_active[ci] >= cluster.max_connections:
-                return -2 - ci, CloseReason.OVERFLOW, None
+                return ci, None, CloseReason.OVERFLOW, None
             if cluster.lb == "PASSTHROUGH":
                 destination = _original_destination(client, self.sock.getsockname())
                 if destination is None:
-                    return -2 - ci, CloseReason.NO_HEALTHY_UPSTREAM, None
+                    return ci, None, CloseReason.NO_HEALTHY_UPSTREAM, None
                 self._cluster_active[ci] += 1
-                return -2 - ci, None, (*destination, cluster.connect_timeout)
-            first = self.routes.first_endpoint(ci)
+                return ci, None, None, (*destination, cluster.connect_timeout)
+            active = self._endpoint_active[ci]
             if cluster.lb == "RANDOM":
-                index = first + random.randrange(count)
+                index = random.randrange(count)
             else:
                 start = self._cluster_rr[ci] % count
                 self._cluster_rr[ci] += 1
-                index = first + start
+                index = start
                 if cluster.lb == "LEAST_CONN":  # fewest open connections, ties round robin
-                    order = [first + (start + i) % count for i in range(count)]
-                    index = min(order, key=lambda e: self._endpoint_active[e])
+                    index = min(((start + i) % count for i in range(count)), key=active.__getitem__)
             self._cluster_active[ci] += 1
-            self._endpoint_active[index] += 1
-            family, addr = self.targets[index]
-            return index, None, (family, addr, cluster.connect_timeout)
+            active[index] += 1
+            family, addr = self.targets[ci][index]
+            return ci, index, None, (family, addr, cluster.connect_timeout)
 
-    def release(self, index: int) -> None:
+    def release(self, cluster: int, endpoint: Optional[int]) -> None:
         with self._lock:
-            if index >= 0:
-                self._endpoint_active[index] -= 1
-            located = self.routes.locate(index)
-            assert located is not None
-            self._cluster_active[located[0]] -= 1
+            if endpoint is not None:
+                self._endpoint_active[cluster][endpoint] -= 1
+            self._cluster_active[cluster] -= 1
 
 
 def _original_destination(client: socket.socket, listener: tuple) -> Optional[tuple[int, tuple[str, int]]]:
@@ -271,7 +277,7 @@ class _Worker:
         self.index = index
         self.buffer_size = buffer_size
         self.lock = threading.Lock()
-        self.sel = selectors.DefaultSelector()
+        self.sel = _Selector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -280,10 +286,11 @@ class _Worker:
         self.connecting: set[_Conn] = set()
         self.exchanging: set[_Conn] = set()  # connections with an exchange deadline
         self.peers: list[Peer] = []  # of closed connections, waiting for collect()
-        self.listeners: dict[int, _Listener] = {}  # only worker 0 accepts
+        self.listeners: dict[int, _Listener] = {}  # every worker accepts on every listener
+        self.paused: dict[int, float] = {}  # listener id -> when this worker accepts on it again
         self.closed: list[Closed] = []  # records waiting for collect()
         self.kept: dict[bytes, bytes] = {}  # recent distinct peer payloads, shared by the connections that got them
-        self.counters = {name: 0 for name in _STATS if name not in _GAUGES}
+        self.counters = {name: 0 for name in STATS if name not in GAUGES}
         self.stopping = False
         self.thread: Optional[threading.Thread] = None
 
@@ -329,7 +336,7 @@ class _Worker:
     def _timeout(self) -> Optional[float]:
         times = [c.deadline for c in self.connecting if c.deadline is not None]
         times += [c.xdeadline for c in self.exchanging if c.xdeadline is not None]
-        times += [l.resume_at for l in self.listeners.values() if l.resume_at is not None]
+        times += self.paused.values()
         if not times:
             return None
         # Capped: select() cannot wait for an arbitrarily long time.
@@ -342,10 +349,10 @@ class _Worker:
             self._finish(conn, CloseReason.CONNECT_TIMEOUT, errno.ETIMEDOUT)
         for conn in [c for c in self.exchanging if c.xdeadline is not None and c.xdeadline <= now]:
             self._exchange_timer(conn)
-        for lst in self.listeners.values():
-            if lst.resume_at is not None and lst.resume_at <= now:
-                lst.resume_at = None
-                self.sel.register(lst.sock, _READ, lst)
+        for listener_id, resume_at in list(self.paused.items()):
+            if resume_at <= now:
+                del self.paused[listener_id]
+                self.sel.watch_listener(self.listeners[listener_id].sock, self.listeners[listener_id])
 
     def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
         # Events come from a select() made before the lock was taken: the
@@ -358,7 +365,7 @@ class _Worker:
             except OSError:
                 pass
         elif isinstance(data, _Listener):
-            if not data.closed and data.resume_at is None:
+            if not data.closed and data.id not in self.paused:
                 self._accept(data)
         else:
             conn, side = data
@@ -387,29 +394,30 @@ class _Worker:
                 self._pause(lst)
                 return
             self.counters["connections_accepted"] += 1
-            index, refusal, target = lst.pick(sock)
+            cluster, endpoint, refusal, target = lst.pick(sock)
             if refusal is not None:
                 self.counters[_REFUSAL_COUNTERS[refusal]] += 1
                 _close(sock)
-                self.closed.append((self.engine._new_id(), lst.id, index, int(refusal), 0, 0, 0, 0, 0))
+                self.closed.append(Closed(self.engine._new_id(), lst.id, cluster, endpoint, int(refusal), 0,
+                                          0, 0, 0, 0))
                 continue
             assert target is not None
-            conn = _Conn(self.engine._new_id(), sock, None, lst.id, index)
-            conn.listener = lst
+            conn = _Conn(self.engine._new_id(), sock, None, lst, cluster, endpoint)
             self._exchange_gate(lst, conn)
-            self.engine._hand_over(conn, target, caller=self)
+            self.add(conn, target)
 
     def _pause(self, lst: _Listener) -> None:
         self.sel.unregister(lst.sock)
-        lst.resume_at = time.monotonic() + _ACCEPT_PAUSE
+        self.paused[lst.id] = time.monotonic() + ACCEPT_PAUSE
         self.counters["accept_paused"] += 1
 
+    def watch_listener(self, lst: _Listener) -> None:
+        self.sel.watch_listener(lst.sock, lst)
+        self.listeners[lst.id] = lst
+
     def drop_listener(self, lst: _Listener) -> None:
-        lst.closed = True
-        if lst.resume_at is None:
+        if self.paused.pop(lst.id, None) is None:
             self.sel.unregister(lst.sock)
-        lst.resume_at = None
-        lst.sock.close()  # our dup only: the caller's fd stays open
         del self.listeners[lst.id]
 
     # -- connections
@@ -571,16 +579,16 @@ class _Worker:
                     pass
             _close(sock, reset[side])
         conn.masks = [0, 0]
-        if conn.listener is not None:
-            conn.listener.release(conn.upstream_index)
+        if conn.listener is not None and conn.cluster is not None:
+            conn.listener.release(conn.cluster, conn.endpoint)
         conn.deadline = None
         self.connecting.discard(conn)
         self.exchanging.discard(conn)
         if conn.xreport is not None:
             self.peers.append(conn.xreport)
         self.conns.pop(conn.id, None)
-        self.closed.append((conn.id, conn.listener_id, conn.upstream_index, int(reason), err,
-                            *conn.take_deltas()))
+        self.closed.append(Closed(conn.id, conn.listener_id, conn.cluster, conn.endpoint, int(reason), err,
+                                  *conn.take_deltas()))
 
     def release(self) -> None:
         """Close the selector and wake-up sockets once the thread is gone."""
@@ -599,10 +607,10 @@ class _Worker:
         for conn in self.conns.values():
             if not conn.announced:
                 conn.announced = True
-                opened.append((conn.id, conn.listener_id, conn.upstream_index))
+                opened.append(Opened(conn.id, conn.listener_id, conn.cluster, conn.endpoint))
             deltas = conn.take_deltas()
             if any(deltas):
-                updated.append((conn.id, *deltas))
+                updated.append(Updated(conn.id, *deltas))
             if conn.xreport is not None:
                 peers.append(conn.xreport)
                 conn.xreport = None
@@ -618,7 +626,7 @@ class _Worker:
         settings = lst.exchange
         if settings is None:
             return
-        if not settings.exchanges_with(lst.routes.is_mesh_peer(conn.upstream_index)):
+        if not settings.exchanges_with(lst.routes.is_mesh_peer(conn.cluster, conn.endpoint)):
             self.counters["exchange_disabled"] += 1
             return
         self.counters["exchange_enabled"] += 1
@@ -645,7 +653,7 @@ class _Worker:
     def _settle(self, conn: _Conn, payload: Optional[bytes]) -> None:
         """The peer's first bytes are a frame (payload) or not a frame (None)."""
         conn.xreading = False
-        conn.xreport = (conn.id, payload)
+        conn.xreport = Peer(conn.id, payload)
         conn.xdeadline = None
         self.exchanging.discard(conn)
         if conn.xhold:
@@ -676,7 +684,8 @@ class _Worker:
         assert settings is not None
         sock = conn.socks[src]
         assert sock is not None
-        want = HEADER.size - len(conn.xhead) if conn.xpayload is None else conn.xlen - len(conn.xpayload)
+        got = len(conn.xhead) if conn.xpayload is None else HEADER.size + len(conn.xpayload)
+        want = (HEADER.size if conn.xpayload is None else conn.xlen) - got
         try:
             data = sock.recv(min(want, self.buffer_size)) if want else b""
         except (BlockingIOError, InterruptedError):
@@ -704,13 +713,13 @@ class _Worker:
             if size > settings.max_payload:
                 self._bad_frame(conn, src, "exchange_frames_too_large")
                 return
-            conn.xpayload, conn.xlen = bytearray(), size
+            conn.xpayload, conn.xlen = bytearray(), HEADER.size + size
         else:
             if not data and want:
                 self._bad_frame(conn, src, "exchange_frames_truncated")
                 return
             conn.xpayload += data
-        if len(conn.xpayload) == conn.xlen:
+        if HEADER.size + len(conn.xpayload) == conn.xlen:
             self.counters["exchange_frames_received"] += 1
             self._settle(conn, self._share(bytes(conn.xpayload)))
             conn.xpayload = None
@@ -722,8 +731,8 @@ class _Worker:
         if kept is not None:
             self.counters["exchange_frames_shared"] += 1
             return kept
-        if HEADER.size + len(payload) <= _FRAME_CHUNK:
-            if len(self.kept) == _FRAMES_KEPT:
+        if HEADER.size + len(payload) <= FRAME_CHUNK:
+            if len(self.kept) == FRAMES_KEPT:
                 del self.kept[next(iter(self.kept))]  # the oldest
             self.kept[payload] = payload
         return payload
@@ -757,21 +766,19 @@ class _Worker:
 class Engine:
     """Relays TCP between socket pairs in Python worker threads."""
 
-    def __init__(self, workers: int = 1, *, pipe_size: int = 1048576, max_pipes: int = 4096,
-                 buffer_size: int = 65536, splice: bool = True) -> None:
+    def __init__(self, workers: int = DEFAULTS.workers, *, pipe_size: int = DEFAULTS.pipe_size,
+                 max_pipes: int = DEFAULTS.max_pipes, buffer_size: int = DEFAULTS.buffer_size,
+                 splice: bool = DEFAULTS.splice) -> None:
         # pipe_size, max_pipes and splice only matter to the splice engine.
-        if not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers!r}")
-        if not isinstance(buffer_size, int) or buffer_size < 1024:
-            raise ValueError(f"buffer_size must be at least 1024 bytes, not {buffer_size!r}")
-        if pipe_size < 0 or max_pipes < 0:
-            raise ValueError("pipe_size and max_pipes cannot be negative")
+        contract.check_engine_options(workers, pipe_size, max_pipes, buffer_size)
+        self._buffer_size = buffer_size
         self._workers = [_Worker(self, i, buffer_size) for i in range(workers)]
-        # Lock order: _lifecycle, then worker locks (worker 0 first), then _lock.
+        # Lock order: _lifecycle, then worker locks (in index order), then _lock.
         self._lifecycle = threading.Lock()  # start(), stop() and the calls that add fds
         self._lock = threading.Lock()  # conn ids and round robin
         self._conn_ids = itertools.count(1)
-        self._listeners = 0  # listener ids handed out so far
+        self._listeners: dict[int, _Listener] = {}  # accepting
+        self._listener_ids = 0  # listener ids handed out so far
         self._rr = 0
         self._started = False
         self._stopped = False
@@ -789,6 +796,7 @@ class Engine:
         return False
 
     def start(self) -> None:
+        """Start the worker threads."""
         with self._lifecycle:
             if self._stopped:
                 raise RuntimeError("a stopped engine cannot be started again")
@@ -815,6 +823,9 @@ class Engine:
                 with worker.lock:
                     worker.close_all()
                 worker.release()
+            for lst in self._listeners.values():
+                lst.sock.close()
+            self._listeners.clear()
 
     def __del__(self) -> None:
         # Reached only when no worker thread runs (they reference the engine).
@@ -823,23 +834,11 @@ class Engine:
         except Exception:
             pass
 
-    def add_listener(self, fd: int, routes: RouteTable | Sequence[tuple[str, int]],
-                     connect_timeout: float = 5.0,
-                     exchange: Optional[ExchangeSettings] = None) -> int:
+    def add_listener(self, fd: int, routes: RouteTable, exchange: Optional[ExchangeSettings] = None) -> int:
         """Accept on a bound, listening, non-blocking socket (the caller keeps owning the
-        fd) and route each connection: `routes` is a fastmesh.routing.RouteTable, or a list
-        of numeric (ip, port) upstreams used round robin with `connect_timeout`.
-        exchange: the peer metadata exchange settings, or None for none. Returns the
-        listener id."""
-        if not isinstance(routes, RouteTable):
-            targets = [_parse_upstream(u) for u in routes]
-            if not targets:
-                raise ValueError("a listener needs at least one upstream")
-            if not connect_timeout > 0 or math.isinf(connect_timeout):
-                raise ValueError(f"connect_timeout must be positive, not {connect_timeout!r}")
-            routes = RouteTable.single([addr for _, addr in targets], connect_timeout)
-        if exchange is not None:
-            exchange.check(self._workers[0].buffer_size)
+        fd) and route each connection by `routes`. exchange: the peer metadata exchange
+        settings, or None for none. Returns the listener id."""
+        contract.check_listener(routes, exchange, self._buffer_size, self._listener_ids)
         dup = os.dup(fd)
         try:
             sock = socket.socket(fileno=dup)
@@ -847,36 +846,40 @@ class Engine:
             os.close(dup)
             raise
         sock.setblocking(False)
-        worker = self._workers[0]
-        with self._lifecycle, worker.lock:  # stop() cannot release the selector meanwhile
-            try:
-                if self._stopped:
-                    raise RuntimeError("the engine is stopped")
-                lst = _Listener(self._listeners, sock, routes, exchange)
-                worker.sel.register(sock, _READ, lst)
-            except BaseException:
+        with self._lifecycle:  # stop() cannot release the selectors meanwhile
+            if self._stopped:
                 sock.close()
-                raise
-            self._listeners += 1
-            worker.listeners[lst.id] = lst
-        worker.wake()
+                raise RuntimeError("the engine is stopped")
+            lst = _Listener(self._listener_ids, sock, routes, exchange)
+            self._listener_ids += 1
+            self._listeners[lst.id] = lst
+            for worker in self._workers:
+                with worker.lock:
+                    worker.watch_listener(lst)
+                worker.wake()
         return lst.id
 
     def remove_listener(self, listener_id: int) -> None:
         """Stop accepting on that listener; open connections go on."""
-        if not 0 <= listener_id < self._listeners:
+        if not 0 <= listener_id < self._listener_ids:
             raise ValueError(f"no listener {listener_id}")
-        worker = self._workers[0]
-        with worker.lock:
-            lst = worker.listeners.get(listener_id)
-            if lst is not None:
-                worker.drop_listener(lst)
+        with self._lifecycle:
+            lst = self._listeners.pop(listener_id, None)
+            if lst is None:
+                return
+            lst.closed = True
+            for worker in self._workers:
+                with worker.lock:
+                    worker.drop_listener(lst)
+            lst.sock.close()  # our dup only: the caller's fd stays open
 
     def relay(self, down_fd: int, up_fd: int) -> int:
         """Relay an established socket pair; the engine owns and closes both fds."""
         with self._lifecycle:  # stop() cannot release the selectors meanwhile
             if self._stopped:
                 raise RuntimeError("the engine is stopped")
+            for fd in (down_fd, up_fd):
+                os.set_blocking(fd, False)  # OSError for an fd that is not open, as the C engine
             down = socket.socket(fileno=down_fd)
             try:
                 up = socket.socket(fileno=up_fd)
@@ -884,10 +887,15 @@ class Engine:
                 down.detach()  # not ours after all: leave the fd to the caller
                 raise
             conn = _Conn(self._new_id(), down, up)
-            self._hand_over(conn, None)
+            with self._lock:  # round robin over the workers
+                worker = self._workers[self._rr % len(self._workers)]
+                self._rr += 1
+            with worker.lock:
+                worker.add(conn)
+            worker.wake()
             return conn.id
 
-    def collect(self) -> tuple[list[Opened], list[Updated], list[Closed], list[Peer]]:
+    def collect(self) -> Batch:
         """Everything that changed since the previous call, in one batch."""
         opened: list[Opened] = []
         updated: list[Updated] = []
@@ -896,37 +904,29 @@ class Engine:
         for worker in self._workers:
             with worker.lock:
                 worker.collect_into(opened, updated, closed, peers)
-        return opened, updated, closed, peers
+        return Batch(opened, updated, closed, peers)
+
+    def connections(self) -> list[ConnectionInfo]:
+        """Every open connection's state, for diagnosis."""
+        found: list[ConnectionInfo] = []
+        for worker in self._workers:
+            with worker.lock:
+                found += [conn.info(worker.index) for conn in worker.conns.values()]
+        return found
 
     def stats(self) -> dict[str, int]:
-        """Engine health counters, summed over the workers."""
-        totals = dict.fromkeys(_STATS, 0)
+        """Engine health counters (fastmesh.contract.COUNTERS), summed over the workers."""
+        totals = dict.fromkeys(STATS, 0)
         for worker in self._workers:
             with worker.lock:
                 for name, value in worker.counters.items():
                     totals[name] += value
-                totals["active_connections"] += len(worker.conns)
-                totals["buffers_in_use"] += sum(
-                    1 for c in worker.conns.values() for f in c.flows if f.pending)
-                totals["exchange_partial_bytes"] += sum(
-                    HEADER.size + len(c.xpayload) for c in worker.conns.values() if c.xpayload is not None)
+                conns = worker.conns.values()
+                totals["active_connections"] += len(conns)
+                totals["buffers_in_use"] += sum(1 for c in conns for f in c.flows if f.pending)
+                totals["exchange_partial_bytes"] += sum(c.frame_bytes() for c in conns)
         return totals
-
-    # -- used by the workers
 
     def _new_id(self) -> int:
         with self._lock:
             return next(self._conn_ids)
-
-    def _hand_over(self, conn: _Conn, target: Optional[_Target],
-                   caller: Optional[_Worker] = None) -> None:
-        """Give a connection to the next worker, round robin, and wake it."""
-        with self._lock:
-            worker = self._workers[self._rr % len(self._workers)]
-            self._rr += 1
-        if worker is caller:
-            worker.add(conn, target)  # the accepting worker already holds its own lock
-        else:
-            with worker.lock:
-                worker.add(conn, target)
-            worker.wake()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
 from typing import NamedTuple
@@ -37,16 +36,16 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> Address:
     return Address(host or "0.0.0.0", port)
 
 
-async def resolve(address: Address) -> list[Address]:
-    """Numeric addresses for a host name (one entry per distinct address)."""
+def resolve(address: Address) -> list[Address]:
+    """Numeric addresses for a host name (one entry per distinct address), looked up
+    now: names are resolved once, when a listener or config is built."""
     try:
         ipaddress.ip_address(address.host)
         return [address]
     except ValueError:
         pass
-    loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ValueError(f"cannot resolve {address.host!r}: {exc.strerror}") from None
     found: list[Address] = []

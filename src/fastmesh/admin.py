@@ -1,6 +1,7 @@
 """The HTTP side of a sidecar, served by aiohttp on the control loop: the admin
-endpoint (Envoy's port 15000 by default: readiness, engine health, the effective
-configuration), and the capped server that carries it and the metrics endpoint."""
+endpoint (Envoy's port 15000 by default: readiness, engine health, open
+connections, the effective configuration), and the capped server that carries it
+and the metrics endpoint."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def make_app(relay: Relay, config: Callable[[], dict[str, Any]],
              http_refused: Callable[[], dict[str, int]] | None = None) -> web.Application:
     async def ready(_: web.Request) -> web.Response:
         # Envoy answers LIVE once its listeners are up; fastmesh binds them before this app starts.
-        if relay.listeners and relay.engine.running:
+        if relay.listeners and relay.running:
             return web.Response(text="LIVE\n")
         return web.Response(status=503, text="NOT READY\n")
 
@@ -33,12 +34,18 @@ def make_app(relay: Relay, config: Callable[[], dict[str, Any]],
             body["http_connections_refused"] = http_refused()
         return web.json_response(body)
 
+    async def connections(_: web.Request) -> web.Response:
+        # Each open connection's state, per direction, for a connection that seems stuck.
+        return web.json_response([{**info._asdict(), "downstream": info.downstream._asdict(),
+                                   "upstream": info.upstream._asdict()} for info in relay.connections()])
+
     async def config_dump(_: web.Request) -> web.Response:
         return web.json_response(config())
 
     app = web.Application()
     app.router.add_get("/ready", ready)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/connections", connections)
     app.router.add_get("/config_dump", config_dump)
     return app
 

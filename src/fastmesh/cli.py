@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from fastmesh._version import __version__
 from fastmesh.addr import Address, parse_address
-from fastmesh.durations import parse_duration
-from fastmesh.engine import IMPLEMENTATION
+from fastmesh.defaults import DEFAULTS
+from fastmesh.durations import format_duration, parse_duration
 
 if TYPE_CHECKING:
-    from fastmesh.sidecar import SidecarConfig
+    from fastmesh.settings import SidecarConfig
 
 log = logging.getLogger("fastmesh")
 
@@ -41,12 +41,30 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+class _Version(argparse.Action):
+    """--version names the engine in use, which is loaded only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and engine, then exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from fastmesh.engine import IMPLEMENTATION
+
+        parser.exit(message=f"fastmesh {__version__} ({IMPLEMENTATION} engine)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmesh",
         description="A TCP sidecar proxy: relays TCP at kernel speed and reports Istio's TCP metrics.",
     )
-    parser.add_argument("--version", action="version", version=f"fastmesh {__version__} ({IMPLEMENTATION} engine)")
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = commands.add_parser(
@@ -64,19 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to accept on, e.g. 0.0.0.0:15001 or [::]:15001")
     serve.add_argument("--upstream", type=_address, action="append", metavar="HOST:PORT",
                        help="where to relay; repeat for several upstreams (round robin); host names are resolved once")
-    serve.add_argument("--workers", type=_positive_int, default=1, metavar="N",
-                       help="relay threads (default 1; one epoll loop each, without the GIL)")
-    serve.add_argument("--admin", type=_address, default=Address("127.0.0.1", 15000), metavar="HOST:PORT",
-                       help="admin endpoint: /ready, /stats, /config_dump (default 127.0.0.1:15000)")
+    serve.add_argument("--workers", type=_positive_int, default=DEFAULTS.workers, metavar="N",
+                       help=f"relay threads (default {DEFAULTS.workers}; one epoll loop each, without the GIL)")
+    serve.add_argument("--admin", type=_address, default=_address(DEFAULTS.admin), metavar="HOST:PORT",
+                       help=f"admin endpoint: /ready, /stats, /config_dump (default {DEFAULTS.admin})")
     serve.add_argument("--no-admin", action="store_true", help="do not serve the admin endpoint")
-    serve.add_argument("--connect-timeout", type=_duration, default=5.0, metavar="DURATION",
-                       help="upstream connect timeout, e.g. 500ms, 5s (default 5s)")
-    serve.add_argument("--drain-timeout", type=_duration, default=5.0, metavar="DURATION",
-                       help="on SIGINT/SIGTERM, how long open connections may finish (default 5s)")
-    serve.add_argument("--pipe-size", type=_positive_int, default=1 << 20, metavar="BYTES",
-                       help="splice pipe size (default 1048576)")
-    serve.add_argument("--max-pipes", type=int, default=4096, metavar="N",
-                       help="pipes in flight before falling back to copying (default 4096; 0 disables splice)")
+    serve.add_argument("--connect-timeout", type=_duration, default=DEFAULTS.connect_timeout, metavar="DURATION",
+                       help="upstream connect timeout, e.g. 500ms, 5s "
+                            f"(default {format_duration(DEFAULTS.connect_timeout)})")
+    serve.add_argument("--drain-timeout", type=_duration, default=DEFAULTS.drain_timeout, metavar="DURATION",
+                       help="on SIGINT/SIGTERM, how long open connections may finish "
+                            f"(default {format_duration(DEFAULTS.drain_timeout)})")
+    serve.add_argument("--pipe-size", type=_positive_int, default=DEFAULTS.pipe_size, metavar="BYTES",
+                       help=f"splice pipe size (default {DEFAULTS.pipe_size})")
+    serve.add_argument("--max-pipes", type=_count, default=DEFAULTS.max_pipes, metavar="N",
+                       help=f"pipes in flight before falling back to copying (default {DEFAULTS.max_pipes}; "
+                            "0 disables splice)")
     serve.add_argument("--no-splice", action="store_true", help="copy with recv/send instead of splice")
     telemetry = serve.add_argument_group("telemetry (Istio TCP metrics)")
     telemetry.add_argument("--direction", choices=["outbound", "inbound"], default="outbound",
@@ -87,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "WORKLOAD_NAME, LABELS, CLUSTER_ID, ...)")
     telemetry.add_argument("--destination-service", default="", metavar="FQDN",
                            help="the service behind --upstream, e.g. mongodb.default.svc.cluster.local")
-    telemetry.add_argument("--reporting-duration", type=_duration, default=15.0, metavar="DURATION",
-                           help="how often open connections' bytes are reported (Istio's "
-                                "tcpReportingDuration; default 15s)")
-    telemetry.add_argument("--metrics", type=_address, default=Address("0.0.0.0", 15090), metavar="HOST:PORT",
-                           help="Prometheus endpoint: /stats/prometheus and /metrics (default 0.0.0.0:15090)")
+    telemetry.add_argument("--reporting-duration", type=_duration, default=DEFAULTS.reporting_duration,
+                           metavar="DURATION", help="how often open connections' bytes are reported (Istio's "
+                           f"tcpReportingDuration; default {format_duration(DEFAULTS.reporting_duration)})")
+    telemetry.add_argument("--metrics", type=_address, default=_address(DEFAULTS.metrics), metavar="HOST:PORT",
+                           help=f"Prometheus endpoint: /stats/prometheus and /metrics (default {DEFAULTS.metrics})")
     telemetry.add_argument("--no-metrics", action="store_true", help="no telemetry and no metrics endpoint")
     exchange = serve.add_argument_group(
         "peer metadata exchange (istio-peer-exchange)",
@@ -102,14 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="outbound: the upstreams are fastmesh (or exchanging) sidecars: exchange with them")
     exchange.add_argument("--no-exchange", action="store_true",
                           help="never exchange: relay every byte as it comes (peers stay unknown)")
-    exchange.add_argument("--exchange-max-payload", type=_positive_int, default=64 * 1024, metavar="BYTES",
-                          help="largest peer frame payload accepted; a larger one resets the connection "
-                               "(default 65536)")
-    exchange.add_argument("--exchange-timeout", type=_duration, default=5.0, metavar="DURATION",
-                          help="time for a peer frame to arrive whole once it has begun (default 5s)")
-    exchange.add_argument("--exchange-detect-timeout", type=_duration, default=0.1, metavar="DURATION",
-                          help="inbound: how long a server-first app's first bytes wait for the client's, "
-                               "so that a mesh client gets our frame first (default 100ms)")
+    exchange.add_argument("--exchange-max-payload", type=_positive_int, default=DEFAULTS.exchange_max_payload,
+                          metavar="BYTES", help="largest peer frame payload accepted; a larger one resets the "
+                          f"connection (default {DEFAULTS.exchange_max_payload})")
+    exchange.add_argument("--exchange-timeout", type=_duration, default=DEFAULTS.exchange_timeout, metavar="DURATION",
+                          help="time for a peer frame to arrive whole once it has begun "
+                               f"(default {format_duration(DEFAULTS.exchange_timeout)})")
+    exchange.add_argument("--exchange-detect-timeout", type=_duration, default=DEFAULTS.exchange_detect_timeout,
+                          metavar="DURATION", help="inbound: how long a server-first app's first bytes wait for "
+                          "the client's, so that a mesh client gets our frame first "
+                          f"(default {format_duration(DEFAULTS.exchange_detect_timeout)})")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     check = commands.add_parser(
@@ -151,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> "SidecarConfig":
     from fastmesh.identity import NodeMetadata, load_node_metadata
-    from fastmesh.sidecar import SidecarConfig
+    from fastmesh.settings import ExchangeConfig, ListenerConfig, SidecarConfig
 
     if args.config:
         from fastmesh.config import load_documents, plan
@@ -163,30 +186,26 @@ def _config(args: argparse.Namespace) -> "SidecarConfig":
 
     if args.mesh_peer and args.direction == "inbound":
         raise ValueError("--mesh-peer is for outbound listeners: an inbound one detects mesh clients itself")
+    listener = ListenerConfig.to_upstreams(args.listen, args.upstream, args.direction, args.destination_service,
+                                           args.mesh_peer, args.connect_timeout)
     return SidecarConfig(
-        listen=args.listen,
-        upstreams=args.upstream,
+        listeners=[listener],
         workers=args.workers,
-        connect_timeout=args.connect_timeout,
         drain_timeout=args.drain_timeout,
         pipe_size=args.pipe_size,
         max_pipes=args.max_pipes,
         splice=not args.no_splice,
         admin=None if args.no_admin else args.admin,
         metrics=None if args.no_metrics else args.metrics,
-        direction=args.direction,
         node_metadata=load_node_metadata(args.node_metadata) if args.node_metadata else NodeMetadata(),
-        destination_service=args.destination_service,
         reporting_duration=args.reporting_duration,
-        exchange=not args.no_exchange,
-        mesh_peer=args.mesh_peer,
-        exchange_max_payload=args.exchange_max_payload,
-        exchange_timeout=args.exchange_timeout,
-        exchange_detect_timeout=args.exchange_detect_timeout,
+        exchange=ExchangeConfig(not args.no_exchange, args.exchange_max_payload, args.exchange_timeout,
+                                args.exchange_detect_timeout),
     )
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from fastmesh.engine import IMPLEMENTATION
     from fastmesh.sidecar import Sidecar
 
     try:
@@ -240,8 +259,7 @@ def check(paths: list[str]) -> int:
     for warning in built.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for listener in built.sidecar.listeners:
-        routes = listener.upstreams
-        assert not isinstance(routes, list)
+        routes = listener.routes
         print(f"{listener.direction} {listener.listen}:")
         if not routes.routes:
             print("  no route (NR)")

@@ -3,15 +3,13 @@ the payload length, both big-endian) and a serialized google.protobuf.Any
 holding a google.protobuf.Struct with `x-envoy-peer-metadata` (the node
 metadata) and `x-envoy-peer-metadata-id` (the node id).
 
-This module builds and reads frames, and holds the settings a listener gives
-the engine, which writes our frame and reads the peer's on the data path
-(fastmesh/_core.pyx, fastmesh/_engine_py.py). FrameReader is the reference
-reader the tests hold the engines to.
+This module builds frames and decodes their payloads, and holds the settings a
+listener gives the engine, which writes our frame and reads the peer's on the
+data path (fastmesh/native/exchange.pxi, fastmesh/_engine_py.py).
 """
 
 from __future__ import annotations
 
-import enum
 import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -19,38 +17,21 @@ from typing import Any, Mapping
 from google.protobuf import any_pb2, json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
+from fastmesh.defaults import DEFAULTS
+from fastmesh.routing import INBOUND, OUTBOUND
+
 MAGIC = 0x3D230467
 HEADER = struct.Struct("!II")
 MAGIC_BYTES = struct.pack("!I", MAGIC)
 STRUCT_TYPE_URL = "type.googleapis.com/google.protobuf.Struct"
 METADATA_KEY = "x-envoy-peer-metadata"
 ID_KEY = "x-envoy-peer-metadata-id"
-DEFAULT_MAX_PAYLOAD = 64 * 1024
 
 # The node metadata keys Istio (1.8 and later) sends over TCP.
 EXCHANGE_KEYS = (
     "NAME", "NAMESPACE", "OWNER", "WORKLOAD_NAME", "ISTIO_VERSION", "MESH_ID", "CLUSTER_ID",
     "LABELS", "PLATFORM_METADATA", "APP_CONTAINERS",
 )
-
-
-# Engine.stats() keys for the exchange, summed over the workers.
-EXCHANGE_STATS = (
-    "exchange_enabled",  # connections that exchange (Istio: alpn_protocol_found)
-    "exchange_disabled",  # connections on an exchanging listener that do not (alpn_protocol_not_found)
-    "exchange_frames_sent",  # our frame written (metadata_added)
-    "exchange_frames_received",  # a peer frame read off the stream (its payload is decoded in Python)
-    "exchange_no_frame",  # the peer's first bytes were not a frame: passed on (initial_header_not_found)
-    "exchange_detect_timeouts",  # inbound: the app's first bytes went on before the client spoke
-    "exchange_frames_too_large",  # declared payload above the limit: connection reset
-    "exchange_frames_truncated",  # the stream ended inside a frame: connection reset
-    "exchange_frames_timed_out",  # a frame started and did not complete in time: connection reset
-    "exchange_frames_shared",  # a peer frame identical to a recent one: held once for both
-    "exchange_partial_bytes",  # a gauge: memory held for peer frames still arriving
-)
-
-OUTBOUND = "outbound"
-INBOUND = "inbound"
 
 
 @dataclass(frozen=True)
@@ -66,9 +47,9 @@ class ExchangeSettings:
 
     role: str
     frame: bytes  # our whole frame, from encode_frame(), built once
-    max_payload: int = DEFAULT_MAX_PAYLOAD
-    frame_timeout: float = 5.0
-    detect_timeout: float = 0.1
+    max_payload: int = DEFAULTS.exchange_max_payload
+    frame_timeout: float = DEFAULTS.exchange_timeout
+    detect_timeout: float = DEFAULTS.exchange_detect_timeout
 
     def exchanges_with(self, is_mesh_peer: bool) -> bool:
         """Whether a connection exchanges: every one inbound; outbound, those whose
@@ -129,67 +110,3 @@ def decode_payload(payload: bytes) -> tuple[dict[str, Any], str]:
         raise ExchangeError(f"payload has no {METADATA_KEY} struct")
     node_id = outer.fields[ID_KEY].string_value if ID_KEY in outer.fields else ""
     return json_format.MessageToDict(metadata.struct_value), node_id
-
-
-class Outcome(enum.Enum):
-    NEED_MORE = "need_more"  # keep the bytes, feed more
-    FOUND = "found"  # a peer frame was read and removed; `rest` are application bytes
-    NOT_FOUND = "not_found"  # no magic: every byte fed is application data, in order
-    INVALID = "invalid"  # a frame header whose payload cannot be trusted: close the connection
-
-
-@dataclass
-class ReadResult:
-    outcome: Outcome
-    rest: bytes = b""  # application bytes to pass on (FOUND, NOT_FOUND)
-    metadata: dict[str, Any] | None = None
-    node_id: str = ""
-    reason: str = ""  # why INVALID
-
-
-class FrameReader:
-    """Reads a peer's frame from the first bytes of a stream, fed in any splits.
-
-    Bytes that start with something other than the magic are application data
-    and are returned whole and in order. Once the magic has been seen, the bytes
-    that follow belong to the frame; a frame that lies about its size or does not
-    parse is INVALID: what came after it cannot be told apart from the payload.
-    """
-
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
-        self.max_payload = max_payload
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> ReadResult:
-        buffer = self._buffer
-        buffer += data
-        if len(buffer) < 4:
-            if MAGIC_BYTES.startswith(bytes(buffer)):
-                return ReadResult(Outcome.NEED_MORE)
-            return self._not_found()
-        if bytes(buffer[:4]) != MAGIC_BYTES:
-            return self._not_found()
-        if len(buffer) < HEADER.size:
-            return ReadResult(Outcome.NEED_MORE)
-        _, size = HEADER.unpack_from(buffer)
-        if size > self.max_payload:
-            return ReadResult(Outcome.INVALID, reason=f"declared payload of {size} bytes exceeds {self.max_payload}")
-        end = HEADER.size + size
-        if len(buffer) < end:
-            return ReadResult(Outcome.NEED_MORE)
-        try:
-            metadata, node_id = decode_payload(bytes(buffer[HEADER.size:end]))
-        except ExchangeError as exc:
-            return ReadResult(Outcome.INVALID, reason=str(exc))
-        rest = bytes(buffer[end:])
-        buffer.clear()
-        return ReadResult(Outcome.FOUND, rest, metadata, node_id)
-
-    def _not_found(self) -> ReadResult:
-        rest = bytes(self._buffer)
-        self._buffer.clear()
-        return ReadResult(Outcome.NOT_FOUND, rest)
-
-    def pending(self) -> bytes:
-        """Bytes held while waiting (for a stream that ends before the frame does)."""
-        return bytes(self._buffer)

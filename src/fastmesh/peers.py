@@ -5,10 +5,11 @@ the same frame on every connection, so a payload is decoded once)."""
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 from fastmesh.exchange import ExchangeError, ExchangeSettings, decode_payload
 from fastmesh.identity import UNKNOWN_WORKLOAD, Workload, peer_workload
-from fastmesh.relay import Batch
+from fastmesh.records import Batch, Closed
 from fastmesh.routing import RouteTable
 
 log = logging.getLogger("fastmesh.exchange")
@@ -18,33 +19,39 @@ _CACHE_LIMIT = 4096
 
 
 class PeerDirectory:
-    """Feed it with Relay.add_consumer(directory.on_batch) *before* the telemetry
-    consumer; TcpTelemetry asks it for each connection's peer with peer_of()."""
+    """Knows each connection's peer from its exchange. The sidecar's pipeline gives it
+    every batch (on_batch), then lets telemetry ask peer_of() about that batch's
+    connections, then forget()s the ones that closed."""
 
     def __init__(self) -> None:
         # Listener id -> its exchange settings and routes, for the listeners that exchange.
-        self.listeners: dict[int, tuple[ExchangeSettings, RouteTable]] = {}
+        self._listeners: dict[int, tuple[ExchangeSettings, RouteTable]] = {}
         self.payloads_decoded = 0  # peers found (valid payloads)
         self.payloads_invalid = 0  # a frame whose payload is not an Any holding a Struct (header_not_found)
         self._decoded: dict[bytes, Workload | None] = {}
         self._peers: dict[int, Workload] = {}  # settled connections
         self._awaiting: set[int] = set()  # exchanging connections not settled yet
-        self._forget: list[int] = []  # closed in the previous batch
+
+    def add_listener(self, listener_id: int, exchange: ExchangeSettings, routes: RouteTable) -> None:
+        """A listener whose connections exchange (those its settings and routes say)."""
+        self._listeners[listener_id] = (exchange, routes)
 
     def on_batch(self, batch: Batch) -> None:
-        # Connections closed in the previous batch were looked up by its consumers: drop them.
-        for conn_id in self._forget:
-            self._peers.pop(conn_id, None)
-            self._awaiting.discard(conn_id)
-        listeners = self.listeners
-        for conn_id, listener_id, upstream_index in batch.opened:
-            exchanging = listeners.get(listener_id)
-            if exchanging is not None and exchanging[0].exchanges_with(exchanging[1].is_mesh_peer(upstream_index)):
-                self._awaiting.add(conn_id)
-        for conn_id, payload in batch.peers:
-            self._awaiting.discard(conn_id)
-            self._peers[conn_id] = UNKNOWN_WORKLOAD if payload is None else self._decode(payload)
-        self._forget = [record[0] for record in batch.closed]
+        listeners = self._listeners
+        for opened in batch.opened:
+            exchanging = opened.listener_id is not None and listeners.get(opened.listener_id)
+            if exchanging and exchanging[0].exchanges_with(exchanging[1].is_mesh_peer(opened.cluster,
+                                                                                      opened.endpoint)):
+                self._awaiting.add(opened.conn_id)
+        for peer in batch.peers:
+            self._awaiting.discard(peer.conn_id)
+            self._peers[peer.conn_id] = UNKNOWN_WORKLOAD if peer.payload is None else self._decode(peer.payload)
+
+    def forget(self, closed: Sequence[Closed]) -> None:
+        """Drop what is known of connections that closed (once they are reported)."""
+        for record in closed:
+            self._peers.pop(record.conn_id, None)
+            self._awaiting.discard(record.conn_id)
 
     def _decode(self, payload: bytes) -> Workload:
         cached = self._decoded.get(payload, False)

@@ -3,7 +3,8 @@ running totals, and logs of failed connections.
 
 The engine moves the bytes; this object runs on the asyncio (uvloop) loop and
 reads the engine once per `collect_interval`, never per chunk or per byte.
-Consumers (telemetry, later) receive each batch as it is read.
+Consumers (a sidecar's pipeline of peers and telemetry, or an embedding
+program's own) receive each batch as it is read.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import os
 import socket
 from typing import Callable, NamedTuple, Sequence
 
-from fastmesh.addr import Address, bind_listener, parse_address, resolve
+from fastmesh.addr import Address, bind_listener, parse_address
+from fastmesh.defaults import DEFAULTS
 from fastmesh.engine import IMPLEMENTATION, Engine
 from fastmesh.exchange import ExchangeSettings
-from fastmesh.routing import RouteTable
 from fastmesh.reasons import CloseReason, describe
+from fastmesh.records import Batch, ConnectionInfo
+from fastmesh.routing import RouteTable
 
 log = logging.getLogger("fastmesh.relay")
 
@@ -32,16 +35,17 @@ _FAILURE_REASONS = frozenset({
 })
 
 
-class Batch(NamedTuple):
-    """One read of the engine; see fastmesh/_core.pyi for the tuple layouts."""
-
-    opened: list[tuple[int, int, int]]
-    updated: list[tuple[int, int, int, int, int]]
-    closed: list[tuple[int, int, int, int, int, int, int, int, int]]
-    peers: Sequence[tuple[int, bytes | None]] = ()  # exchange outcomes: (conn_id, peer payload or None)
-
-
 BatchConsumer = Callable[[Batch], None]
+
+
+class _Failure(NamedTuple):
+    """Closed connections that never reached an upstream, grouped for one log line."""
+
+    listener_id: int | None
+    cluster: int | None
+    endpoint: int | None
+    reason: int
+    errno: int
 
 
 @dataclasses.dataclass
@@ -51,16 +55,6 @@ class Listener:
     routes: RouteTable
     sock: socket.socket
     exchange: ExchangeSettings | None = None
-
-    def target(self, upstream_index: int) -> str:
-        """The endpoint (or, for a connection refused before one was picked, the cluster) for logs."""
-        located = self.routes.locate(upstream_index)
-        if located is None:
-            return "no route"
-        cluster = self.routes.clusters[located[0]]
-        if located[1] < 0:
-            return f"cluster {cluster.name}"
-        return str(Address(*cluster.endpoints[located[1]]))
 
 
 @dataclasses.dataclass
@@ -80,30 +74,15 @@ class Totals:
         self.upstream_tx += d_up_tx
 
 
-async def route_table(upstreams: Sequence[str | Address] | RouteTable, connect_timeout: float = 5.0,
-                      mesh_peer: bool = False) -> RouteTable:
-    """`upstreams` as a route table: a RouteTable as it is, else one cluster of the
-    addresses (names resolved now), round robin."""
-    if isinstance(upstreams, RouteTable):
-        return upstreams
-    targets: list[Address] = []
-    for upstream in upstreams:
-        parsed = upstream if isinstance(upstream, Address) else parse_address(upstream)
-        targets.extend(await resolve(parsed))
-    if not targets:
-        raise ValueError("a listener needs at least one upstream")
-    return RouteTable.single([(t.host, t.port) for t in targets], connect_timeout, mesh_peer)
-
-
 class Relay:
     """An engine plus the listeners it serves, driven from the running event loop."""
 
     def __init__(
         self,
         *,
-        workers: int = 1,
-        collect_interval: float = 1.0,
-        backlog: int = 4096,
+        workers: int = DEFAULTS.workers,
+        collect_interval: float = DEFAULTS.collect_interval,
+        backlog: int = DEFAULTS.backlog,
         engine: Engine | None = None,
         **engine_options: int | bool,
     ) -> None:
@@ -125,6 +104,11 @@ class Relay:
     def implementation(self) -> str:
         return IMPLEMENTATION
 
+    @property
+    def running(self) -> bool:
+        """The engine runs (started, not yet stopped)."""
+        return self.engine.running
+
     def add_consumer(self, consumer: BatchConsumer) -> None:
         """Call `consumer(batch)` with every batch read from the engine."""
         self._consumers.append(consumer)
@@ -134,7 +118,7 @@ class Relay:
         listen: str | Address,
         upstreams: Sequence[str | Address] | RouteTable,
         *,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = DEFAULTS.connect_timeout,
         exchange: ExchangeSettings | None = None,
         mesh_peer: bool = False,
     ) -> Listener:
@@ -142,10 +126,13 @@ class Relay:
         resolved now; `mesh_peer`: they run sidecars that exchange metadata), or by a
         RouteTable. With `exchange`, the listener runs the peer metadata exchange."""
         address = listen if isinstance(listen, Address) else parse_address(listen, allow_port_zero=True)
-        routes = await route_table(upstreams, connect_timeout, mesh_peer)
+        if isinstance(upstreams, RouteTable):
+            routes = upstreams
+        else:  # the one place a list of upstreams becomes a route table
+            routes = await asyncio.to_thread(RouteTable.single, upstreams, connect_timeout, mesh_peer)
         sock = bind_listener(address, self.backlog)
         try:
-            listener_id = self.engine.add_listener(sock.fileno(), routes, connect_timeout, exchange)
+            listener_id = self.engine.add_listener(sock.fileno(), routes, exchange)
         except BaseException:
             sock.close()
             raise
@@ -170,24 +157,25 @@ class Relay:
 
     def collect(self) -> Batch:
         """Read the engine's batch now, fold it into the totals and pass it on."""
-        batch = Batch(*self.engine.collect())
+        batch = self.engine.collect()
         totals = self.totals
-        for conn_id, _, _ in batch.opened:
-            self._seen.add(conn_id)
+        for opened in batch.opened:
+            self._seen.add(opened.conn_id)
         totals.connections_opened += len(batch.opened)
-        for _, d0, d1, d2, d3 in batch.updated:
-            totals.add_bytes(d0, d1, d2, d3)
-        failures: collections.Counter[tuple[int, int, int, int]] = collections.Counter()
-        for conn_id, listener_id, upstream_index, reason, err, d0, d1, d2, d3 in batch.closed:
-            if conn_id in self._seen:
-                self._seen.discard(conn_id)
+        for updated in batch.updated:
+            totals.add_bytes(updated.down_rx, updated.down_tx, updated.up_rx, updated.up_tx)
+        failures: collections.Counter[_Failure] = collections.Counter()
+        for closed in batch.closed:
+            if closed.conn_id in self._seen:
+                self._seen.discard(closed.conn_id)
             else:  # opened and closed between two reads
                 totals.connections_opened += 1
             totals.connections_closed += 1
-            totals.add_bytes(d0, d1, d2, d3)
-            totals.close_reasons[reason] += 1  # named in counters(), not per connection
-            if reason in _FAILURE_REASONS:
-                failures[(listener_id, upstream_index, reason, err)] += 1
+            totals.add_bytes(closed.down_rx, closed.down_tx, closed.up_rx, closed.up_tx)
+            totals.close_reasons[closed.reason] += 1  # named in counters(), not per connection
+            if closed.reason in _FAILURE_REASONS:
+                failures[_Failure(closed.listener_id, closed.cluster, closed.endpoint, closed.reason,
+                                  closed.errno)] += 1
         if failures:
             self._log_failures(failures)
         self._log_accept_errors()
@@ -195,13 +183,13 @@ class Relay:
             consumer(batch)
         return batch
 
-    def _log_failures(self, failures: collections.Counter[tuple[int, int, int, int]]) -> None:
+    def _log_failures(self, failures: collections.Counter[_Failure]) -> None:
         # One line per (listener, upstream, cause) per read: a dead upstream under
         # load is reported, not a log line per refused connection.
-        for (listener_id, upstream_index, reason, err), count in failures.items():
-            listener = self.listeners.get(listener_id) or self.retired.get(listener_id)
+        for (listener_id, cluster, endpoint, reason, err), count in failures.items():
+            listener = self.listeners.get(listener_id) or self.retired.get(listener_id)  # type: ignore[arg-type]
             where = str(listener.address) if listener else f"listener {listener_id}"
-            target = listener.target(upstream_index) if listener else "upstream"
+            target = listener.routes.describe(cluster, endpoint) if listener else "upstream"
             cause = f"{errno_names.errorcode.get(err, err)}: {os.strerror(err)}" if err else describe(reason)
             log.warning(
                 "%s: %d connection(s) closed, %s to %s (%s)",
@@ -232,6 +220,10 @@ class Relay:
             **{f"closed_{describe(reason)}": n for reason, n in sorted(t.close_reasons.items())},
         }
 
+    def connections(self) -> list[ConnectionInfo]:
+        """Every open connection's state, as the engine has it now."""
+        return self.engine.connections()
+
     def stats(self) -> dict[str, int]:
         """The engine's health counters."""
         stats = self.engine.stats()
@@ -248,10 +240,10 @@ class Relay:
         old = self.listeners.pop(listener_id)
         self.engine.remove_listener(old.id)
         try:
-            new_id = self.engine.add_listener(old.sock.fileno(), routes, exchange=exchange)
+            new_id = self.engine.add_listener(old.sock.fileno(), routes, exchange)
         except BaseException:
             # The engine refused the new routes: the old ones go on serving, under a new id.
-            restored = self.engine.add_listener(old.sock.fileno(), old.routes, exchange=old.exchange)
+            restored = self.engine.add_listener(old.sock.fileno(), old.routes, old.exchange)
             self.listeners[restored] = Listener(restored, old.address, old.routes, old.sock, old.exchange)
             self.retired[listener_id] = old
             raise
@@ -281,7 +273,7 @@ class Relay:
         self.stop_accepting()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
-        while self.engine.running and loop.time() < deadline and self.engine.stats()["active_connections"]:
+        while self.running and loop.time() < deadline and self.engine.stats()["active_connections"]:
             await asyncio.sleep(0.05)
         if self._collector is not None:
             self._collector.cancel()

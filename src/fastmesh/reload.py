@@ -10,7 +10,8 @@ import logging
 import os
 from typing import Callable
 
-from fastmesh.sidecar import Sidecar, SidecarConfig
+from fastmesh.settings import SidecarConfig
+from fastmesh.sidecar import Sidecar
 
 log = logging.getLogger("fastmesh.reload")
 

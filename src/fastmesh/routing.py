@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import reduce
 from typing import Sequence
+
+from fastmesh.addr import Address, parse_address, resolve
+from fastmesh.defaults import DEFAULTS
+
+# A listener's direction: OUTBOUND serves the local app's connections to a service
+# (Istio's reporter="source"), INBOUND the connections that reach the local app
+# (reporter="destination").
+OUTBOUND = "outbound"
+INBOUND = "inbound"
+DIRECTIONS = (OUTBOUND, INBOUND)
 
 # In the engines' order. PASSTHROUGH sends each connection to the client's original
 # destination (before iptables REDIRECT), not to the cluster's endpoints.
 LB_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM", "PASSTHROUGH")
-
-# Engine.stats() keys for connections that got no upstream, summed over the workers.
-ROUTING_STATS = ("no_route", "no_healthy_upstream", "upstream_overflows")
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class Cluster:
     mesh_peers: tuple[bool, ...] = ()  # per endpoint: it runs a sidecar, so the exchange is used
     lb: str = "ROUND_ROBIN"
     max_connections: int = 0  # 0: no limit
-    connect_timeout: float = 10.0
+    connect_timeout: float = DEFAULTS.connect_timeout
 
     def __post_init__(self) -> None:
         if self.mesh_peers and len(self.mesh_peers) != len(self.endpoints):
@@ -53,12 +60,15 @@ class Cluster:
     def is_mesh_peer(self, index: int) -> bool:
         return bool(self.mesh_peers) and self.mesh_peers[index]
 
+    @property
+    def has_mesh_peer(self) -> bool:
+        return any(self.mesh_peers)
+
 
 @dataclass(frozen=True)
 class RouteTable:
     clusters: tuple[Cluster, ...] = ()
     routes: tuple[tuple[int, int], ...] = ()  # (cluster index, weight); none at all: NR
-    _offsets: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for index, weight in self.routes:
@@ -66,19 +76,20 @@ class RouteTable:
                 raise ValueError(f"route to cluster {index}: there are {len(self.clusters)} clusters")
             if weight < 0:
                 raise ValueError(f"route weight cannot be negative: {weight}")
-        offsets, total = [], 0
-        for cluster in self.clusters:
-            offsets.append(total)
-            total += len(cluster.endpoints)
-        object.__setattr__(self, "_offsets", tuple(offsets))
 
     @classmethod
-    def single(cls, upstreams: Sequence[tuple[str, int]], connect_timeout: float = 5.0,
+    def single(cls, upstreams: Sequence[str | tuple[str, int]], connect_timeout: float = DEFAULTS.connect_timeout,
                mesh_peer: bool = False, service: str = "") -> "RouteTable":
-        """One cluster of `upstreams`, round robin: what `serve --upstream` builds."""
-        endpoints = tuple((str(h), int(p)) for h, p in upstreams)
-        cluster = Cluster("upstream", service, endpoints, (mesh_peer,) * len(endpoints) if mesh_peer else (),
-                          connect_timeout=connect_timeout)
+        """One cluster of `upstreams`, round robin: what `serve --upstream` builds. Each is
+        "HOST:PORT" or (host, port); names are resolved now, once (this may block)."""
+        endpoints: list[tuple[str, int]] = []
+        for upstream in upstreams:
+            address = parse_address(upstream) if isinstance(upstream, str) else Address(*upstream)
+            endpoints += [(a.host, a.port) for a in resolve(address) if (a.host, a.port) not in endpoints]
+        if not endpoints:
+            raise ValueError("a listener needs at least one upstream")
+        cluster = Cluster("upstream", service, tuple(endpoints),
+                          (mesh_peer,) * len(endpoints) if mesh_peer else (), connect_timeout=connect_timeout)
         return cls((cluster,), ((0, 1),))
 
     def schedule(self) -> tuple[int, ...]:
@@ -100,26 +111,22 @@ class RouteTable:
             order.append(routes[best][0])
         return tuple(order)
 
-    def endpoints(self) -> list[tuple[str, int]]:
-        """Every endpoint of every cluster: an engine's upstream_index indexes this list."""
-        return [endpoint for cluster in self.clusters for endpoint in cluster.endpoints]
+    def endpoint(self, cluster: int, endpoint: int) -> tuple[str, int]:
+        """The address of a connection's endpoint, as its records name it."""
+        return self.clusters[cluster].endpoints[endpoint]
 
-    def first_endpoint(self, cluster_index: int) -> int:
-        """The upstream_index of a cluster's first endpoint."""
-        return self._offsets[cluster_index]
+    @property
+    def has_mesh_peer(self) -> bool:
+        return any(cluster.has_mesh_peer for cluster in self.clusters)
 
-    def locate(self, upstream_index: int) -> tuple[int, int] | None:
-        """(cluster index, endpoint index in it) of an engine's upstream_index. Values
-        below -1 name a cluster that had no endpoint to give (UH, UO): -2 - cluster."""
-        if upstream_index <= -2:
-            return -2 - upstream_index, -1
-        if upstream_index < 0:
-            return None
-        for index in range(len(self.clusters) - 1, -1, -1):
-            if upstream_index >= self._offsets[index]:
-                return index, upstream_index - self._offsets[index]
-        return None
+    def is_mesh_peer(self, cluster: int | None, endpoint: int | None) -> bool:
+        """Whether a connection's endpoint runs a sidecar (so the exchange is used)."""
+        return cluster is not None and endpoint is not None and self.clusters[cluster].is_mesh_peer(endpoint)
 
-    def is_mesh_peer(self, upstream_index: int) -> bool:
-        where = self.locate(upstream_index)
-        return where is not None and where[1] >= 0 and self.clusters[where[0]].is_mesh_peer(where[1])
+    def describe(self, cluster: int | None, endpoint: int | None) -> str:
+        """A connection's destination for logs: its endpoint, else its cluster, else 'no route'."""
+        if cluster is None:
+            return "no route"
+        if endpoint is None:
+            return f"cluster {self.clusters[cluster].name}"
+        return str(Address(*self.endpoint(cluster, endpoint)))

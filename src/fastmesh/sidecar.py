@@ -5,89 +5,30 @@ admin port, started and stopped together on the running event loop."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
+import threading
 from typing import Any
 
 from fastmesh._version import __version__
 from fastmesh.addr import Address
 from fastmesh.admin import HttpEndpoint, make_app, serve_app
 from fastmesh.engine import IMPLEMENTATION
-from fastmesh.exchange import DEFAULT_MAX_PAYLOAD, INBOUND, ExchangeSettings, encode_frame
+from fastmesh.exchange import ExchangeSettings
 from fastmesh.exposition import MetricsEndpoint
-from fastmesh.identity import NodeMetadata
 from fastmesh.peers import PeerDirectory
-from fastmesh.relay import Listener, Relay, route_table
-from fastmesh.routing import RouteTable
-from fastmesh.telemetry import OUTBOUND, ListenerTelemetry, TcpTelemetry
+from fastmesh.records import Batch
+from fastmesh.relay import Listener, Relay
+from fastmesh.settings import ListenerConfig, SidecarConfig
+from fastmesh.telemetry import ListenerTelemetry, TcpTelemetry
 
 log = logging.getLogger("fastmesh")
 
 
-@dataclasses.dataclass
-class ListenerConfig:
-    """One listener: where it accepts, where connections go, and how they are labelled."""
-
-    listen: Address
-    upstreams: list[Address] | RouteTable  # addresses: one cluster, round robin
-    direction: str = OUTBOUND
-    destination_service: str = ""  # a RouteTable's clusters name their own service
-    mesh_peer: bool = False  # address upstreams run sidecars (a RouteTable says so per endpoint)
-    connect_timeout: float = 5.0
-
-
-@dataclasses.dataclass
-class SidecarConfig:
-    # The command line's one listener (`serve --listen/--upstream`); a config file
-    # adds `listeners`.
-    listen: Address | None = None
-    upstreams: list[Address] = dataclasses.field(default_factory=list)
-    listeners: list[ListenerConfig] = dataclasses.field(default_factory=list)
-    workers: int = 1
-    connect_timeout: float = 5.0
-    drain_timeout: float = 5.0
-    pipe_size: int = 1 << 20
-    max_pipes: int = 4096
-    splice: bool = True
-    admin: Address | None = Address("127.0.0.1", 15000)
-    metrics: Address | None = Address("0.0.0.0", 15090)
-    direction: str = OUTBOUND
-    node_metadata: NodeMetadata = dataclasses.field(default_factory=NodeMetadata)
-    destination_service: str = ""
-    reporting_duration: float = 15.0
-    # Peer metadata exchange: an inbound listener looks for it in every client's
-    # first bytes; an outbound one sends to its upstreams only when they are mesh peers.
-    exchange: bool = True
-    mesh_peer: bool = False
-    exchange_max_payload: int = DEFAULT_MAX_PAYLOAD
-    exchange_timeout: float = 5.0
-    exchange_detect_timeout: float = 0.1
-
-    def all_listeners(self) -> list[ListenerConfig]:
-        own = [] if self.listen is None else [ListenerConfig(
-            self.listen, self.upstreams, self.direction, self.destination_service, self.mesh_peer,
-            self.connect_timeout)]
-        return own + self.listeners
-
-    def exchange_settings(self, direction: str, routes: RouteTable) -> ExchangeSettings | None:
-        """What a listener's engine does about the exchange: the plaintext rules, in one place
-        (the engine then asks, per connection, whether its endpoint is a mesh peer)."""
-        endpoints = range(len(routes.endpoints()))
-        if not self.exchange or (direction != INBOUND and not any(map(routes.is_mesh_peer, endpoints))):
-            return None
-        metadata = self.node_metadata
-        return ExchangeSettings(
-            role=direction,
-            frame=encode_frame(metadata.values, metadata.node_id()),  # once, not per connection
-            max_payload=self.exchange_max_payload,
-            frame_timeout=self.exchange_timeout,
-            detect_timeout=self.exchange_detect_timeout,
-        )
-
-
 class Sidecar:
+    """Everything one sidecar runs, from a SidecarConfig: start(), reload(), stop()."""
+
     def __init__(self, config: SidecarConfig) -> None:
-        if not config.all_listeners():
+        if not config.listeners:
             raise ValueError("a sidecar needs at least one listener")
         self.config = config
         # Closes are read every second (or faster with a shorter reporting
@@ -108,33 +49,39 @@ class Sidecar:
         self._http: list[HttpEndpoint] = []  # metrics, then admin
         self._reporter: asyncio.Task[None] | None = None
 
+    def _on_batch(self, batch: Batch) -> None:
+        """Each batch read from the engine, in the one order that works: peers learn who
+        is on the other end, telemetry labels the connections by them, then the peers
+        of closed connections are dropped."""
+        self.peers.on_batch(batch)
+        if self.telemetry is not None:
+            self.telemetry.on_batch(batch)
+        self.peers.forget(batch.closed)
+
     async def _listen(self, listener_config: ListenerConfig, replacing: int | None = None) -> None:
         """Open a listener, or give an open one (`replacing`) new routes for its new connections."""
         config = self.config
-        routes = await route_table(listener_config.upstreams, listener_config.connect_timeout,
-                                   listener_config.mesh_peer)
-        exchange = config.exchange_settings(listener_config.direction, routes)
+        routes = listener_config.routes
+        exchange = config.exchange_settings(listener_config)
         labels = ListenerTelemetry(listener_config.direction, config.node_metadata.workload(),
                                    listener_config.destination_service, routes)
-        if replacing is not None and self._unchanged(replacing, routes, exchange, labels):
+        if replacing is not None and self._unchanged(replacing, exchange, labels):
             self.listener_configs[replacing] = listener_config
             return  # nothing to do: the engine's listener slots are not spent on it
         if replacing is None:
-            listener = await self.relay.listen(listener_config.listen, routes,
-                                               connect_timeout=listener_config.connect_timeout, exchange=exchange)
+            listener = await self.relay.listen(listener_config.listen, routes, exchange=exchange)
         else:
             listener = self.relay.reroute(replacing, routes, exchange)
         self.listener_configs[listener.id] = listener_config
         if exchange is not None:
-            self.peers.listeners[listener.id] = (exchange, routes)
+            self.peers.add_listener(listener.id, exchange, routes)
         if self.telemetry is not None:
-            self.telemetry.listeners[listener.id] = labels
+            self.telemetry.add_listener(listener.id, labels)
 
-    def _unchanged(self, listener_id: int, routes: RouteTable, exchange: ExchangeSettings | None,
-                   labels: ListenerTelemetry) -> bool:
+    def _unchanged(self, listener_id: int, exchange: ExchangeSettings | None, labels: ListenerTelemetry) -> bool:
         current = self.relay.listeners[listener_id]
-        return (current.routes == routes and current.exchange == exchange
-                and (self.telemetry is None or self.telemetry.listeners.get(listener_id) == labels))
+        return (current.routes == labels.routes and current.exchange == exchange
+                and (self.telemetry is None or self.telemetry.labels_of(listener_id) == labels))
 
     async def reload(self, config: SidecarConfig) -> None:
         """Apply a new config without dropping open connections: listeners on the same
@@ -142,10 +89,10 @@ class Sidecar:
         addresses are opened, missing ones stop accepting. The metrics and admin ports,
         workers and engine options stay as they were started (a restart changes them)."""
         accepting = {self.listener_configs[lid].listen: lid for lid in self.relay.listeners}
-        self.config = dataclasses.replace(
-            config, workers=self.config.workers, admin=self.config.admin, metrics=self.config.metrics,
+        self.config = config.replace(
+            workers=self.config.workers, admin=self.config.admin, metrics=self.config.metrics,
             pipe_size=self.config.pipe_size, max_pipes=self.config.max_pipes, splice=self.config.splice)
-        for listener_config in config.all_listeners():
+        for listener_config in config.listeners:
             await self._listen(listener_config, accepting.pop(listener_config.listen, None))
         for listener_id in accepting.values():
             self.relay.retire(listener_id)
@@ -155,11 +102,10 @@ class Sidecar:
         """Bind everything; on failure, undo what was started and raise OSError or ValueError."""
         config = self.config
         try:
-            for listener_config in config.all_listeners():
+            for listener_config in config.listeners:
                 await self._listen(listener_config)
-            self.relay.add_consumer(self.peers.on_batch)  # before telemetry: it asks for peers
+            self.relay.add_consumer(self._on_batch)
             if self.telemetry is not None:
-                self.relay.add_consumer(self.telemetry.on_batch)
                 endpoint = MetricsEndpoint(self.relay, self.telemetry, self.peers,
                                            before_scrape=self.relay.collect)
                 http = await serve_app(endpoint.app(), config.metrics)
@@ -256,8 +202,6 @@ class BackgroundSidecar:
     not asyncio themselves. Started on construction; stop() ends it."""
 
     def __init__(self, config: SidecarConfig) -> None:
-        import threading
-
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="fastmesh-control", daemon=True)
         self._thread.start()

@@ -15,8 +15,8 @@ from typing import Callable, Iterator
 
 from fastmesh.identity import LATEST, UNKNOWN, UNKNOWN_WORKLOAD, Workload
 from fastmesh.reasons import CloseReason
-from fastmesh.relay import Batch
-from fastmesh.routing import RouteTable
+from fastmesh.records import Batch
+from fastmesh.routing import OUTBOUND, RouteTable
 
 # Istio >= 1.10 standard TCP labels (response_code and grpc_response_status are not TCP labels).
 TCP_LABELS = (
@@ -29,9 +29,6 @@ TCP_LABELS = (
     "destination_cluster",
     "request_protocol", "response_flags", "connection_security_policy",
 )
-
-INBOUND = "inbound"
-OUTBOUND = "outbound"
 
 # Envoy's short response flags for the ways a connection can end badly before
 # its labels are fixed: UF upstream connection failure, DC/UC downstream/upstream
@@ -80,11 +77,10 @@ class ListenerTelemetry:
     destination_service: str = ""  # FQDN, e.g. mongodb.default.svc.cluster.local
     routes: RouteTable | None = None  # a routed listener: each cluster names its own service
 
-    def service_for(self, upstream_index: int) -> str:
+    def service_for(self, cluster: int | None) -> str:
         """destination_service of a connection: its routed cluster's host, else the listener's."""
-        located = self.routes.locate(upstream_index) if self.routes is not None else None
-        if located is not None and self.routes is not None and self.routes.clusters[located[0]].service:
-            return self.routes.clusters[located[0]].service
+        if cluster is not None and self.routes is not None and self.routes.clusters[cluster].service:
+            return self.routes.clusters[cluster].service
         return self.destination_service
 
     def labels(self, peer: Workload, flags: str, service: str | None = None) -> tuple[str, ...]:
@@ -117,12 +113,12 @@ class TcpSeries:
 
 
 class _Conn:
-    __slots__ = ("listener_id", "upstream_index", "series", "pending_received", "pending_sent",
+    __slots__ = ("listener_id", "cluster", "series", "pending_received", "pending_sent",
                  "opened_reported", "waited")
 
-    def __init__(self, listener_id: int, upstream_index: int) -> None:
+    def __init__(self, listener_id: int | None, cluster: int | None) -> None:
         self.listener_id = listener_id
-        self.upstream_index = upstream_index
+        self.cluster = cluster
         self.series: TcpSeries | None = None
         self.pending_received = 0
         self.pending_sent = 0
@@ -134,19 +130,26 @@ PeerLookup = Callable[[int], "Workload | None"]  # conn id -> peer, or None whil
 
 
 class TcpTelemetry:
-    """Folds engine batches into Istio TCP series. Feed it with Relay.add_consumer(t.on_batch)
-    and call report() every reporting interval."""
+    """Folds engine batches into Istio TCP series: give it every batch (on_batch) and
+    call report() every reporting interval. It labels the connections of the
+    listeners added with add_listener(); `peer_of` says who a connection's peer is."""
 
-    def __init__(self, listeners: dict[int, ListenerTelemetry] | None = None,
-                 peer_of: PeerLookup | None = None) -> None:
-        self.listeners: dict[int, ListenerTelemetry] = dict(listeners or {})
+    def __init__(self, peer_of: PeerLookup | None = None) -> None:
+        self._listeners: dict[int, ListenerTelemetry] = {}
         self.series: dict[tuple[str, ...], TcpSeries] = {}
         self.peer_of: PeerLookup = peer_of or (lambda conn_id: UNKNOWN_WORKLOAD)
         self._open: dict[int, _Conn] = {}
         self._by_origin: dict[tuple[int, str, Workload, str], TcpSeries] = {}
         self._dirty: set[int] = set()  # open connections with something to report
 
-    def _series_for(self, conn_id: int, listener_id: int, upstream_index: int,
+    def add_listener(self, listener_id: int, labels: ListenerTelemetry) -> None:
+        """Report the connections of this listener, labelled so."""
+        self._listeners[listener_id] = labels
+
+    def labels_of(self, listener_id: int) -> ListenerTelemetry | None:
+        return self._listeners.get(listener_id)
+
+    def _series_for(self, conn_id: int, listener_id: int | None, cluster: int | None,
                     reason: int | None, may_wait: bool = False) -> TcpSeries | None:
         """The series a connection reports to, or None to wait (peer still unknown and
         `may_wait`) or to skip (not a telemetry listener, e.g. a pair given to Engine.relay)."""
@@ -158,10 +161,10 @@ class TcpTelemetry:
             # speaks first, a server that never answers): recorded as unknown.
             peer = UNKNOWN_WORKLOAD
         flags = response_flags(reason)
-        listener = self.listeners.get(listener_id)
+        listener = self._listeners.get(listener_id) if listener_id is not None else None
         if listener is None:
             return None
-        service = listener.service_for(upstream_index)
+        service = listener.service_for(cluster)
         # Looked up by what decides the labels, so the 23 labels are built once per
         # label set, not once per connection.
         origin = (listener_id, service, peer, flags)
@@ -175,36 +178,38 @@ class TcpTelemetry:
         return series
 
     def on_batch(self, batch: Batch) -> None:
+        # received is what was read from the listener's downstream, sent what was written to it.
         open_conns = self._open
-        for conn_id, listener_id, upstream_index in batch.opened:
-            open_conns[conn_id] = _Conn(listener_id, upstream_index)
-            self._dirty.add(conn_id)
-        for conn_id, received, sent, _, _ in batch.updated:
-            conn = open_conns.get(conn_id)
-            if conn is not None:
-                conn.pending_received += received
-                conn.pending_sent += sent
-                self._dirty.add(conn_id)
         dirty = self._dirty
-        for conn_id, listener_id, upstream_index, reason, _, received, sent, _, _ in batch.closed:
-            conn = open_conns.pop(conn_id, None)
+        for opened in batch.opened:
+            open_conns[opened.conn_id] = _Conn(opened.listener_id, opened.cluster)
+            dirty.add(opened.conn_id)
+        for updated in batch.updated:
+            conn = open_conns.get(updated.conn_id)
+            if conn is not None:
+                conn.pending_received += updated.down_rx
+                conn.pending_sent += updated.down_tx
+                dirty.add(updated.conn_id)
+        for closed in batch.closed:
+            conn = open_conns.pop(closed.conn_id, None)
             if conn is None:  # opened and closed between two reads: no state was kept
-                series = self._series_for(conn_id, listener_id, upstream_index, reason)
+                series = self._series_for(closed.conn_id, closed.listener_id, closed.cluster, closed.reason)
                 if series is not None:
                     series.opened += 1
                     series.closed += 1
-                    series.received += received
-                    series.sent += sent
+                    series.received += closed.down_rx
+                    series.sent += closed.down_tx
                 continue
-            dirty.discard(conn_id)
-            series = conn.series or self._series_for(conn_id, listener_id, upstream_index, reason)
+            dirty.discard(closed.conn_id)
+            series = conn.series or self._series_for(closed.conn_id, closed.listener_id, closed.cluster,
+                                                     closed.reason)
             if series is None:
                 continue
             if not conn.opened_reported:
                 series.opened += 1
             series.closed += 1
-            series.received += conn.pending_received + received
-            series.sent += conn.pending_sent + sent
+            series.received += conn.pending_received + closed.down_rx
+            series.sent += conn.pending_sent + closed.down_tx
 
     def report(self) -> None:
         """Add what open connections did since the last report (Istio's periodic record)."""
@@ -215,10 +220,10 @@ class TcpTelemetry:
             if series is None:
                 # A connection sits out one report at most: its bytes must not wait for a
                 # peer frame that may never come (Istio 1.7 holds them for as long as that).
-                series = conn.series = self._series_for(conn_id, conn.listener_id, conn.upstream_index,
+                series = conn.series = self._series_for(conn_id, conn.listener_id, conn.cluster,
                                                         None, may_wait=not conn.waited)
                 if series is None:
-                    if conn.listener_id in self.listeners:
+                    if conn.listener_id in self._listeners:
                         conn.waited = True
                         still_dirty.add(conn_id)  # waiting for its peer
                     continue

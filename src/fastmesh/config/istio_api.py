@@ -11,21 +11,17 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from fastmesh.durations import parse_duration
+from fastmesh.contract import MAX_WORKERS
+from fastmesh.defaults import DEFAULTS
+from fastmesh.durations import Duration
 
 
 class Model(BaseModel):
     # camelCase in YAML, as in Istio's API; unknown fields are rejected.
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
-
-
-def _duration(value: Optional[str]) -> Optional[str]:
-    if value is not None:
-        parse_duration(value)  # raises ValueError with the reason
-    return value
 
 
 Port = Field(ge=1, le=65535)
@@ -49,10 +45,8 @@ class PortSelector(Model):
 
 class TcpSettings(Model):
     max_connections: Optional[int] = Field(default=None, ge=0)
-    connect_timeout: Optional[str] = None
+    connect_timeout: Optional[Duration] = None
     tcp_keepalive: Optional[dict[str, Any]] = None
-
-    _check_timeout = field_validator("connect_timeout")(_duration)
 
 
 class ConnectionPool(Model):
@@ -212,26 +206,22 @@ class OutboundListener(Model):
 
 
 class ExchangeOptions(Model):
-    enabled: bool = True
-    max_payload: int = Field(default=64 * 1024, ge=0, le=0xFFFFFFFF)
-    timeout: str = "5s"
-    detect_timeout: str = "100ms"
-
-    _check_durations = field_validator("timeout", "detect_timeout")(_duration)
+    enabled: bool = DEFAULTS.exchange
+    max_payload: int = Field(default=DEFAULTS.exchange_max_payload, ge=0, le=0xFFFFFFFF)
+    timeout: Duration = DEFAULTS.exchange_timeout
+    detect_timeout: Duration = DEFAULTS.exchange_detect_timeout
 
 
 class Sidecar(Model):
     node_metadata: dict[str, Any] = {}
     inbound: list[InboundListener] = []
     outbound: list[OutboundListener] = []
-    tcp_reporting_duration: str = "15s"
-    metrics: Optional[str] = "0.0.0.0:15090"
-    admin: Optional[str] = "127.0.0.1:15000"
+    tcp_reporting_duration: Duration = DEFAULTS.reporting_duration
+    metrics: Optional[str] = DEFAULTS.metrics
+    admin: Optional[str] = DEFAULTS.admin
     exchange: ExchangeOptions = ExchangeOptions()
-    connect_timeout: str = "10s"  # Istio's default; a DestinationRule's connectTimeout overrides it
-    workers: int = Field(default=1, ge=1, le=64)
-
-    _check_durations = field_validator("tcp_reporting_duration", "connect_timeout")(_duration)
+    connect_timeout: Duration = DEFAULTS.connect_timeout  # a DestinationRule's connectTimeout overrides it
+    workers: int = Field(default=DEFAULTS.workers, ge=1, le=MAX_WORKERS)
 
 
 # (apiVersion group, kind) -> spec model

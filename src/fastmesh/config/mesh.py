@@ -8,20 +8,17 @@ would also accept but that will not work as written are warnings."""
 from __future__ import annotations
 
 import ipaddress
-import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from fastmesh.addr import Address, parse_address
+from fastmesh.addr import Address, parse_address, resolve
 from fastmesh.config.istio_api import (
     DestinationRule, ServiceEntry, Sidecar, TrafficPolicy, VirtualService, WorkloadEntry,
 )
 from fastmesh.config.loader import ConfigError, Document
-from fastmesh.durations import parse_duration
 from fastmesh.identity import MetadataError, parse_node_metadata
-from fastmesh.routing import Cluster, RouteTable
-from fastmesh.sidecar import ListenerConfig, SidecarConfig
-from fastmesh.telemetry import INBOUND, OUTBOUND
+from fastmesh.routing import INBOUND, OUTBOUND, Cluster, RouteTable
+from fastmesh.settings import ExchangeConfig, ListenerConfig, SidecarConfig
 
 # The endpoint label Istio's auto-mTLS reads: the endpoint runs a sidecar.
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
@@ -106,7 +103,7 @@ def _policy(rule: DestinationRule | None, subset: str | None, port: int) -> dict
             if tcp is not None and tcp.max_connections is not None:
                 result["max_connections"] = tcp.max_connections
             if tcp is not None and tcp.connect_timeout is not None:
-                result["connect_timeout"] = parse_duration(tcp.connect_timeout)
+                result["connect_timeout"] = tcp.connect_timeout
 
     if rule is not None:
         apply(rule.traffic_policy)
@@ -131,7 +128,7 @@ class _Builder:
             self.problems.append(str(exc))
             self.node = parse_node_metadata({})
         self.labels = dict(self.node.labels)
-        self.connect_timeout = parse_duration(self.spec.connect_timeout)
+        self.connect_timeout = self.spec.connect_timeout
 
     def cluster(self, host: str, subset: str | None, port: int, where: str) -> Cluster:
         name = f"outbound|{port}|{subset or ''}|{host}"
@@ -197,11 +194,10 @@ class _Builder:
             self.warnings.append(f"{document.source}: endpoint {address!r} will be resolved when serving")
             return []
         try:
-            infos = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            self.problems.append(f"{document.source}: cannot resolve endpoint {address!r}: {exc}")
+            return [found.host for found in resolve(Address(address, 0))]
+        except ValueError as exc:
+            self.problems.append(f"{document.source}: endpoint {address!r}: {exc}")
             return []
-        return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
     def outbound(self, index: int) -> ListenerConfig:
         listener = self.spec.outbound[index]
@@ -236,8 +232,8 @@ class _Builder:
         if not table:
             self.warnings.append(f"{where}: a VirtualService names {host} but none of its tcp routes matches "
                                  f"port {port}: connections will be closed with NR")
-        return ListenerConfig(self._address(listener.bind, listener.port, where), RouteTable(tuple(clusters),
-                              tuple(table)), OUTBOUND, host, connect_timeout=self.connect_timeout)
+        return ListenerConfig(self._address(listener.bind, listener.port, where),
+                              RouteTable(tuple(clusters), tuple(table)), OUTBOUND, host)
 
     def _matches(self, match: Any, port: int) -> bool:
         if match.port is not None and match.port != port:
@@ -263,8 +259,7 @@ class _Builder:
         app = Cluster(f"inbound|{listener.port}||{listener.service}", listener.service,
                       (("127.0.0.1", listener.target_port),), connect_timeout=self.connect_timeout)
         return ListenerConfig(self._address(listener.bind, listener.port, where), RouteTable((app,), ((0, 1),)),
-                              INBOUND, fqdn(listener.service, self.namespace) if listener.service else "",
-                              connect_timeout=self.connect_timeout)
+                              INBOUND, fqdn(listener.service, self.namespace) if listener.service else "")
 
     def _address(self, bind: str, port: int, where: str) -> Address:
         try:
@@ -288,20 +283,20 @@ class _Builder:
         listeners += [self.outbound(i) for i in range(len(spec.outbound))]
         if not listeners:
             self.problems.append(f"{self.doc.source}: spec: a sidecar needs at least one inbound or outbound listener")
+        admin = self.optional_address(spec.admin, "admin")
+        metrics = self.optional_address(spec.metrics, "metrics")
+        if self.problems:
+            raise ConfigError(self.problems)
         config = SidecarConfig(
             listeners=listeners,
             workers=spec.workers,
-            admin=self.optional_address(spec.admin, "admin"),
-            metrics=self.optional_address(spec.metrics, "metrics"),
+            admin=admin,
+            metrics=metrics,
             node_metadata=self.node,
-            reporting_duration=parse_duration(spec.tcp_reporting_duration),
-            exchange=spec.exchange.enabled,
-            exchange_max_payload=spec.exchange.max_payload,
-            exchange_timeout=parse_duration(spec.exchange.timeout),
-            exchange_detect_timeout=parse_duration(spec.exchange.detect_timeout),
+            reporting_duration=spec.tcp_reporting_duration,
+            exchange=ExchangeConfig(spec.exchange.enabled, spec.exchange.max_payload, spec.exchange.timeout,
+                                    spec.exchange.detect_timeout),
         )
-        if self.problems:
-            raise ConfigError(self.problems)
         return Plan(config, self.warnings)
 
 

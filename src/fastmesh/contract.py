@@ -1,0 +1,103 @@
+"""What both engines (fastmesh._core and its twin fastmesh._engine_py) share, so
+that it is written once: their health counters, limits, frame buffer sizing and
+argument checks. fastmesh/_core.pyi is the interface; tests/test_engine_parity.py
+holds both engines to it.
+
+setup.py reads COUNTERS (a literal) to generate the Cython engine's counter enum,
+so adding a counter is one line here plus the code that counts it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastmesh.exchange import ExchangeSettings
+from fastmesh.routing import RouteTable
+
+# Engine.stats() keys, in order, summed over the workers: (name, kind, meaning).
+# A gauge goes up and down with the state it measures; a counter only goes up.
+COUNTERS = (
+    ("active_connections", "gauge", "connections open"),
+    ("connections_accepted", "counter", "connections accepted on listeners"),
+    ("connections_relayed", "counter", "socket pairs given to Engine.relay()"),
+    ("connect_failures", "counter", "upstream connects refused or unreachable"),
+    ("connect_timeouts", "counter", "upstream connects that did not complete in time"),
+    ("accept_errors", "counter", "accept() failures other than a connection gone from the backlog"),
+    ("accept_paused", "counter", "times a worker stopped accepting on a listener for a moment (out of fds)"),
+    ("pipes_in_use", "gauge", "splice pipes holding bytes in flight"),
+    ("pipes_pooled", "gauge", "empty pipes kept for reuse"),
+    ("buffers_in_use", "gauge", "copy buffers holding bytes in flight"),
+    ("splice_fallbacks", "counter", "bulk transfers that copied because no pipe was free"),
+    ("loop_iterations", "counter", "event loop turns of all workers"),
+    ("resets_propagated", "counter", "resets passed from one side to the other"),
+    ("records_dropped", "counter", "closed-connection records lost because collect() was not called"),
+    # connections that got no upstream
+    ("no_route", "counter", "no route for the connection (NR)"),
+    ("no_healthy_upstream", "counter", "the routed cluster had no endpoint (UH)"),
+    ("upstream_overflows", "counter", "the routed cluster was at its maxConnections (UO)"),
+    # the peer metadata exchange (Istio's metadata_exchange stats where the meaning is the same)
+    ("exchange_enabled", "counter", "connections that exchange (alpn_protocol_found)"),
+    ("exchange_disabled", "counter", "connections on an exchanging listener that do not (alpn_protocol_not_found)"),
+    ("exchange_frames_sent", "counter", "our frame written (metadata_added)"),
+    ("exchange_frames_received", "counter", "a peer frame read off the stream"),
+    ("exchange_no_frame", "counter", "the peer's first bytes were not a frame (initial_header_not_found)"),
+    ("exchange_detect_timeouts", "counter", "inbound: the app's first bytes went on before the client spoke"),
+    ("exchange_frames_too_large", "counter", "a declared payload above the limit: connection reset"),
+    ("exchange_frames_truncated", "counter", "the stream ended inside a frame: connection reset"),
+    ("exchange_frames_timed_out", "counter", "a frame began and did not complete in time: connection reset"),
+    ("exchange_frames_shared", "counter", "a peer frame equal to a recent one: held once for both"),
+    ("exchange_partial_bytes", "gauge", "memory allocated for peer frames still arriving"),
+)
+STATS = tuple(name for name, _, _ in COUNTERS)
+GAUGES = frozenset(name for name, kind, _ in COUNTERS if kind == "gauge")
+
+MAX_WORKERS = 64
+MAX_LISTENERS = 16384  # ids are not reused: each reload that changes a listener takes one
+MIN_BUFFER_SIZE = 1024
+ACCEPT_PAUSE_MS = 100  # how long a worker stops accepting on a listener after EMFILE and the like
+ACCEPT_PAUSE = ACCEPT_PAUSE_MS / 1000
+
+# A peer frame's buffer starts at FRAME_CHUNK bytes (or the frame's size, if
+# smaller) and grows fourfold as bytes arrive, so memory follows what came, not
+# what a header claims. Frames up to FRAME_CHUNK are kept for sharing, the
+# FRAMES_KEPT most recent distinct ones per worker.
+FRAME_CHUNK = 4096
+FRAMES_KEPT = 16
+
+
+def frame_buffer_size(received: int, length: int) -> int:
+    """The bytes allocated for a frame of `length` bytes (header included) once
+    `received` of them have arrived."""
+    size = min(length, FRAME_CHUNK)
+    while size <= received and size < length:
+        size = size * 4 if size < length // 4 else length  # as the C engine computes it
+    return size
+
+
+def check_engine_options(workers: Any, pipe_size: Any, max_pipes: Any, buffer_size: Any) -> None:
+    """TypeError or ValueError for engine options no engine can use."""
+    for name, value in (("workers", workers), ("pipe_size", pipe_size), ("max_pipes", max_pipes),
+                        ("buffer_size", buffer_size)):
+        if not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers must be between 1 and {MAX_WORKERS}, not {workers}")
+    if buffer_size < MIN_BUFFER_SIZE:
+        raise ValueError(f"buffer_size must be at least {MIN_BUFFER_SIZE} bytes, not {buffer_size}")
+    if pipe_size < 0 or max_pipes < 0:
+        raise ValueError("pipe_size and max_pipes cannot be negative")
+
+
+def check_listener(routes: Any, exchange: Any, buffer_size: int, listeners: int) -> None:
+    """TypeError or ValueError for a listener an engine cannot add; `listeners` is
+    how many the engine has added so far."""
+    if not isinstance(routes, RouteTable):
+        raise TypeError(f"routes must be a fastmesh.routing.RouteTable, not {type(routes).__name__}")
+    if exchange is not None:
+        if not isinstance(exchange, ExchangeSettings):
+            raise TypeError(f"exchange must be a fastmesh.exchange.ExchangeSettings or None, "
+                            f"not {type(exchange).__name__}")
+        exchange.check(buffer_size)
+    if listeners >= MAX_LISTENERS:
+        raise ValueError(f"at most {MAX_LISTENERS} listeners per engine, counting those replaced by "
+                         "reloads: restart to apply more changes")

@@ -1,0 +1,34 @@
+"""The one table of defaults. The command line, the `Sidecar` kind, SidecarConfig,
+the relay and both engines read their defaults from here and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Defaults:
+    # engine
+    workers: int = 1
+    pipe_size: int = 1 << 20  # bytes per splice pipe
+    max_pipes: int = 4096  # pipes in flight before bulk transfers copy instead (0: never splice)
+    buffer_size: int = 64 * 1024  # bytes per copy buffer
+    splice: bool = True
+    # connections
+    connect_timeout: float = 10.0  # Istio's default for a cluster's connectTimeout
+    drain_timeout: float = 5.0  # on SIGINT/SIGTERM
+    backlog: int = 4096
+    # the control plane's endpoints
+    admin: str = "127.0.0.1:15000"  # Envoy's admin port
+    metrics: str = "0.0.0.0:15090"  # Envoy's Prometheus port
+    # telemetry
+    reporting_duration: float = 15.0  # Istio's tcpReportingDuration
+    collect_interval: float = 1.0  # how often the engine's batch is read
+    # the peer metadata exchange
+    exchange: bool = True
+    exchange_max_payload: int = 64 * 1024
+    exchange_timeout: float = 5.0  # from a frame's first byte to its last
+    exchange_detect_timeout: float = 0.1  # inbound: a server-first app's greeting waits this long
+
+
+DEFAULTS = Defaults()

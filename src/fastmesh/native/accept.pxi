@@ -1,0 +1,175 @@
+# Accepting and routing: each worker accepts on every listener (EPOLLEXCLUSIVE
+# wakes one worker per connection) and keeps what it accepts. A new connection
+# takes the next route of the weighted schedule, then an endpoint of that
+# route's cluster by its policy, within the cluster's connection limit.
+
+
+cdef bint watch_listener(Worker *w, Listener *l) noexcept nogil:
+    cdef epoll_event ev
+    ev.events = EPOLLIN | EPOLLEXCLUSIVE
+    ev.data.u64 = <uint64_t>(<uintptr_t>l | TAG_LISTENER)
+    return epoll_ctl(w.epfd, EPOLL_CTL_ADD, l.fd, &ev) == 0
+
+
+cdef void pause_listener(Worker *w, Listener *l) noexcept nogil:
+    # Out of fds or memory: a level-triggered listener would spin, so stop
+    # watching it for a moment; the error is counted for the operator.
+    epoll_ctl(w.epfd, EPOLL_CTL_DEL, l.fd, NULL)
+    l.paused_until[w.index] = now_s() + ACCEPT_PAUSE_MS / 1000.0
+    w.npaused += 1
+    w.stats[S_ACCEPT_PAUSED] += 1
+
+
+cdef void on_accept(Worker *w, Listener *l) noexcept nogil:
+    cdef int i, fd, err
+    if not l.active or l.paused_until[w.index] > 0:
+        return
+    for i in range(ACCEPT_BATCH):
+        fd = accept4(l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd < 0:
+            err = errno
+            if err == EAGAIN:
+                return
+            if err == EINTR or err == ECONNABORTED or err == EPROTO:
+                continue
+            w.stats[S_ACCEPT_ERRORS] += 1
+            if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+                pause_listener(w, l)
+            return
+        w.stats[S_CONNECTIONS_ACCEPTED] += 1
+        open_upstream(w, l, fd)
+
+
+cdef void release_endpoint(Listener *l, int cluster, int endpoint) noexcept nogil:
+    # Give back what open_upstream() counted (a PASSTHROUGH connection has no endpoint).
+    if endpoint != NONE:
+        fm_fetch_dec(&l.ep_active[endpoint])
+    fm_fetch_dec(&l.clusters[cluster].active)
+
+
+cdef bint same_socket_address(sockaddr_storage *a, sockaddr_storage *listener) noexcept nogil:
+    # Whether `a` is the listener's own address (a wildcard listener matches any address).
+    cdef sockaddr_in *a4
+    cdef sockaddr_in *l4
+    cdef sockaddr_in6 *a6
+    cdef sockaddr_in6 *l6
+    cdef int i
+    cdef bint any_address = True
+    if a.ss_family != listener.ss_family:
+        return False
+    if a.ss_family == AF_INET:
+        a4 = <sockaddr_in *>a
+        l4 = <sockaddr_in *>listener
+        return a4.sin_port == l4.sin_port and (l4.sin_addr.s_addr == 0 or l4.sin_addr.s_addr == a4.sin_addr.s_addr)
+    a6 = <sockaddr_in6 *>a
+    l6 = <sockaddr_in6 *>listener
+    if a6.sin6_port != l6.sin6_port:
+        return False
+    for i in range(16):
+        if l6.sin6_addr.s6_addr[i] != 0:
+            any_address = False
+    return any_address or memcmp(&a6.sin6_addr, &l6.sin6_addr, 16) == 0
+
+
+cdef bint original_destination(int fd, Listener *l, sockaddr_storage *out, socklen_t *length) noexcept nogil:
+    # Where the client meant to connect before iptables REDIRECT (SO_ORIGINAL_DST),
+    # or under TPROXY the socket's own local address. False when that is this listener.
+    memset(out, 0, sizeof(sockaddr_storage))
+    length[0] = sizeof(sockaddr_storage)
+    if getsockopt(fd, IPPROTO_IP, SO_ORIGINAL_DST, out, length) != 0:
+        length[0] = sizeof(sockaddr_storage)
+        if getsockopt(fd, IPPROTO_IPV6, SO_ORIGINAL_DST, out, length) != 0:
+            length[0] = sizeof(sockaddr_storage)
+            if getsockname(fd, <sockaddr *>out, length) != 0:
+                return False
+    return not same_socket_address(out, &l.local)
+
+
+cdef int pick_endpoint(Worker *w, Cluster *cl, Listener *l) noexcept nogil:
+    cdef int i, best, idx
+    cdef unsigned long long load, least
+    if cl.count == 1:
+        return cl.first
+    if cl.lb == LB_RANDOM:
+        w.random_state ^= w.random_state << 13
+        w.random_state ^= w.random_state >> 7
+        w.random_state ^= w.random_state << 17
+        return cl.first + <int>(w.random_state % <uint64_t>cl.count)
+    best = cl.first + <int>(fm_fetch_inc(&cl.rr) % <unsigned long long>cl.count)
+    if cl.lb == LB_LEAST_CONN:
+        # The fewest open connections; ties go round robin (the scan starts at the rr pick).
+        least = fm_load(&l.ep_active[best])
+        for i in range(1, cl.count):
+            idx = cl.first + (best - cl.first + i) % cl.count
+            load = fm_load(&l.ep_active[idx])
+            if load < least:
+                least = load
+                best = idx
+    return best
+
+
+cdef void refuse(Worker *w, Listener *l, int down_fd, int cluster, int reason, int stat) noexcept nogil:
+    # No upstream connection for this client (NR, UH, UO): close it, count and record why.
+    close(down_fd)
+    w.stats[stat] += 1
+    record_closed(w, next_id(w), l.id, cluster, NONE, reason, 0)
+
+
+cdef void local_error(Worker *w, Listener *l, int down_fd, int cluster, int endpoint, int err) noexcept nogil:
+    # This relay cannot serve the client (no socket, no memory): a reset, so that
+    # it does not look like a clean end.
+    release_endpoint(l, cluster, endpoint)
+    close_with_reset(down_fd)
+    record_closed(w, next_id(w), l.id, cluster, endpoint, R_LOCAL_ERROR, err)
+
+
+cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
+    cdef int ci, idx, up_fd
+    cdef Cluster *cl
+    cdef sockaddr_storage *sa
+    cdef sockaddr_storage original
+    cdef socklen_t salen
+    cdef Conn *c
+    if l.nsched == 0:
+        refuse(w, l, down_fd, NONE, R_NO_ROUTE, S_NO_ROUTE)
+        return
+    ci = l.sched[fm_fetch_inc(&l.rr) % <unsigned long long>l.nsched]
+    cl = &l.clusters[ci]
+    if cl.count == 0 and cl.lb != LB_PASSTHROUGH:
+        refuse(w, l, down_fd, ci, R_NO_HEALTHY_UPSTREAM, S_NO_HEALTHY_UPSTREAM)
+        return
+    if fm_fetch_inc(&cl.active) >= cl.max_connections and cl.max_connections > 0:
+        fm_fetch_dec(&cl.active)
+        refuse(w, l, down_fd, ci, R_OVERFLOW, S_UPSTREAM_OVERFLOWS)
+        return
+    if cl.lb == LB_PASSTHROUGH:
+        idx = NONE  # no endpoint of the cluster's own: the connection goes where the client meant
+        sa = &original
+        if not original_destination(down_fd, l, sa, &salen):
+            fm_fetch_dec(&cl.active)
+            refuse(w, l, down_fd, ci, R_NO_HEALTHY_UPSTREAM, S_NO_HEALTHY_UPSTREAM)
+            return
+    else:
+        idx = pick_endpoint(w, cl, l)
+        fm_fetch_inc(&l.ep_active[idx])
+        sa = &l.ups[idx]
+        salen = l.uplens[idx]
+    up_fd = socket(sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if up_fd < 0:
+        local_error(w, l, down_fd, ci, idx, errno)
+        return
+    set_nodelay(up_fd)
+    c = new_conn(w, down_fd, up_fd, l.id, ci, idx, CONNECTING)
+    if c == NULL:
+        close(up_fd)
+        local_error(w, l, down_fd, ci, idx, ENOMEM)
+        return
+    exchange_gate(w, l, c)
+    if connect(up_fd, <sockaddr *>sa, salen) < 0 and errno != EINPROGRESS:
+        connect_failed(w, c, R_CONNECT_FAILED, errno)
+        return
+    if not register_conn(w, c):
+        reset_both(w, c, R_LOCAL_ERROR, w.err)
+        return
+    # A connect that completed at once still reports EPOLLOUT, which opens the conn.
+    arm(w, c, T_CONNECT, now_s() + cl.connect_timeout)

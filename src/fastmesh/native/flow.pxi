@@ -1,0 +1,236 @@
+# The data path: each direction of a connection fills from its source and
+# drains to its destination, through a pipe (splice, for bulk transfers) or a
+# buffer (recv/send, for small messages), until the kernel says EAGAIN.
+# Readiness is remembered in End flags, set by edge-triggered events.
+
+
+cdef inline ssize_t read_end(End *src, char *into, size_t room) noexcept nogil:
+    # Bytes from a side into a buffer. Plaintext reads the socket; a TLS end
+    # (End.tls) will decrypt into the buffer here, and never splices.
+    return recv(src.fd, into, room, MSG_DONTWAIT)
+
+
+cdef inline ssize_t write_end(End *dst, const char *data, size_t n) noexcept nogil:
+    # Bytes from a buffer to a side: plaintext sends them; a TLS end will encrypt them here.
+    return send(dst.fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+
+
+cdef int drain(Worker *w, Conn *c, int s) noexcept nogil:
+    # Give what is in flight from side s to the other side; once nothing is in
+    # flight, return the pipe or buffer and pass an end of stream on.
+    cdef Flow *f = &c.flows[s]
+    cdef End *dst = &c.ends[1 - s]
+    cdef ssize_t n
+    cdef uint32_t hidden
+    cdef int result = IDLE
+    if f.pending > 0 and dst.writable:
+        if f.pipe_r >= 0:
+            n = splice(f.pipe_r, NULL, dst.fd, NULL, f.pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        else:
+            n = write_end(dst, f.buf + f.buf_off, f.pending)
+        if n > 0:
+            f.pending -= <uint32_t>n
+            f.tx += <uint64_t>n
+            if f.unseen:  # our exchange frame is not relayed bytes
+                hidden = f.unseen if <uint32_t>n > f.unseen else <uint32_t>n
+                f.unseen -= hidden
+                f.tx -= hidden
+            if f.pipe_r < 0:
+                f.buf_off += <uint32_t>n
+            f.stalled = False
+            result = MOVED
+        elif n < 0 and errno == EAGAIN:
+            dst.writable = False
+        elif n < 0 and errno != EINTR:
+            w.err = errno
+            return FAILED
+    if f.pending == 0:
+        if f.pipe_r >= 0:
+            give_pipe(w, f)
+        elif f.buf != NULL:
+            give_buf(w, f)
+        if f.src_eof:
+            # When the other direction has ended too, close() follows at once and
+            # sends the FIN itself: skip the shutdown call.
+            if not c.flows[1 - s].shut:
+                shutdown(dst.fd, SHUT_WR)
+            f.shut = True
+    return result
+
+
+cdef int fill(Worker *w, Conn *c, int s) noexcept nogil:
+    # Read from side s into the pipe or buffer of that direction.
+    cdef Flow *f = &c.flows[s]
+    cdef End *src = &c.ends[s]
+    cdef ssize_t n
+    cdef size_t room
+    cdef int settled
+    if not src.readable or f.src_eof or f.stalled:
+        return IDLE
+    if c.x.read != XR_IDLE and s == c.x.side:
+        settled = read_peer_frame(w, c, s)
+        if settled != MOVED:
+            return settled
+    elif c.x.hold and s != c.x.side:
+        return IDLE  # inbound: the app's first bytes wait for the client's
+    if f.pipe_r < 0 and f.buf == NULL:
+        # Like HAProxy's splice-auto: small messages are cheaper to copy (no
+        # pipe, no trailing EAGAIN call); bulk transfers are spliced.
+        if not (f.bulk and take_pipe(w, f)):
+            if f.bulk:
+                w.stats[S_SPLICE_FALLBACKS] += 1
+                f.bulk = False
+            if not take_buf(w, f):
+                w.err = ENOMEM
+                return FAILED
+    if f.pipe_r >= 0:
+        room = <size_t>(f.pipe_cap - <int>f.pending)
+        if room == 0:
+            return IDLE
+        n = splice(src.fd, NULL, f.pipe_w, NULL, room, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+    elif f.unseen > 0 and f.unseen == f.pending and f.buf_off == 0 and f.pending < <uint32_t>w.buffer_size:
+        # Only our exchange frame waits: the first application bytes join it, so
+        # both leave in one send (and usually one segment).
+        room = <size_t>w.buffer_size - f.pending
+        n = read_end(src, f.buf + f.pending, room)
+        if n > 0 and <size_t>n < room and not src.hup:
+            src.readable = False
+    elif f.pending == 0:
+        f.buf_off = 0
+        n = read_end(src, f.buf, <size_t>w.buffer_size)
+        if n == w.buffer_size:
+            f.bulk = w.use_splice and not f.copy_only
+        elif n > 0 and not src.hup:
+            # recv returns all that is queued, up to the size asked for: a short
+            # read means the socket is drained, and new bytes will raise a new edge.
+            # Not so once the FIN is in: a short read may have stopped at it, and
+            # the next recv returns 0 with no new edge to announce it.
+            src.readable = False
+    else:
+        return IDLE  # the buffer is refilled only once it is empty
+    if n > 0:
+        f.pending += <uint32_t>n
+        f.rx += <uint64_t>n
+        return MOVED
+    if n == 0:
+        f.src_eof = True
+        if c.first_eof == NONE:
+            c.first_eof = s
+        return MOVED
+    if errno == EAGAIN:
+        # With bytes already in the pipe, EAGAIN may mean the pipe has no free
+        # slot rather than an empty socket: keep the readiness, retry after a drain.
+        if f.pending > 0 and f.pipe_r >= 0:
+            f.stalled = True
+        else:
+            src.readable = False
+        return IDLE
+    if errno == EINVAL and f.pipe_r >= 0 and f.pending == 0:
+        f.copy_only = True  # a socket splice cannot read from: copy instead
+        give_pipe(w, f)
+        return MOVED
+    if errno == EINTR:
+        return MOVED
+    w.err = errno
+    return FAILED
+
+
+cdef int pump(Worker *w, Conn *c, int s) noexcept nogil:
+    # Drain and fill side s's direction until the kernel says EAGAIN or the
+    # direction has had its share of this turn.
+    cdef Flow *f = &c.flows[s]
+    cdef int rounds, drained, filled
+    for rounds in range(PUMP_ROUNDS):
+        if f.shut:
+            return PUMP_OK
+        drained = drain(w, c, s)
+        if drained == FAILED:
+            return PUMP_DST_FAILED
+        if f.shut:
+            return PUMP_OK
+        filled = fill(w, c, s)
+        if filled == FAILED:
+            return PUMP_SRC_FAILED
+        if filled == GONE:
+            return PUMP_GONE
+        if drained == IDLE and filled == IDLE:
+            return PUMP_OK
+    defer(w, c)
+    return PUMP_OK
+
+
+cdef void drive(Worker *w, Conn *c) noexcept nogil:
+    cdef int s, r
+    for s in range(2):
+        r = pump(w, c, s)
+        if r == PUMP_GONE:
+            return
+        if r == PUMP_SRC_FAILED:
+            abort_conn(w, c, s, w.err)
+            return
+        if r == PUMP_DST_FAILED:
+            abort_conn(w, c, 1 - s, w.err)
+            return
+    if c.flows[DOWN].shut and c.flows[UP].shut:
+        close_clean(w, c)
+
+
+cdef void on_conn_event(Worker *w, Conn *c, int s, uint32_t events) noexcept nogil:
+    cdef End *e = &c.ends[s]
+    cdef int err
+    if c.state == CLOSED:
+        return
+    if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        e.readable = True
+    if events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        e.hup = True
+    if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+        e.writable = True
+    if c.state == CONNECTING:
+        # Downstream bytes wait in the kernel until the upstream answers.
+        if s != UP or not (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)):
+            return
+        if events & (EPOLLERR | EPOLLHUP):  # a clean EPOLLOUT means connected: no SO_ERROR call
+            err = socket_error(e.fd)
+            if err != 0:
+                connect_failed(w, c, R_CONNECT_FAILED, err)
+                return
+        disarm(w, c, T_CONNECT)
+        c.state = OPEN
+        exchange_connected(w, c)
+    elif events & EPOLLERR:
+        err = socket_error(e.fd)
+        if err != 0:
+            abort_conn(w, c, s, err)
+            return
+    enqueue(w, c)
+
+
+cdef void run_ready(Worker *w) noexcept nogil:
+    cdef Conn *c = w.ready
+    cdef Conn *nxt
+    cdef int s, r
+    # Reads first, writes after, as HAProxy does: the peers our writes wake up
+    # then run once we have read everything that was ready, instead of
+    # preempting us in the middle of the batch.
+    while c != NULL:
+        if c.state == OPEN:
+            for s in range(2):
+                r = fill(w, c, s)
+                if r == FAILED:
+                    abort_conn(w, c, s, w.err)
+                    break
+                if r == GONE:
+                    break
+        c = c.ready_next
+    c = w.ready
+    w.ready = NULL
+    while c != NULL:
+        nxt = c.ready_next
+        c.queued = False
+        if c.state == OPEN:
+            drive(w, c)
+        elif c.state == CLOSED:
+            c.grave_next = w.grave
+            w.grave = c
+        c = nxt

@@ -1,0 +1,100 @@
+"""A sidecar's settings: its listeners (where each accepts, where its connections
+go, how they are labelled) and what runs around them. The command line builds
+them from flags, fastmesh.config.mesh from Istio's documents; both take their
+defaults from fastmesh.defaults. Nothing here starts anything: reading and
+checking a config loads neither an engine nor an HTTP server."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from fastmesh.addr import Address, parse_address
+from fastmesh.contract import MAX_WORKERS
+from fastmesh.defaults import DEFAULTS
+from fastmesh.exchange import ExchangeSettings, encode_frame
+from fastmesh.identity import NodeMetadata
+from fastmesh.routing import DIRECTIONS, INBOUND, OUTBOUND, RouteTable
+
+__all__ = ["ExchangeConfig", "ListenerConfig", "SidecarConfig", "INBOUND", "OUTBOUND"]
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """One listener: where it accepts, where its connections go, and how they are labelled."""
+
+    listen: Address
+    routes: RouteTable
+    direction: str = OUTBOUND
+    destination_service: str = ""  # FQDN; a cluster that names its own service overrides it
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, not {self.direction!r}")
+
+    @classmethod
+    def to_upstreams(cls, listen: Address, upstreams: Sequence[str | tuple[str, int]], direction: str = OUTBOUND,
+                     destination_service: str = "", mesh_peer: bool = False,
+                     connect_timeout: float = DEFAULTS.connect_timeout) -> "ListenerConfig":
+        """A listener relaying to `upstreams` round robin (`serve --listen --upstream`);
+        names are resolved now. mesh_peer: they run sidecars that exchange metadata."""
+        return cls(listen, RouteTable.single(upstreams, connect_timeout, mesh_peer), direction, destination_service)
+
+
+@dataclass(frozen=True)
+class ExchangeConfig:
+    """The peer metadata exchange: an inbound listener looks for it in every client's
+    first bytes; an outbound one sends to its upstreams only when they are mesh peers."""
+
+    enabled: bool = DEFAULTS.exchange
+    max_payload: int = DEFAULTS.exchange_max_payload
+    timeout: float = DEFAULTS.exchange_timeout
+    detect_timeout: float = DEFAULTS.exchange_detect_timeout
+
+
+def _address(text: str) -> Address:
+    return parse_address(text, allow_port_zero=True)
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    listeners: Sequence[ListenerConfig] = ()
+    workers: int = DEFAULTS.workers
+    drain_timeout: float = DEFAULTS.drain_timeout
+    pipe_size: int = DEFAULTS.pipe_size
+    max_pipes: int = DEFAULTS.max_pipes
+    splice: bool = DEFAULTS.splice
+    admin: Address | None = field(default_factory=lambda: _address(DEFAULTS.admin))
+    metrics: Address | None = field(default_factory=lambda: _address(DEFAULTS.metrics))
+    node_metadata: NodeMetadata = field(default_factory=NodeMetadata)
+    reporting_duration: float = DEFAULTS.reporting_duration
+    exchange: ExchangeConfig = ExchangeConfig()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "listeners", tuple(self.listeners))
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be between 1 and {MAX_WORKERS}, not {self.workers}")
+        for name in ("drain_timeout", "reporting_duration"):
+            value = getattr(self, name)
+            if not 0 <= value < 1e9 or (name == "reporting_duration" and value == 0):
+                raise ValueError(f"{name} must be {'positive' if name == 'reporting_duration' else 'zero or more'}"
+                                 f", not {value!r}")
+
+    def replace(self, **changes: object) -> "SidecarConfig":
+        return dataclasses.replace(self, **changes)
+
+    def exchange_settings(self, listener: ListenerConfig) -> ExchangeSettings | None:
+        """What a listener's engine does about the exchange: the plaintext rules, in one place
+        (the engine then asks, per connection, whether its endpoint is a mesh peer)."""
+        exchange = self.exchange
+        if not exchange.enabled or (listener.direction != INBOUND and not listener.routes.has_mesh_peer):
+            return None
+        metadata = self.node_metadata
+        return ExchangeSettings(
+            role=listener.direction,
+            frame=encode_frame(metadata.values, metadata.node_id()),  # once, not per connection
+            max_payload=exchange.max_payload,
+            frame_timeout=exchange.timeout,
+            detect_timeout=exchange.detect_timeout,
+        )

@@ -1,7 +1,7 @@
 """Builds fastmesh._core from Cython. Set FASTMESH_CFLAGS to change the
 optimisation flags and FASTMESH_CYTHON_ANNOTATE=1 for Cython's HTML report.
 
-Before compiling, it writes src/fastmesh/native/contract.pxi from the literals
+It links against the OpenSSL that Python's ssl module uses. Before compiling, it writes src/fastmesh/native/contract.pxi from the literals
 of src/fastmesh/contract.py (limits and the list of counters), so that the C
 engine and its Python twin count the same things under the same names."""
 
@@ -47,6 +47,25 @@ def write_contract_pxi() -> None:
         target.write_text(text)
 
 
+def python_openssl() -> list[str]:
+    """The libssl and libcrypto that Python's own ssl module has loaded. The engine links
+    against them (by path: their SONAME is what it records), and declares the few OpenSSL
+    functions it calls itself (src/fastmesh/_openssl.pxd): OpenSSL's headers are not needed."""
+    import _ssl  # noqa: F401  (loads them)
+
+    found: dict[str, str] = {}
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            for name in ("libssl.so", "libcrypto.so"):
+                if os.path.basename(path).startswith(name):
+                    found.setdefault(name, path)
+    if len(found) != 2:
+        raise SystemExit("fastmesh: Python's ssl module is not linked against a shared OpenSSL 3 "
+                         f"(found {sorted(found.values()) or 'none'}); fastmesh's mTLS needs one")
+    return [found["libssl.so"], found["libcrypto.so"]]
+
+
 write_contract_pxi()
 
 cflags = os.environ.get("FASTMESH_CFLAGS", "-O2").split() + ["-Wall", "-Wno-unused-function"]
@@ -56,6 +75,7 @@ core = Extension(
     ["src/fastmesh/_core.pyx"],
     define_macros=[("_GNU_SOURCE", "1")],
     extra_compile_args=cflags,
+    extra_link_args=python_openssl(),
 )
 
 setup(

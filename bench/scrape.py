@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fastmesh.addr import Address
 from fastmesh.identity import NodeMetadata, Workload
+from fastmesh.peers import PeerInfo
 from fastmesh.routing import OUTBOUND
 from fastmesh.settings import ListenerConfig, SidecarConfig
 from fastmesh.sidecar import BackgroundSidecar
@@ -86,8 +87,8 @@ def main() -> int:
         peers = [Workload(f"client-{i}", f"ns-{i % 10}", f"app-{i}", "v1", f"app-{i}", "v1", "Kubernetes")
                  for i in range(args.label_sets)]
         assigned: dict[int, Workload] = {}
-        running.sidecar.telemetry.peer_of = lambda conn_id: assigned.setdefault(
-            conn_id, peers[len(assigned) % len(peers)])
+        running.sidecar.telemetry.peer_of = lambda conn_id: PeerInfo(assigned.setdefault(
+            conn_id, peers[len(assigned) % len(peers)]))
         clients.stdin.write(f"{running.listen.port}\n")
         clients.stdin.flush()
         if clients.stdout.readline().strip() != "ready":

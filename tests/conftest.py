@@ -10,6 +10,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -265,8 +266,8 @@ class RunningSidecar(BackgroundSidecar):
 
 
 def opened(conn_id: int, listener_id: int | None = 0, cluster: int | None = 0,
-           endpoint: int | None = 0) -> Opened:
-    return Opened(conn_id, listener_id, cluster, endpoint)
+           endpoint: int | None = 0, identifies_peer: bool = False) -> Opened:
+    return Opened(conn_id, listener_id, cluster, endpoint, identifies_peer)
 
 
 def updated(conn_id: int, received: int, sent: int) -> Updated:
@@ -300,6 +301,38 @@ def sidecar():
     for running in reversed(started):
         running.stop()
         assert running.loop.is_closed()  # nothing of the sidecar's left for the GC
+
+
+class MeshCerts:
+    """A mesh root (fastmesh ca init) and workload identities issued from it on demand."""
+
+    def __init__(self, base: Path) -> None:
+        from fastmesh import ca
+
+        self.base = base
+        self.root = base / "root"
+        ca.init(self.root)
+        self._issued: dict[tuple[str, str], Path] = {}
+
+    def identity(self, namespace: str, service_account: str) -> Path:
+        """The directory of cert-chain.pem, key.pem and root-cert.pem for ns/sa."""
+        from fastmesh import ca
+
+        key = (namespace, service_account)
+        if key not in self._issued:
+            out = self.base / f"{namespace}-{service_account}"
+            ca.issue(self.root, namespace, service_account, out)
+            self._issued[key] = out
+        return self._issued[key]
+
+    @staticmethod
+    def spiffe(namespace: str, service_account: str) -> str:
+        return f"spiffe://cluster.local/ns/{namespace}/sa/{service_account}"
+
+
+@pytest.fixture(scope="session")
+def mesh_certs(tmp_path_factory: pytest.TempPathFactory) -> MeshCerts:
+    return MeshCerts(tmp_path_factory.mktemp("mesh"))
 
 
 # Bookinfo's TCP pair, as Istio's injector would describe the pods.

@@ -254,6 +254,9 @@ def test_config_dump_shows_the_effective_configuration(serve, upstream):
     assert status == 200
     config = json.loads(body)
     assert config["engine"]["workers"] == 2
+    exchange = config["listeners"][0].pop("exchange")
+    assert (exchange["role"], exchange["plaintext"]) == ("outbound", False)  # over mTLS only, by ALPN
+    assert config["identity"] is None  # no --certs
     assert config["listeners"] == [
         {
             "address": "127.0.0.1:%d" % proxy.listen[1],
@@ -262,9 +265,10 @@ def test_config_dump_shows_the_effective_configuration(serve, upstream):
             "clusters": [{
                 "name": "upstream", "service": "", "endpoints": ["%s:%d" % server.address], "mesh_peers": [False],
                 "load_balancer": "ROUND_ROBIN", "max_connections": 0, "connect_timeout_seconds": 0.75,
+                "tls": "DISABLE",
             }],
             "routes": [{"cluster": "upstream", "weight": 1}],
-            "exchange": None,
+            "tls": {"mtls": "DISABLE", "handshake_timeout_seconds": 10.0},
         }
     ]
     assert proxy.stop() == 0
@@ -273,15 +277,22 @@ def test_config_dump_shows_the_effective_configuration(serve, upstream):
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "node-metadata"
 
 
-def test_two_serve_processes_learn_each_others_identity(serve, upstream):
+@pytest.mark.parametrize("transport", ["mtls", "plaintext-exchange"])
+def test_two_serve_processes_learn_each_others_identity(serve, upstream, mesh_certs, transport):
     def hello(conn: socket.socket) -> None:
         conn.sendall(b"hello " + conn.recv(64))
+
+    def certs(account: str) -> tuple[str, ...]:
+        if transport == "mtls":
+            return ("--certs", str(mesh_certs.identity("default", account)), "--peer-authentication", "STRICT")
+        return ("--plaintext-exchange",)
 
     server = upstream(hello)
     common = ("--destination-service", "mongodb.default.svc.cluster.local", "--reporting-duration", "500ms")
     inbound = serve(server.address, "--direction", "inbound",
-                    "--node-metadata", str(EXAMPLES / "mongodb-v1.yaml"), *common)
-    outbound = serve(inbound.listen, "--mesh-peer", "--node-metadata", str(EXAMPLES / "ratings-v2.yaml"), *common)
+                    "--node-metadata", str(EXAMPLES / "mongodb-v1.yaml"), *common, *certs("mongodb"))
+    outbound = serve(inbound.listen, "--mesh-peer", "--node-metadata", str(EXAMPLES / "ratings-v2.yaml"), *common,
+                     *certs("bookinfo-ratings-v2"))
     with socket.create_connection(outbound.listen) as client:
         client.sendall(b"world\n")
         assert client.recv(64) == b"hello world\n"
@@ -295,8 +306,14 @@ def test_two_serve_processes_learn_each_others_identity(serve, upstream):
                 break
             time.sleep(0.1)
         assert len(opened) == 1 and peer_label in opened[0] and opened[0].endswith(" 1"), opened
+        if transport == "mtls":
+            assert 'source_principal="spiffe://cluster.local/ns/default/sa/bookinfo-ratings-v2"' in opened[0]
+            assert 'destination_principal="spiffe://cluster.local/ns/default/sa/mongodb"' in opened[0]
         assert proxy.stats()["exchange"] == {"exchange_peers_found": 1, "exchange_payloads_invalid": 0}
     assert json.loads(outbound.get("/config_dump")[1])["listeners"][0]["exchange"]["role"] == "outbound"
+    if transport == "mtls":
+        assert json.loads(inbound.get("/config_dump")[1])["identity"]["spiffe_id"] == \
+            "spiffe://cluster.local/ns/default/sa/mongodb"
     assert outbound.stop() == 0 and inbound.stop() == 0
 
 

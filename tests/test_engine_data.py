@@ -310,7 +310,7 @@ def test_collect_reports_open_connections_once_and_deltas_between_reads(upstream
         assert client.recv(10) == b"b" * 10
         opened, updated, closed, peers = engine.collect()
         assert peers == []  # no exchange on this listener
-        assert [o[1:] for o in opened] == [(0, 0, 0)] and closed == []
+        assert [o[1:] for o in opened] == [(0, 0, 0, False)] and closed == []
         assert [u[1:] for u in updated] == [(100, 10, 10, 100)]
         assert engine.collect() == ([], [], [], [])  # nothing changed: nothing reported
         client.sendall(b"c" * 7)

@@ -38,7 +38,7 @@ class Side:
         self.sock = listening_socket()
         self.sock.setblocking(False)
         routes = RouteTable.single([upstream], mesh_peer=mesh_peer)
-        self.engine.add_listener(self.sock.fileno(), routes, ExchangeSettings(role, frame, **settings))
+        self.engine.add_listener(self.sock.fileno(), routes, ExchangeSettings(role, frame, plaintext=True, **settings))
         self.engine.start()
         self.address = self.sock.getsockname()
         self.peers: dict[int, bytes | None] = {}
@@ -52,9 +52,10 @@ class Side:
         for record in closed:
             self.closed[record.conn_id] = record
             self.bytes = [a + b for a, b in zip(self.bytes, record[6:])]
-        for conn_id, payload in peers:
-            assert conn_id not in self.peers, "a peer was reported twice"
-            self.peers[conn_id] = payload
+        for peer in peers:
+            assert peer.conn_id not in self.peers, "a peer was reported twice"
+            assert peer.principal is None  # plaintext
+            self.peers[peer.conn_id] = peer.payload
 
     def wait_closed(self, count: int, timeout: float = 20.0) -> list[tuple]:
         deadline = time.monotonic() + timeout

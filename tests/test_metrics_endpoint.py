@@ -19,7 +19,8 @@ from conftest import MONGODB_V1, RATINGS_V2, assert_closed_by_relay, free_port, 
 from fastmesh.addr import Address
 from fastmesh.identity import NodeMetadata
 from fastmesh.routing import INBOUND, OUTBOUND
-from fastmesh.settings import SidecarConfig
+from fastmesh.peers import PeerInfo
+from fastmesh.settings import ExchangeConfig, SidecarConfig
 
 LOOPBACK_ANY_PORT = Address("127.0.0.1", 0)
 
@@ -71,11 +72,22 @@ def wait_for(scrape, predicate, timeout: float = 20.0):
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("exchange", [False, True], ids=["peer-unknown", "peer-exchanged"])
-def test_both_reporters_count_istios_reference_traffic_exactly(upstream, sidecar, exchange):
+@pytest.mark.parametrize("transport", ["plaintext", "plaintext-exchange", "mtls"])
+def test_both_reporters_count_istios_reference_traffic_exactly(upstream, sidecar, mesh_certs, transport):
+    # Plaintext with no exchange: peers unknown; fastmesh's plaintext exchange: peers
+    # known; mTLS (Istio's way): peers known, both principals, mutual_tls inbound.
     server = upstream(hello_server)
-    inbound = sidecar(config(server.address, INBOUND, MONGODB_V1, reporting_duration=0.5))  # detects mesh clients
-    outbound = sidecar(config(inbound.listen, OUTBOUND, RATINGS_V2, reporting_duration=0.5, mesh_peer=exchange))
+    exchange = transport != "plaintext"
+    mtls = transport == "mtls"
+    options = {"exchange": ExchangeConfig(plaintext=transport == "plaintext-exchange")}
+
+    def certs(account: str) -> dict:
+        return {"certs": mesh_certs.identity("default", account)} if mtls else {}
+
+    inbound = sidecar(config(server.address, INBOUND, MONGODB_V1, reporting_duration=0.5, **options,
+                             **certs("mongodb")))
+    outbound = sidecar(config(inbound.listen, OUTBOUND, RATINGS_V2, reporting_duration=0.5, mesh_peer=exchange,
+                              **options, **certs("bookinfo-ratings-v2")))
     send_world(outbound.listen, 10)
     server.wait(10)
 
@@ -103,16 +115,17 @@ def test_both_reporters_count_istios_reference_traffic_exactly(upstream, sidecar
     unknown_server = {k: ("latest" if k.endswith("revision") else "unknown") for k in server_side}
     unknown_client = {k: ("latest" if k.endswith("revision") else "unknown") for k in client_side}
     common = {
-        "source_principal": "unknown", "destination_principal": "unknown", "destination_service": MONGODB,
-        "destination_service_name": "mongodb", "destination_service_namespace": "default",
-        "request_protocol": "tcp", "response_flags": "-",
+        "source_principal": mesh_certs.spiffe("default", "bookinfo-ratings-v2") if mtls else "unknown",
+        "destination_principal": mesh_certs.spiffe("default", "mongodb") if mtls else "unknown",
+        "destination_service": MONGODB, "destination_service_name": "mongodb",
+        "destination_service_namespace": "default", "request_protocol": "tcp", "response_flags": "-",
     }
     source = tcp_series(outbound.scrape()[1])[("istio_tcp_connections_opened_total", "source")]["labels"]
     assert source == {"reporter": "source", **client_side, **(server_side if exchange else unknown_server),
                       **common, "connection_security_policy": "unknown"}
     destination = tcp_series(inbound.scrape()[1])[("istio_tcp_connections_opened_total", "destination")]["labels"]
     assert destination == {"reporter": "destination", **(client_side if exchange else unknown_client),
-                           **server_side, **common, "connection_security_policy": "none"}
+                           **server_side, **common, "connection_security_policy": "mutual_tls" if mtls else "none"}
 
 
 def test_an_open_connection_is_reported_every_period(upstream, sidecar):
@@ -196,8 +209,8 @@ def test_both_reporters_carry_the_peers_identity_when_it_is_known(upstream, side
     server = upstream(hello_server)
     inbound = sidecar(config(server.address, INBOUND, MONGODB_V1, reporting_duration=0.5))
     outbound = sidecar(config(inbound.listen, OUTBOUND, RATINGS_V2, reporting_duration=0.5))
-    inbound.sidecar.telemetry.peer_of = lambda conn_id: RATINGS_V2.workload()
-    outbound.sidecar.telemetry.peer_of = lambda conn_id: MONGODB_V1.workload()
+    inbound.sidecar.telemetry.peer_of = lambda conn_id: PeerInfo(RATINGS_V2.workload())
+    outbound.sidecar.telemetry.peer_of = lambda conn_id: PeerInfo(MONGODB_V1.workload())
     send_world(outbound.listen, 4)
     server.wait(4)
     identity = ("source_workload", "source_app", "source_version", "source_canonical_service",

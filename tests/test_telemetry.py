@@ -12,6 +12,7 @@ import pytest
 from conftest import MONGODB_SERVICE, MONGODB_V1, RATINGS_V2, closed, one_listener, opened, updated
 from fastmesh.addr import Address
 from fastmesh.identity import MetadataError, NodeMetadata, Workload, load_node_metadata, parse_node_metadata
+from fastmesh.peers import PeerInfo
 from fastmesh.reasons import CloseReason
 from fastmesh.records import Batch
 from fastmesh.routing import INBOUND, OUTBOUND
@@ -27,7 +28,7 @@ def labels(values: tuple[str, ...]) -> dict[str, str]:
 
 def test_outbound_labels_with_an_unknown_peer():
     listener = ListenerTelemetry(OUTBOUND, RATINGS_V2.workload(), MONGODB_SERVICE)
-    assert labels(listener.labels(Workload(), "-")) == {
+    assert labels(listener.labels(PeerInfo(Workload()), "-")) == {
         "reporter": "source",
         "source_workload": "ratings-v2",
         "source_workload_namespace": "default",
@@ -59,7 +60,7 @@ def test_outbound_labels_with_an_unknown_peer():
 def test_inbound_labels_with_a_known_peer_match_istios_bookinfo_expectation():
     # The labels Istio's 1.7 integration test expects for ratings-v2 -> mongodb.
     listener = ListenerTelemetry(INBOUND, MONGODB_V1.workload(), MONGODB_SERVICE)
-    result = labels(listener.labels(RATINGS_V2.workload(), "-"))
+    result = labels(listener.labels(PeerInfo(RATINGS_V2.workload()), "-"))
     assert {k: result[k] for k in (
         "reporter", "request_protocol", "destination_service_name", "destination_canonical_service",
         "destination_canonical_revision", "destination_app", "destination_version", "source_app",
@@ -74,6 +75,24 @@ def test_inbound_labels_with_a_known_peer_match_istios_bookinfo_expectation():
     }
     assert result["connection_security_policy"] == "none"
     assert result["destination_workload"] == "mongodb-v1"
+
+
+@pytest.mark.parametrize("direction", [OUTBOUND, INBOUND])
+def test_an_mtls_connection_carries_both_principals_as_istio_reports_them(direction):
+    # Istio's stats: principals from the certificates' URI SANs; the inbound reporter's
+    # policy mutual_tls, the outbound's unknown.
+    local, peer = ("spiffe://cluster.local/ns/default/sa/bookinfo-ratings-v2",
+                   "spiffe://cluster.local/ns/default/sa/mongodb")
+    if direction == INBOUND:
+        local, peer = peer, local
+    listener = ListenerTelemetry(direction, RATINGS_V2.workload(), MONGODB_SERVICE, local_principal=local)
+    result = labels(listener.labels(PeerInfo(MONGODB_V1.workload(), peer), "-"))
+    assert (result["source_principal"], result["destination_principal"]) == (
+        "spiffe://cluster.local/ns/default/sa/bookinfo-ratings-v2", "spiffe://cluster.local/ns/default/sa/mongodb")
+    assert result["connection_security_policy"] == ("unknown" if direction == OUTBOUND else "mutual_tls")
+    plaintext = labels(listener.labels(PeerInfo(MONGODB_V1.workload()), "-"))  # the same listener, no TLS
+    assert (plaintext["source_principal"], plaintext["destination_principal"]) == ("unknown", "unknown")
+    assert plaintext["connection_security_policy"] == ("unknown" if direction == OUTBOUND else "none")
 
 
 @pytest.mark.parametrize(
@@ -166,7 +185,7 @@ def test_labels_are_fixed_at_the_first_report():
     assert result["response_flags"] == "-" and values == (1, 1, 10, 0)
 
 
-def inbound_with_peers(peers: dict[int, Workload | None]) -> TcpTelemetry:
+def inbound_with_peers(peers: dict[int, PeerInfo | None]) -> TcpTelemetry:
     telemetry = TcpTelemetry(peer_of=peers.get)
     telemetry.add_listener(0, ListenerTelemetry(INBOUND, MONGODB_V1.workload(), MONGODB_SERVICE))
     return telemetry
@@ -185,7 +204,7 @@ def test_a_peer_that_is_not_known_yet_holds_the_report_back_until_close():
 def test_a_peer_still_unknown_after_a_whole_period_is_reported_unknown_and_stays_so():
     # A client that never speaks first, or a mesh upstream that never answers:
     # its bytes must not wait for a frame that may never come.
-    peers: dict[int, Workload | None] = {1: None}
+    peers: dict[int, PeerInfo | None] = {1: None}
     telemetry = inbound_with_peers(peers)
     telemetry.on_batch(Batch([opened(1)], [updated(1, 0, 50)], []))
     telemetry.report()
@@ -194,7 +213,7 @@ def test_a_peer_still_unknown_after_a_whole_period_is_reported_unknown_and_stays
     telemetry.report()
     result, values = only_series(telemetry)
     assert result["source_workload"] == "unknown" and values == (1, 0, 0, 57)
-    peers[1] = RATINGS_V2.workload()  # a frame that comes after that cannot relabel what was reported
+    peers[1] = PeerInfo(RATINGS_V2.workload())  # a frame that comes after that cannot relabel what was reported
     telemetry.on_batch(Batch([], [], [closed(1, CloseReason.UPSTREAM_CLOSE, 0, 3)]))
     result, values = only_series(telemetry)
     assert result["source_workload"] == "unknown" and values == (1, 1, 0, 60)
@@ -213,7 +232,7 @@ def test_a_client_that_never_speaks_is_reported_while_its_connection_stays_open(
     inbound = sidecar(one_listener(
         Address("127.0.0.1", 0), [app.address], INBOUND, MONGODB_SERVICE, admin=None,
         metrics=Address("127.0.0.1", 0), node_metadata=MONGODB_V1, reporting_duration=0.2,
-        exchange=ExchangeConfig(detect_timeout=0.05)))
+        exchange=ExchangeConfig(plaintext=True, detect_timeout=0.05)))
     with socket.create_connection(inbound.listen) as client:
         assert client.recv(len(greeting), socket.MSG_WAITALL) == greeting
         deadline = time.monotonic() + 20

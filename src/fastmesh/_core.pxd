@@ -5,6 +5,7 @@
 from libc.stdint cimport uint32_t, uint64_t
 
 from fastmesh._linux cimport pthread_mutex_t, sockaddr_storage, socklen_t
+from fastmesh._openssl cimport SSL, SSL_CTX, SSL_SESSION
 
 include "native/contract.pxi"
 
@@ -22,7 +23,9 @@ cdef extern from *:
     }
     /* istio-peer-exchange's magic, big-endian, as it starts a frame on the wire */
     static const unsigned char fm_exchange_magic[4] = {0x3D, 0x23, 0x04, 0x67};
+    static inline void fm_set_errno(int e) { errno = e; }
     """
+    void set_errno "fm_set_errno"(int e) nogil
     unsigned long long fm_fetch_inc(unsigned long long *p) nogil
     unsigned long long fm_fetch_dec(unsigned long long *p) nogil
     unsigned long long fm_load(unsigned long long *p) nogil
@@ -49,9 +52,33 @@ cdef enum:
     UP = 1                     # the side we connected to
 
 cdef enum:
+    SECURING = 0               # inbound STRICT: the client's TLS handshake first, no upstream yet
     CONNECTING = 1
     OPEN = 2
     CLOSED = 3
+
+# The TLS end of a connection (Conn.tls_side), and where it stands.
+cdef enum:
+    TLS_OFF = 0                # plaintext
+    TLS_DETECT = 1             # inbound PERMISSIVE: the client's first byte says TLS or plaintext
+    TLS_HANDSHAKE = 2
+    TLS_ON = 3                 # bytes go through SSL_read and SSL_write
+
+# What an inbound listener accepts (PeerAuthentication), and how an endpoint is reached.
+cdef enum:
+    MTLS_DISABLE = 0
+    MTLS_PERMISSIVE = 1
+    MTLS_STRICT = 2
+
+cdef enum:
+    CT_PLAIN = 0
+    CT_ISTIO = 1               # the mesh identity, Istio's ALPN, a SPIFFE peer of the trust domain
+    CT_SIMPLE = 2              # the cluster's own roots; no client certificate
+    CT_MUTUAL = 3              # the cluster's own roots and client certificate
+    CT_AUTO = 4                # ISTIO to a mesh-peer endpoint when the engine has an identity, else plain
+
+cdef enum:
+    MAX_SAN = 512              # the longest peer identity reported
 
 # drain() and fill() results
 cdef enum:
@@ -102,6 +129,8 @@ cdef enum:
     R_NO_ROUTE = 11
     R_NO_HEALTHY_UPSTREAM = 12
     R_OVERFLOW = 13
+    R_DOWNSTREAM_TLS_ERROR = 14
+    R_UPSTREAM_TLS_ERROR = 15
 
 # A cluster's load-balancing policy (fastmesh.routing.LB_POLICIES).
 cdef enum:
@@ -118,7 +147,8 @@ cdef enum:
 cdef enum:
     T_CONNECT = 0              # the upstream connect must complete
     T_EXCHANGE = 1             # the peer's exchange frame must complete (or, inbound, begin)
-    TIMER_KINDS = 2
+    T_TLS = 2                  # the TLS handshake must complete (or, PERMISSIVE, the client speak)
+    TIMER_KINDS = 3
 
 
 cdef struct Frame:
@@ -152,9 +182,9 @@ cdef struct End:
     bint readable
     bint writable
     bint hup                   # an event reported the peer's FIN (EPOLLRDHUP) or an error
-    # A TLS end (mTLS, to come) holds its session here; NULL is plaintext, which
-    # reads and writes the socket directly (native/flow.pxi).
-    void *tls
+    # A TLS end reads and writes through its SSL (native/tls.pxi); NULL is plaintext,
+    # which reads and writes the socket directly (native/flow.pxi).
+    SSL *ssl
 
 
 cdef struct Timer:
@@ -185,6 +215,7 @@ cdef struct Conn:
     Conn *ready_next           # Worker.ready or Worker.later
     Conn *grave_next           # Worker.grave
     uint64_t id
+    Listener *listener         # NULL for a pair given to Engine.relay()
     int listener_id            # NONE for a pair given to Engine.relay()
     int cluster                # NONE, or an index into its listener's clusters
     int endpoint               # NONE, or an index into its listener's endpoints (all clusters')
@@ -197,6 +228,11 @@ cdef struct Conn:
     Flow flows[2]              # flows[DOWN] moves DOWN -> UP, flows[UP] moves UP -> DOWN
     uint64_t reported[4]       # down_rx, down_tx, up_rx, up_tx already given to collect()
     Exchange x
+    bint identifies            # a peer report (x.report) will come: exchange or TLS
+    int tls_side               # the end that speaks TLS, or NONE
+    int tls_phase              # TLS_*
+    int tls_mode               # CT_* of the upstream end
+    char *principal            # the peer's verified URI SAN, until collect() reports it
 
 
 cdef struct ClosedRecord:
@@ -209,6 +245,7 @@ cdef struct ClosedRecord:
     uint64_t delta[4]
     int peer_state             # PEER_*
     Frame *peer                # the frame of a PEER_FOUND (a reference the record holds)
+    char *principal            # the peer's verified identity, if it had one
 
 
 cdef struct Cluster:
@@ -219,6 +256,11 @@ cdef struct Cluster:
     unsigned long long active  # open connections (atomic: workers share listeners)
     unsigned long long rr
     double connect_timeout
+    int tls                    # CT_* for its endpoints
+    SSL_CTX *tls_ctx           # CT_SIMPLE, CT_MUTUAL: the cluster's own context
+    char *sni                  # server name to send, or NULL
+    char **sans                # the server's identity must be one of these (nsans 0: any of the mesh)
+    int nsans
 
 
 cdef struct Listener:
@@ -245,6 +287,22 @@ cdef struct Listener:
     uint32_t xmax_payload
     double xframe_timeout      # from a frame's first byte to its last
     double xdetect_timeout     # inbound: how long the upstream's first bytes wait for the peer's
+    bint xplaintext            # the exchange runs on plaintext connections too (fastmesh's own variant)
+    # TLS
+    int mtls                   # MTLS_* (inbound)
+    double handshake_timeout
+    double detect_timeout      # PERMISSIVE: how long the upstream's first bytes wait for the client's
+    unsigned char *ep_tls      # per endpoint: CT_* (a cluster's, or CT_AUTO for a mesh peer)
+    SSL_SESSION **ep_session   # per endpoint: the last session, to resume
+    pthread_mutex_t session_lock
+
+
+cdef struct Identity:
+    # The mesh identity (Engine.set_identity), swapped under every worker's lock;
+    # an SSL holds its own reference to the context it was made from.
+    SSL_CTX *server            # inbound mTLS: the workload certificate, client certificates required
+    SSL_CTX *client            # ISTIO_MUTUAL: the workload certificate, the server verified
+    char trust_domain[256]
 
 
 cdef struct Worker:
@@ -264,6 +322,7 @@ cdef struct Worker:
     uint64_t random_state      # xorshift64 for LB_RANDOM
     Listener **listeners
     int *nlisteners
+    Identity *identity
     # configuration
     int pipe_size
     int max_pipes

@@ -7,6 +7,7 @@ tests/test_engine_parity.py holds both engines to this file."""
 from fastmesh.exchange import ExchangeSettings
 from fastmesh.records import Batch, ConnectionInfo
 from fastmesh.routing import RouteTable
+from fastmesh.tls import ListenerTls
 
 IMPLEMENTATION: str  # "cython" or "python"
 SPLICE_SUPPORTED: bool
@@ -30,16 +31,27 @@ class Engine:
         """Started and not yet stopped."""
     @property
     def splice_enabled(self) -> bool: ...
+    @property
+    def has_identity(self) -> bool:
+        """set_identity() was called: mTLS is possible."""
     def start(self) -> None:
         """Start the worker threads. RuntimeError once stopped."""
     def stop(self) -> None:
         """Stop the worker threads; reset every open connection (recorded as SHUTDOWN)."""
-    def add_listener(self, fd: int, routes: RouteTable, exchange: ExchangeSettings | None = None) -> int:
+    def set_identity(self, cert_chain: str, key: str, roots: str, trust_domain: str) -> None:
+        """The mesh identity for the handshakes to come (PEM files, as fastmesh.certs
+        names them): inbound mTLS, and ISTIO_MUTUAL toward mesh peers. Open
+        connections keep theirs. ValueError for files TLS refuses (the identity in
+        force stays), TypeError for arguments that are not text."""
+    def add_listener(self, fd: int, routes: RouteTable, exchange: ExchangeSettings | None = None,
+                     tls: ListenerTls | None = None) -> int:
         """Accept on a bound, listening, non-blocking socket (the caller keeps owning
-        the fd) and route each connection by `routes`; with `exchange`, run the peer
-        metadata exchange. Every worker accepts on it and keeps what it accepts.
-        Returns the listener id. TypeError or ValueError for what
-        fastmesh.contract.check_listener() refuses, OSError for a bad fd,
+        the fd) and route each connection by `routes` (whose clusters say how they
+        originate TLS); with `exchange`, run the peer metadata exchange (over TLS when
+        ALPN negotiated istio-peer-exchange, in plaintext when its settings say so);
+        `tls` says what an inbound listener accepts. Every worker accepts on it and
+        keeps what it accepts. Returns the listener id. TypeError or ValueError for
+        what fastmesh.contract.check_listener() refuses, OSError for a bad fd,
         RuntimeError once stopped."""
     def remove_listener(self, listener_id: int) -> None:
         """Stop accepting on that listener; open connections go on. ValueError for an

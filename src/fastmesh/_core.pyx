@@ -23,13 +23,14 @@ Structures and constants are in _core.pxd; fastmesh/_core.pyi is the interface.
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memset, strcmp, strdup, strlen, strncmp
 from libc.errno cimport (
-    errno, EAGAIN, EINTR, EINPROGRESS, ECONNABORTED, EPROTO, EMFILE, ENFILE,
-    ENOBUFS, ENOMEM, ETIMEDOUT, EINVAL,
+    errno, EAGAIN, EINTR, EINPROGRESS, ECONNABORTED, ECONNRESET, EPIPE, EPROTO, EMFILE,
+    ENFILE, ENOBUFS, ENOMEM, ETIMEDOUT, EINVAL,
 )
 
 from fastmesh._linux cimport *
+from fastmesh._openssl cimport *
 
 import ipaddress
 import os
@@ -40,6 +41,7 @@ from fastmesh.defaults import DEFAULTS
 from fastmesh.reasons import CloseReason
 from fastmesh.records import Batch, Closed, ConnectionInfo, FlowInfo, Opened, Peer, Updated
 from fastmesh.routing import LB_POLICIES, OUTBOUND
+from fastmesh.tls import CLIENT_ALPN, EXCHANGE_ALPN, SERVER_ALPN, encode_alpn
 
 IMPLEMENTATION = "cython"
 SPLICE_SUPPORTED = True
@@ -57,6 +59,7 @@ for _name, _code in (
     ("DOWNSTREAM_PROTOCOL_ERROR", R_DOWNSTREAM_PROTOCOL_ERROR),
     ("UPSTREAM_PROTOCOL_ERROR", R_UPSTREAM_PROTOCOL_ERROR),
     ("NO_ROUTE", R_NO_ROUTE), ("NO_HEALTHY_UPSTREAM", R_NO_HEALTHY_UPSTREAM), ("OVERFLOW", R_OVERFLOW),
+    ("DOWNSTREAM_TLS_ERROR", R_DOWNSTREAM_TLS_ERROR), ("UPSTREAM_TLS_ERROR", R_UPSTREAM_TLS_ERROR),
 ):
     if CloseReason[_name] != _code:
         raise ImportError(f"fastmesh._core close code {_name} does not match fastmesh.reasons")
@@ -66,11 +69,14 @@ include "native/pools.pxi"
 include "native/conn.pxi"
 include "native/timers.pxi"
 include "native/exchange.pxi"
+include "native/tls.pxi"
 include "native/flow.pxi"
 include "native/accept.pxi"
 include "native/worker.pxi"
 include "native/listener.pxi"
 include "native/collect.pxi"
+
+set_alpn_lists(encode_alpn(SERVER_ALPN), encode_alpn(CLIENT_ALPN), EXCHANGE_ALPN.encode())
 
 
 cdef class Engine:
@@ -78,6 +84,7 @@ cdef class Engine:
 
     cdef Worker *_workers
     cdef int _nworkers
+    cdef Identity _identity
     cdef Listener *_listeners[MAX_LISTENERS]
     cdef int _nlisteners
     cdef list _threads
@@ -107,6 +114,7 @@ cdef class Engine:
             pthread_mutex_init(&w.lock, NULL)
             w.listeners = self._listeners
             w.nlisteners = &self._nlisteners
+            w.identity = &self._identity
             w.pipe_size = pipe_size
             w.max_pipes = max(1, max_pipes // workers) if max_pipes else 0
             w.buffer_size = buffer_size
@@ -133,6 +141,7 @@ cdef class Engine:
                 free_pools(w)
                 for j in range(w.nclosed):
                     release_frame(w.closed[j].peer)
+                    free(w.closed[j].principal)
                 free(w.closed)
                 if w.epfd >= 0:
                     close(w.epfd)
@@ -142,6 +151,10 @@ cdef class Engine:
             free(self._workers)
         for i in range(self._nlisteners):
             free_listener(self._listeners[i])
+        if self._identity.server != NULL:
+            SSL_CTX_free(self._identity.server)
+        if self._identity.client != NULL:
+            SSL_CTX_free(self._identity.client)
 
     @property
     def workers(self):
@@ -208,17 +221,50 @@ cdef class Engine:
             self._listeners[i].active = False
         self._unlock_all()
 
-    def add_listener(self, int fd, routes, exchange=None):
+    def set_identity(self, cert_chain, key, roots, trust_domain):
+        """The mesh identity for new handshakes (files as fastmesh.certs names them);
+        open connections keep theirs. ValueError for a set OpenSSL refuses, and the
+        identity in force stays."""
+        cdef SSL_CTX *server
+        cdef SSL_CTX *client
+        cdef SSL_CTX *old_server
+        cdef SSL_CTX *old_client
+        cdef bytes domain = contract.check_identity(cert_chain, key, roots, trust_domain).encode()
+        server = new_context(True, cert_chain, key, roots, True)
+        try:
+            client = new_context(False, cert_chain, key, roots, True)
+        except BaseException:
+            SSL_CTX_free(server)
+            raise
+        self._lock_all()
+        old_server = self._identity.server
+        old_client = self._identity.client
+        self._identity.server = server
+        self._identity.client = client
+        memcpy(self._identity.trust_domain, <char *>domain, len(domain) + 1)
+        self._unlock_all()
+        if old_server != NULL:  # an SSL made from it holds its own reference
+            SSL_CTX_free(old_server)
+        if old_client != NULL:
+            SSL_CTX_free(old_client)
+
+    @property
+    def has_identity(self):
+        return self._identity.server != NULL
+
+    def add_listener(self, int fd, routes, exchange=None, tls=None):
         """Accept on a bound, listening, non-blocking socket (the caller keeps owning the
         fd) and route each connection by `routes` (a fastmesh.routing.RouteTable).
-        exchange: a fastmesh.exchange.ExchangeSettings, or None for no exchange.
+        exchange: a fastmesh.exchange.ExchangeSettings, or None for no exchange; tls: a
+        fastmesh.tls.ListenerTls, or None for plaintext in and auto mTLS out.
         Returns the listener id."""
         cdef Listener *l
         cdef int i, failed = 0
-        contract.check_listener(routes, exchange, self._workers[0].buffer_size, self._nlisteners)
+        contract.check_listener(routes, exchange, tls, self._workers[0].buffer_size, self._nlisteners,
+                                self.has_identity)
         if self._stopped:
             raise RuntimeError("the engine is stopped")
-        l = build_listener(fd, routes, exchange)
+        l = build_listener(fd, routes, exchange, tls)
         self._lock_all()
         l.id = self._nlisteners
         l.active = True
@@ -270,7 +316,7 @@ cdef class Engine:
             set_nodelay(fd)
         with nogil:
             pthread_mutex_lock(&w.lock)
-        c = new_conn(w, down_fd, up_fd, NONE, NONE, NONE, OPEN)
+        c = new_conn(w, down_fd, up_fd, NULL, NONE, NONE, OPEN)
         if c == NULL:
             pthread_mutex_unlock(&w.lock)
             raise MemoryError()

@@ -9,10 +9,8 @@ Cython engine's workers do (one wakes per connection: EPOLLEXCLUSIVE). Sockets a
 level-triggered and watched only for what their connection can do next: that is
 how backpressure and "no reading while connecting" work.
 
-The peer metadata exchange follows the Cython engine's rules, except that the
-peer's first bytes are read rather than peeked (with level-triggered sockets a
-peek would spin): bytes that turn out not to be a frame are passed on from the
-connection's own buffer.
+The peer metadata exchange is in _twin_exchange.py, mutual TLS (the ssl module,
+memory BIOs) in _twin_tls.py, each a part of the worker.
 """
 
 from __future__ import annotations
@@ -32,12 +30,18 @@ import time
 from typing import Optional
 
 from fastmesh import contract
-from fastmesh.contract import ACCEPT_PAUSE, FRAME_CHUNK, FRAMES_KEPT, GAUGES, STATS, frame_buffer_size
+from fastmesh._twin_base import DOWN, UP, SideError
+from fastmesh._twin_exchange import ExchangeWorkerMixin
+from fastmesh._twin_tls import (
+    DETECT, HANDSHAKE, OFF, ON, Identity, Sessions, TlsEnd, TlsWorkerMixin, cluster_context,
+)
+from fastmesh.contract import ACCEPT_PAUSE, GAUGES, STATS, frame_buffer_size
 from fastmesh.defaults import DEFAULTS
-from fastmesh.exchange import HEADER, MAGIC_BYTES, ExchangeSettings
+from fastmesh.exchange import HEADER, ExchangeSettings
 from fastmesh.reasons import CloseReason
 from fastmesh.records import Batch, Closed, ConnectionInfo, FlowInfo, Opened, Peer, Updated
-from fastmesh.routing import OUTBOUND, RouteTable
+from fastmesh.routing import RouteTable
+from fastmesh.tls import DISABLE, ISTIO_MUTUAL, PERMISSIVE, STRICT, ListenerTls
 
 IMPLEMENTATION = "python"
 SPLICE_SUPPORTED = False
@@ -46,7 +50,6 @@ log = logging.getLogger("fastmesh.engine")
 
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
-DOWN, UP = 0, 1  # the side that connected to us, the side we connected to
 _EMPTY = memoryview(b"")
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends RST, not FIN
 _SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST has the same value
@@ -81,15 +84,6 @@ def _close(sock: socket.socket, reset: bool = False) -> None:
 
 def _errno_of(exc: BaseException) -> int:
     return (exc.errno or 0) if isinstance(exc, OSError) else 0
-
-
-class _SideError(Exception):
-    """recv/send failed on one side of a connection; the other side gets the reset."""
-
-    def __init__(self, side: int, error: OSError) -> None:
-        super().__init__(side, error)
-        self.side = side  # DOWN or UP
-        self.errno = error.errno or 0
 
 
 class _Flow:
@@ -141,6 +135,17 @@ class _Conn:
         self.xdeadline: Optional[float] = None
         self.xstarted = False  # frame bytes seen: the frame deadline runs
         self.xreport: Optional[Peer] = None  # waiting for collect()
+        self.identifies = False  # a Peer record will come: exchange or TLS
+        # mutual TLS (see the Cython engine for the rules)
+        self.tls: list[Optional[TlsEnd]] = [None, None]
+        self.tls_side = -1  # the end that speaks TLS
+        self.tls_phase = OFF
+        self.tls_mode = ""  # the upstream end's: a fastmesh.tls client mode, "" for plaintext
+        self.tls_deadline: Optional[float] = None  # the handshake's, or PERMISSIVE's wait for the client
+        self.securing = False  # STRICT: the client's handshake first, no upstream yet
+        self.holds_route = False  # its cluster (and endpoint) count it: given back at close
+        self.session_kept = False
+        self.principal: Optional[str] = None  # the peer's verified SPIFFE id
 
     @property
     def listener_id(self) -> Optional[int]:
@@ -163,8 +168,9 @@ class _Conn:
 
     def info(self, worker: int) -> ConnectionInfo:
         flows = [FlowInfo(f.eof, f.shut, len(f.pending), f.rx, f.tx) for f in self.flows]
-        return ConnectionInfo(self.id, worker, self.listener_id, self.cluster, self.endpoint,
-                              "connecting" if self.deadline is not None else "open", *flows)
+        state = ("securing" if self.securing or self.tls_phase in (DETECT, HANDSHAKE)
+                 else "connecting" if self.deadline is not None else "open")
+        return ConnectionInfo(self.id, worker, self.listener_id, self.cluster, self.endpoint, state, *flows)
 
 
 class _Selector(selectors.EpollSelector if hasattr(select, "epoll") else selectors.DefaultSelector):  # type: ignore[misc]
@@ -194,12 +200,15 @@ class _Listener:
     worker accepts on it; a connection stays with the worker that accepted it."""
 
     def __init__(self, listener_id: int, sock: socket.socket, routes: RouteTable,
-                 exchange: Optional[ExchangeSettings]) -> None:
+                 exchange: Optional[ExchangeSettings], tls: Optional[ListenerTls]) -> None:
         self.id = listener_id
         self.sock = sock
         self.routes = routes
         self.targets = [[_target(e) for e in cluster.endpoints] for cluster in routes.clusters]
         self.exchange = exchange
+        self.tls = tls or ListenerTls()
+        self.tls_contexts = [cluster_context(cluster.tls) for cluster in routes.clusters]  # SIMPLE, MUTUAL
+        self.sessions = Sessions()
         self.closed = False
         self._schedule = routes.schedule()
         self._next = 0
@@ -250,6 +259,16 @@ class _Listener:
                 self._endpoint_active[cluster][endpoint] -= 1
             self._cluster_active[cluster] -= 1
 
+    def endpoint_tls(self, cluster: Optional[int], endpoint: Optional[int], has_identity: bool) -> str:
+        """How a connection to that endpoint is secured: its cluster's DestinationRule TLS,
+        or auto mTLS to a mesh peer when there is a mesh identity; "" for plaintext."""
+        if cluster is None or endpoint is None:
+            return ""
+        tls = self.routes.clusters[cluster].tls
+        if tls is not None:
+            return "" if tls.mode == DISABLE else tls.mode
+        return ISTIO_MUTUAL if has_identity and self.routes.is_mesh_peer(cluster, endpoint) else ""
+
 
 def _original_destination(client: socket.socket, listener: tuple) -> Optional[tuple[int, tuple[str, int]]]:
     """Where the client meant to connect before iptables REDIRECT (SO_ORIGINAL_DST), or
@@ -269,7 +288,7 @@ def _original_destination(client: socket.socket, listener: tuple) -> Optional[tu
     return family, address
 
 
-class _Worker:
+class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
     """One thread, its selector and the connections it owns."""
 
     def __init__(self, engine: Engine, index: int, buffer_size: int) -> None:
@@ -285,6 +304,8 @@ class _Worker:
         self.conns: dict[int, _Conn] = {}
         self.connecting: set[_Conn] = set()
         self.exchanging: set[_Conn] = set()  # connections with an exchange deadline
+        self.securing: set[_Conn] = set()  # connections with a TLS deadline
+        self.buffered: set[_Conn] = set()  # TLS bytes already read from the socket: no event will come
         self.peers: list[Peer] = []  # of closed connections, waiting for collect()
         self.listeners: dict[int, _Listener] = {}  # every worker accepts on every listener
         self.paused: dict[int, float] = {}  # listener id -> when this worker accepts on it again
@@ -314,7 +335,7 @@ class _Worker:
                     return
                 timeout = self._timeout()
             try:
-                events = self.sel.select(timeout)
+                events = self.sel.select(0 if self.buffered else timeout)
             except OSError:
                 log.exception("fastmesh worker %d: select() failed", self.index)
                 time.sleep(0.01)
@@ -328,6 +349,10 @@ class _Worker:
                         self._dispatch(key, mask)
                     except Exception:
                         log.exception("fastmesh worker %d: unexpected error", self.index)
+                while self.buffered:  # as if the TLS end's socket were readable
+                    conn = self.buffered.pop()
+                    if not conn.closed and conn.tls_side >= 0:
+                        self._guarded(conn, conn.tls_side, _READ)
                 try:
                     self._run_timers()
                 except Exception:
@@ -336,6 +361,7 @@ class _Worker:
     def _timeout(self) -> Optional[float]:
         times = [c.deadline for c in self.connecting if c.deadline is not None]
         times += [c.xdeadline for c in self.exchanging if c.xdeadline is not None]
+        times += [c.tls_deadline for c in self.securing if c.tls_deadline is not None]
         times += self.paused.values()
         if not times:
             return None
@@ -349,6 +375,10 @@ class _Worker:
             self._finish(conn, CloseReason.CONNECT_TIMEOUT, errno.ETIMEDOUT)
         for conn in [c for c in self.exchanging if c.xdeadline is not None and c.xdeadline <= now]:
             self._exchange_timer(conn)
+        for conn in [c for c in self.securing if c.tls_deadline is not None and c.tls_deadline <= now]:
+            self._tls_timer(conn)
+            if not conn.closed:
+                self._guarded(conn, DOWN, 0)
         for listener_id, resume_at in list(self.paused.items()):
             if resume_at <= now:
                 del self.paused[listener_id]
@@ -369,13 +399,15 @@ class _Worker:
                 self._accept(data)
         else:
             conn, side = data
-            if conn.closed:
-                return
-            try:
-                self._on_ready(conn, side, mask)
-            except Exception as exc:
-                log.exception("fastmesh connection %d failed", conn.id)
-                self._finish(conn, CloseReason.LOCAL_ERROR, _errno_of(exc), reset=(True, True))
+            if not conn.closed:
+                self._guarded(conn, side, mask)
+
+    def _guarded(self, conn: _Conn, side: int, mask: int) -> None:
+        try:
+            self._on_ready(conn, side, mask)
+        except Exception as exc:
+            log.exception("fastmesh connection %d failed", conn.id)
+            self._finish(conn, CloseReason.LOCAL_ERROR, _errno_of(exc), reset=(True, True))
 
     # -- listeners
 
@@ -394,6 +426,9 @@ class _Worker:
                 self._pause(lst)
                 return
             self.counters["connections_accepted"] += 1
+            if lst.tls.mode == STRICT:
+                self._accept_strict(lst, sock)
+                continue
             cluster, endpoint, refusal, target = lst.pick(sock)
             if refusal is not None:
                 self.counters[_REFUSAL_COUNTERS[refusal]] += 1
@@ -403,8 +438,41 @@ class _Worker:
                 continue
             assert target is not None
             conn = _Conn(self.engine._new_id(), sock, None, lst, cluster, endpoint)
-            self._exchange_gate(lst, conn)
+            conn.holds_route = True
+            conn.tls_mode = lst.endpoint_tls(cluster, endpoint, self.engine.has_identity)
+            if lst.tls.mode == PERMISSIVE:
+                conn.identifies = True
+                conn.tls_side, conn.tls_phase = DOWN, DETECT  # the client's first byte says which
+            elif conn.tls_mode:
+                conn.identifies = True  # the server's certificate says who it is
+            else:
+                self._exchange_gate(lst, conn)
             self.add(conn, target)
+
+    def _accept_strict(self, lst: _Listener, sock: socket.socket) -> None:
+        # STRICT: the client's certificate first; the app sees a connection only once it
+        # is verified (_connect_secured), so an unauthenticated client never reaches it.
+        conn = _Conn(self.engine._new_id(), sock, None, lst)
+        conn.identifies = conn.securing = True
+        conn.tls_side, conn.tls_phase = DOWN, DETECT
+        conn.tls_deadline = time.monotonic() + lst.tls.handshake_timeout
+        self.securing.add(conn)
+        self.add(conn, None, relayed=False)
+
+    def _connect_secured(self, conn: _Conn) -> None:
+        """STRICT, the client verified: now route and connect to the app."""
+        lst = conn.listener
+        assert lst is not None and conn.socks[DOWN] is not None
+        conn.securing = False
+        cluster, endpoint, refusal, target = lst.pick(conn.socks[DOWN])
+        conn.cluster, conn.endpoint = cluster, endpoint
+        if refusal is not None:
+            self.counters[_REFUSAL_COUNTERS[refusal]] += 1
+            self._finish(conn, refusal, 0, reset=(True, True))
+            return
+        assert target is not None
+        conn.holds_route = True
+        self._dial(conn, target)
 
     def _pause(self, lst: _Listener) -> None:
         self.sel.unregister(lst.sock)
@@ -422,41 +490,63 @@ class _Worker:
 
     # -- connections
 
-    def add(self, conn: _Conn, target: Optional[_Target] = None) -> None:
-        """Take over a new connection and, for an accepted one, dial its upstream.
+    def add(self, conn: _Conn, target: Optional[_Target] = None, relayed: bool = True) -> None:
+        """Take over a new connection and, for an accepted one, dial its upstream (a pair
+        given to relay() has both sockets, a STRICT client waits for its handshake).
         The caller holds self.lock."""
         self.conns[conn.id] = conn
-        if target is None:
+        if target is None and relayed:
             self.counters["connections_relayed"] += 1
         try:
             for sock in conn.socks:
                 if sock is not None:
                     sock.setblocking(False)
                     _nodelay(sock)
-            if target is not None:
-                family, addr, timeout = target
-                up = socket.socket(family, socket.SOCK_STREAM)
-                conn.socks[UP] = up
-                up.setblocking(False)
-                _nodelay(up)
-                rc = up.connect_ex(addr)
-                if rc not in (0, errno.EINPROGRESS, errno.EINTR):
-                    self.counters["connect_failures"] += 1
-                    self._finish(conn, CloseReason.CONNECT_FAILED, rc)
-                    return
-                # Even a connect that completed at once goes through the writable
-                # event, so both paths open the connection the same way.
-                conn.deadline = time.monotonic() + timeout
-                self.connecting.add(conn)
+        except OSError as exc:
+            self._set_up_failed(conn, exc)
+            return
+        if target is not None:
+            self._dial(conn, target)
+        else:
+            self._sync(conn)
+
+    def _dial(self, conn: _Conn, target: _Target) -> None:
+        try:
+            family, addr, timeout = target
+            up = socket.socket(family, socket.SOCK_STREAM)
+            conn.socks[UP] = up
+            up.setblocking(False)
+            _nodelay(up)
+            rc = up.connect_ex(addr)
+            if rc not in (0, errno.EINPROGRESS, errno.EINTR):
+                self.counters["connect_failures"] += 1
+                self._finish(conn, CloseReason.CONNECT_FAILED, rc)
+                return
+            # Even a connect that completed at once goes through the writable
+            # event, so both paths open the connection the same way.
+            conn.deadline = time.monotonic() + timeout
+            self.connecting.add(conn)
             self._sync(conn)
         except OSError as exc:
-            # Counted and logged once per upstream and cause by the Relay; per connection only at debug.
-            log.debug("fastmesh connection %d: cannot set up: %s", conn.id, exc)
-            self._finish(conn, CloseReason.LOCAL_ERROR, _errno_of(exc), reset=(True, True))
+            self._set_up_failed(conn, exc)
+
+    def _set_up_failed(self, conn: _Conn, exc: OSError) -> None:
+        # Counted and logged once per upstream and cause by the Relay; per connection only at debug.
+        log.debug("fastmesh connection %d: cannot set up: %s", conn.id, exc)
+        self._finish(conn, CloseReason.LOCAL_ERROR, _errno_of(exc), reset=(True, True))
 
     def _on_ready(self, conn: _Conn, side: int, mask: int) -> None:
-        if conn.deadline is not None:
-            self._on_connect(conn)
+        if conn.tls_phase in (DETECT, HANDSHAKE) and side == conn.tls_side:
+            self._tls_drive(conn)
+            if conn.closed or conn.tls_phase in (DETECT, HANDSHAKE) or conn.deadline is not None:
+                if not conn.closed:
+                    self._sync(conn)
+                return
+            if conn.securing:
+                return
+        elif conn.deadline is not None:
+            if side == UP:
+                self._on_connect(conn)
             return
         try:
             if mask & _READ and conn.flows[side].reading:
@@ -465,7 +555,7 @@ class _Worker:
                     return
             if mask & _WRITE:
                 self._send(conn, 1 - side)  # the flow whose destination is this side
-        except _SideError as exc:
+        except SideError as exc:
             self.counters["resets_propagated"] += 1
             reason = CloseReason.DOWNSTREAM_RESET if exc.side == DOWN else CloseReason.UPSTREAM_RESET
             reset = (exc.side != DOWN, exc.side != UP)  # only the side still standing
@@ -487,23 +577,64 @@ class _Worker:
             return
         conn.deadline = None
         self.connecting.discard(conn)
-        if conn.xcan_send and conn.xside == UP:
+        if conn.tls_mode:
+            self._start_tls(conn, UP)  # originate TLS toward the upstream
+            self.securing.add(conn)
+            self._tls_drive(conn)
+            if conn.closed:
+                return
+        elif conn.xcan_send and conn.xside == UP:
             self._send_local_frame(conn)  # outbound: the frame leads, before any app byte
         elif conn.xhold:
             assert conn.exchange is not None
             self._exchange_deadline(conn, conn.exchange.detect_timeout)
+        if conn.tls_phase == DETECT:
+            assert conn.listener is not None
+            conn.tls_deadline = time.monotonic() + conn.listener.tls.detect_timeout  # a server-first app waits
+            self.securing.add(conn)
         self._sync(conn)
+
+    def _recv(self, conn: _Conn, side: int, size: int) -> bytes:
+        """Bytes from a side, b"" at its end of stream (close_notify over TLS);
+        BlockingIOError when none are there; SideError when it failed."""
+        try:
+            if conn.tls[side] is not None:
+                return self._tls_recv(conn, side, size)
+            return conn.socks[side].recv(size)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            raise
+        except OSError as exc:
+            raise SideError(side, exc) from None
+
+    def _transmit(self, conn: _Conn, side: int, data: memoryview) -> int:
+        """Bytes to a side, as many as it takes now; SideError when it failed."""
+        try:
+            if conn.tls[side] is not None:
+                return self._tls_send(conn, side, data)
+            return conn.socks[side].send(data)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            raise SideError(side, exc) from None
+
+    def _end_stream(self, conn: _Conn, side: int) -> bool:
+        """Pass an end of stream on (close_notify first over TLS); False while it waits."""
+        if conn.tls[side] is not None and not self._tls_close_notify(conn, side):
+            return False
+        try:
+            conn.socks[side].shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+        except OSError:
+            pass  # a dead peer shows up on the next recv/send of that side
+        return True
 
     def _read(self, conn: _Conn, src: int) -> None:
         if conn.xreading and src == conn.xside:
             self._read_peer_frame(conn, src)
             return
         try:
-            data = conn.socks[src].recv(self.buffer_size)  # type: ignore[union-attr]
+            data = self._recv(conn, src, self.buffer_size)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:
-            raise _SideError(src, exc) from None
         flow = conn.flows[src]
         if data:
             flow.rx += len(data)
@@ -517,15 +648,8 @@ class _Worker:
     def _send(self, conn: _Conn, src: int) -> None:
         """Pass on what flows[src] holds, then its end of stream once all is sent."""
         flow, dst = conn.flows[src], 1 - src
-        sock = conn.socks[dst]
-        assert sock is not None
         if flow.pending:
-            try:
-                sent = sock.send(flow.pending)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                raise _SideError(dst, exc) from None
+            sent = self._transmit(conn, dst, flow.pending)
             flow.tx += sent
             if flow.unseen:  # our exchange frame is not relayed bytes
                 hidden = min(sent, flow.unseen)
@@ -533,13 +657,18 @@ class _Worker:
                 flow.tx -= hidden
             flow.pending = flow.pending[sent:] if sent < len(flow.pending) else _EMPTY
         if flow.eof and not flow.pending and not flow.shut:
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # a dead peer shows up on the next recv/send of that side
-            flow.shut = True
+            flow.shut = self._end_stream(conn, dst)
+        elif not flow.pending and conn.tls[src] is not None and conn.tls[src].buffered():
+            self.buffered.add(conn)  # room again for what TLS already decrypted
 
     def _wanted(self, conn: _Conn, side: int) -> int:
+        tls = conn.tls[side]
+        raw_out = _WRITE if tls is not None and tls.raw_out else 0
+        if conn.tls_phase in (DETECT, HANDSHAKE):
+            # A TLS end settling: only it is read; the other side's bytes wait.
+            if side == conn.tls_side:
+                return _READ | raw_out
+            return _WRITE if side == UP and conn.deadline is not None else 0
         if conn.deadline is not None:
             # Connecting: wait for the upstream; downstream bytes stay in the kernel.
             return _WRITE if side == UP else 0
@@ -547,13 +676,16 @@ class _Worker:
         want = _READ if conn.flows[side].reading and not held else 0
         if conn.flows[1 - side].pending:
             want |= _WRITE
-        return want
+        return want | raw_out
 
     def _sync(self, conn: _Conn) -> None:
         """Watch each socket for exactly what its connection can do next."""
         for side in (DOWN, UP):
             sock, have, want = conn.socks[side], conn.masks[side], self._wanted(conn, side)
-            if want == have:
+            tls = conn.tls[side]
+            if want & _READ and tls is not None and conn.tls_phase == ON and tls.buffered():
+                self.buffered.add(conn)  # TLS already has bytes of it: no socket event will say so
+            if want == have or sock is None:
                 continue
             if not have:
                 self.sel.register(sock, want, (conn, side))  # type: ignore[arg-type]
@@ -579,11 +711,14 @@ class _Worker:
                     pass
             _close(sock, reset[side])
         conn.masks = [0, 0]
-        if conn.listener is not None and conn.cluster is not None:
-            conn.listener.release(conn.cluster, conn.endpoint)
-        conn.deadline = None
+        if conn.listener is not None and conn.holds_route:
+            conn.listener.release(conn.cluster, conn.endpoint)  # type: ignore[arg-type]
+        conn.deadline = conn.tls_deadline = None
         self.connecting.discard(conn)
         self.exchanging.discard(conn)
+        self.securing.discard(conn)
+        self.buffered.discard(conn)
+        conn.tls = [None, None]
         if conn.xreport is not None:
             self.peers.append(conn.xreport)
         self.conns.pop(conn.id, None)
@@ -607,7 +742,7 @@ class _Worker:
         for conn in self.conns.values():
             if not conn.announced:
                 conn.announced = True
-                opened.append(Opened(conn.id, conn.listener_id, conn.cluster, conn.endpoint))
+                opened.append(Opened(conn.id, conn.listener_id, conn.cluster, conn.endpoint, conn.identifies))
             deltas = conn.take_deltas()
             if any(deltas):
                 updated.append(Updated(conn.id, *deltas))
@@ -618,149 +753,6 @@ class _Worker:
         self.closed = []
         peers.extend(self.peers)
         self.peers = []
-
-    # -- peer metadata exchange
-
-    def _exchange_gate(self, lst: _Listener, conn: _Conn) -> None:
-        """Whether this connection exchanges metadata, decided once as it opens."""
-        settings = lst.exchange
-        if settings is None:
-            return
-        if not settings.exchanges_with(lst.routes.is_mesh_peer(conn.cluster, conn.endpoint)):
-            self.counters["exchange_disabled"] += 1
-            return
-        self.counters["exchange_enabled"] += 1
-        conn.exchange = settings
-        conn.xreading = conn.xcan_send = True
-        if settings.role == OUTBOUND:
-            conn.xside = UP
-        else:
-            conn.xside = DOWN
-            conn.xhold = True
-
-    def _exchange_deadline(self, conn: _Conn, seconds: float) -> None:
-        conn.xdeadline = time.monotonic() + seconds
-        self.exchanging.add(conn)
-
-    def _send_local_frame(self, conn: _Conn) -> None:
-        assert conn.exchange is not None
-        conn.xcan_send = False
-        flow = conn.flows[1 - conn.xside]
-        flow.pending = memoryview(conn.exchange.frame)
-        flow.unseen = len(conn.exchange.frame)
-        self.counters["exchange_frames_sent"] += 1
-
-    def _settle(self, conn: _Conn, payload: Optional[bytes]) -> None:
-        """The peer's first bytes are a frame (payload) or not a frame (None)."""
-        conn.xreading = False
-        conn.xreport = Peer(conn.id, payload)
-        conn.xdeadline = None
-        self.exchanging.discard(conn)
-        if conn.xhold:
-            conn.xhold = False
-            if payload is not None and conn.xcan_send:
-                self._send_local_frame(conn)  # inbound answers only a peer that spoke the protocol
-        conn.xcan_send = False
-
-    def _not_a_frame(self, conn: _Conn, src: int) -> None:
-        """The bytes read while looking for a header are application bytes: pass them on."""
-        self.counters["exchange_no_frame"] += 1
-        head = bytes(conn.xhead)
-        conn.xhead = bytearray()
-        self._settle(conn, None)
-        if head:
-            flow = conn.flows[src]
-            flow.rx += len(head)
-            flow.pending = memoryview(head)
-            self._send(conn, src)
-
-    def _bad_frame(self, conn: _Conn, src: int, counter: str) -> None:
-        self.counters[counter] += 1
-        reason = CloseReason.DOWNSTREAM_PROTOCOL_ERROR if src == DOWN else CloseReason.UPSTREAM_PROTOCOL_ERROR
-        self._finish(conn, reason, errno.EPROTO, reset=(True, True))
-
-    def _read_peer_frame(self, conn: _Conn, src: int) -> None:
-        settings = conn.exchange
-        assert settings is not None
-        sock = conn.socks[src]
-        assert sock is not None
-        got = len(conn.xhead) if conn.xpayload is None else HEADER.size + len(conn.xpayload)
-        want = (HEADER.size if conn.xpayload is None else conn.xlen) - got
-        try:
-            data = sock.recv(min(want, self.buffer_size)) if want else b""
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            raise _SideError(src, exc) from None
-        if conn.xpayload is None:
-            if not data:  # the stream ends before a header
-                if len(conn.xhead) >= len(MAGIC_BYTES):
-                    self._bad_frame(conn, src, "exchange_frames_truncated")
-                else:
-                    self._not_a_frame(conn, src)
-                return
-            conn.xhead += data
-            seen = min(len(conn.xhead), len(MAGIC_BYTES))
-            if conn.xhead[:seen] != MAGIC_BYTES[:seen]:
-                self._not_a_frame(conn, src)
-                return
-            if not conn.xstarted:
-                conn.xstarted = True
-                self._exchange_deadline(conn, settings.frame_timeout)
-            if len(conn.xhead) < HEADER.size:
-                return
-            _, size = HEADER.unpack(conn.xhead)
-            if size > settings.max_payload:
-                self._bad_frame(conn, src, "exchange_frames_too_large")
-                return
-            conn.xpayload, conn.xlen = bytearray(), HEADER.size + size
-        else:
-            if not data and want:
-                self._bad_frame(conn, src, "exchange_frames_truncated")
-                return
-            conn.xpayload += data
-        if HEADER.size + len(conn.xpayload) == conn.xlen:
-            self.counters["exchange_frames_received"] += 1
-            self._settle(conn, self._share(bytes(conn.xpayload)))
-            conn.xpayload = None
-            self._sync(conn)
-
-    def _share(self, payload: bytes) -> bytes:
-        """The payload object of a recent identical frame, else this one, kept (if small)."""
-        kept = self.kept.get(payload)
-        if kept is not None:
-            self.counters["exchange_frames_shared"] += 1
-            return kept
-        if HEADER.size + len(payload) <= FRAME_CHUNK:
-            if len(self.kept) == FRAMES_KEPT:
-                del self.kept[next(iter(self.kept))]  # the oldest
-            self.kept[payload] = payload
-        return payload
-
-    def _exchange_timer(self, conn: _Conn) -> None:
-        try:
-            self._exchange_deadline_passed(conn)
-        except _SideError as exc:
-            self.counters["resets_propagated"] += 1
-            reason = CloseReason.DOWNSTREAM_RESET if exc.side == DOWN else CloseReason.UPSTREAM_RESET
-            self._finish(conn, reason, exc.errno, reset=(exc.side != DOWN, exc.side != UP))
-
-    def _exchange_deadline_passed(self, conn: _Conn) -> None:
-        if conn.xstarted:
-            # A frame's first bytes and then silence: a whole magic is a frame that never
-            # completed; less than that is application bytes that happen to match.
-            if conn.xpayload is not None or len(conn.xhead) >= len(MAGIC_BYTES):
-                self._bad_frame(conn, conn.xside, "exchange_frames_timed_out")
-                return
-            self._not_a_frame(conn, conn.xside)
-        else:
-            # Inbound, nothing from the client yet: release the app's first bytes without
-            # our frame. A frame that still comes first is read as usual.
-            self.counters["exchange_detect_timeouts"] += 1
-            conn.xdeadline = None
-            self.exchanging.discard(conn)
-            conn.xhold = conn.xcan_send = False
-        self._sync(conn)
 
 
 class Engine:
@@ -779,6 +771,7 @@ class Engine:
         self._conn_ids = itertools.count(1)
         self._listeners: dict[int, _Listener] = {}  # accepting
         self._listener_ids = 0  # listener ids handed out so far
+        self._identity: Optional[Identity] = None
         self._rr = 0
         self._started = False
         self._stopped = False
@@ -834,11 +827,25 @@ class Engine:
         except Exception:
             pass
 
-    def add_listener(self, fd: int, routes: RouteTable, exchange: Optional[ExchangeSettings] = None) -> int:
+    def set_identity(self, cert_chain: str, key: str, roots: str, trust_domain: str) -> None:
+        """The mesh identity for new handshakes; open connections keep theirs. ValueError
+        for a set the ssl module refuses, and the identity in force stays."""
+        contract.check_identity(cert_chain, key, roots, trust_domain)
+        identity = Identity(cert_chain, key, roots, trust_domain)
+        with self._lifecycle:
+            self._identity = identity  # read by the workers as they start handshakes
+
+    @property
+    def has_identity(self) -> bool:
+        return self._identity is not None
+
+    def add_listener(self, fd: int, routes: RouteTable, exchange: Optional[ExchangeSettings] = None,
+                     tls: Optional[ListenerTls] = None) -> int:
         """Accept on a bound, listening, non-blocking socket (the caller keeps owning the
         fd) and route each connection by `routes`. exchange: the peer metadata exchange
-        settings, or None for none. Returns the listener id."""
-        contract.check_listener(routes, exchange, self._buffer_size, self._listener_ids)
+        settings, or None for none; tls: the listener's TLS, or None for plaintext in and
+        auto mTLS out. Returns the listener id."""
+        contract.check_listener(routes, exchange, tls, self._buffer_size, self._listener_ids, self.has_identity)
         dup = os.dup(fd)
         try:
             sock = socket.socket(fileno=dup)
@@ -850,7 +857,11 @@ class Engine:
             if self._stopped:
                 sock.close()
                 raise RuntimeError("the engine is stopped")
-            lst = _Listener(self._listener_ids, sock, routes, exchange)
+            try:
+                lst = _Listener(self._listener_ids, sock, routes, exchange, tls)
+            except BaseException:
+                sock.close()
+                raise
             self._listener_ids += 1
             self._listeners[lst.id] = lst
             for worker in self._workers:

@@ -8,12 +8,14 @@ import logging
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from fastmesh._version import __version__
 from fastmesh.addr import Address, parse_address
 from fastmesh.defaults import DEFAULTS
 from fastmesh.durations import format_duration, parse_duration
+from fastmesh.tls import SERVER_MODES
 
 if TYPE_CHECKING:
     from fastmesh.settings import SidecarConfig
@@ -119,8 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
         "Sidecars tell each other their workload identity in the first bytes of each connection. "
         "An inbound listener looks for a peer's frame in every client's first bytes and answers it; "
         "an outbound listener sends its frame only to an upstream declared a mesh peer.")
+    tls = serve.add_argument_group(
+        "mutual TLS (Istio's ISTIO_MUTUAL)",
+        "With --certs, an outbound listener reaches mesh peers (--mesh-peer) over mTLS with Istio's ALPN, "
+        "and an inbound one accepts what --peer-authentication says.")
+    tls.add_argument("--certs", type=Path, metavar="DIR",
+                     help="the workload identity: DIR/cert-chain.pem, DIR/key.pem, DIR/root-cert.pem (as Istio "
+                          "mounts them; `fastmesh ca issue` writes them); watched: new files serve new handshakes")
+    tls.add_argument("--peer-authentication", choices=list(SERVER_MODES), default=DEFAULTS.peer_authentication,
+                     help="inbound: STRICT (mTLS from the mesh only; the app sees a connection once its client "
+                          "is verified), PERMISSIVE (mTLS or plaintext, told apart by the first bytes) or DISABLE "
+                          f"(default {DEFAULTS.peer_authentication}; without --certs, plaintext)")
+    tls.add_argument("--tls-handshake-timeout", type=_duration, default=DEFAULTS.tls_handshake_timeout,
+                     metavar="DURATION", help="time for a TLS handshake to complete "
+                     f"(default {format_duration(DEFAULTS.tls_handshake_timeout)})")
     exchange.add_argument("--mesh-peer", action="store_true",
-                          help="outbound: the upstreams are fastmesh (or exchanging) sidecars: exchange with them")
+                          help="outbound: the upstreams run sidecars: mTLS to them with --certs (the exchange "
+                               "by ALPN), else plaintext (the exchange with --plaintext-exchange)")
+    exchange.add_argument("--plaintext-exchange", action="store_true",
+                          help="exchange on plaintext connections too: fastmesh's own variant, for sidecars "
+                               "without certificates (Istio exchanges only over mTLS)")
     exchange.add_argument("--no-exchange", action="store_true",
                           help="never exchange: relay every byte as it comes (peers stay unknown)")
     exchange.add_argument("--exchange-max-payload", type=_positive_int, default=DEFAULTS.exchange_max_payload,
@@ -134,6 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
                           "the client's, so that a mesh client gets our frame first "
                           f"(default {format_duration(DEFAULTS.exchange_detect_timeout)})")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    ca = commands.add_parser(
+        "ca",
+        help="make a mesh root and workload identities (Istio's file layout)",
+        description="A certificate authority as Istio's self-signed one: `ca init DIR` makes a root, `ca issue DIR "
+                    "...` a workload identity with the SPIFFE URI SAN spiffe://<trust-domain>/ns/<NS>/sa/<SA>.")
+    ca_commands = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+    ca_init = ca_commands.add_parser("init", help="make a mesh root: DIR/root-cert.pem and DIR/root-key.pem")
+    ca_init.add_argument("directory", metavar="DIR")
+    ca_init.add_argument("--trust-domain", default="cluster.local", help="default cluster.local, as Istio's")
+    ca_init.add_argument("--key-type", choices=["rsa", "ecdsa"], default="rsa",
+                         help="RSA 2048 (Istio's default) or ECDSA P-256")
+    ca_issue = ca_commands.add_parser("issue", help="write OUT/cert-chain.pem, OUT/key.pem, OUT/root-cert.pem")
+    ca_issue.add_argument("directory", metavar="DIR", help="the root made by `ca init`")
+    ca_issue.add_argument("--namespace", required=True, metavar="NS")
+    ca_issue.add_argument("--service-account", required=True, metavar="SA")
+    ca_issue.add_argument("--out", required=True, metavar="OUT")
+    ca_issue.add_argument("--ttl", type=_duration, default=24 * 3600.0, metavar="DURATION",
+                          help="lifetime (default 24h, Istio's; at most 90 days)")
+    ca_issue.add_argument("--key-type", choices=["rsa", "ecdsa"], default="rsa",
+                          help="RSA 2048 (Istio's default) or ECDSA P-256")
 
     check = commands.add_parser(
         "check",
@@ -199,8 +240,11 @@ def _config(args: argparse.Namespace) -> "SidecarConfig":
         metrics=None if args.no_metrics else args.metrics,
         node_metadata=load_node_metadata(args.node_metadata) if args.node_metadata else NodeMetadata(),
         reporting_duration=args.reporting_duration,
-        exchange=ExchangeConfig(not args.no_exchange, args.exchange_max_payload, args.exchange_timeout,
-                                args.exchange_detect_timeout),
+        exchange=ExchangeConfig(not args.no_exchange, args.plaintext_exchange, args.exchange_max_payload,
+                                args.exchange_timeout, args.exchange_detect_timeout),
+        certs=args.certs,
+        peer_authentication=args.peer_authentication,
+        tls_handshake_timeout=args.tls_handshake_timeout,
     )
 
 
@@ -271,6 +315,27 @@ def check(paths: list[str]) -> int:
     return 0
 
 
+def run_ca(args: argparse.Namespace) -> int:
+    """`fastmesh ca init|issue`: a one-line error (exit 1) or what was written (exit 0)."""
+    import datetime
+
+    from fastmesh import ca
+
+    try:
+        if args.ca_command == "init":
+            ca.init(args.directory, args.trust_domain, args.key_type)
+            print(f"mesh root for trust domain {args.trust_domain} in {args.directory}: "
+                  f"{ca.ROOT_CERT}, {ca.ROOT_KEY} (keep this one secret)")
+            return 0
+        identity = ca.issue(args.directory, args.namespace, args.service_account, args.out,
+                            datetime.timedelta(seconds=args.ttl), args.key_type)
+    except (ca.CaError, OSError) as exc:
+        print(f"fastmesh ca: {exc}", file=sys.stderr)
+        return 1
+    print(f"{identity} in {args.out}: {ca.CERT_CHAIN}, {ca.KEY}, {ca.ROOT_CERT}")
+    return 0
+
+
 def run(coro_fn: Any, *args: Any) -> int:
     """Run a coroutine function on uvloop, or on asyncio's own loop without it."""
     try:
@@ -311,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             progress("interrupted: everything the demo started is stopped")
             return 130
+    if args.command == "ca":
+        return run_ca(args)
     if args.command == "check":
         return check(args.config)
     if args.command == "metrics":

@@ -13,6 +13,7 @@ from typing import Any
 
 from fastmesh.exchange import ExchangeSettings
 from fastmesh.routing import RouteTable
+from fastmesh.tls import DISABLE, ISTIO_MUTUAL, ListenerTls
 
 # Engine.stats() keys, in order, summed over the workers: (name, kind, meaning).
 # A gauge goes up and down with the state it measures; a counter only goes up.
@@ -47,9 +48,27 @@ COUNTERS = (
     ("exchange_frames_timed_out", "counter", "a frame began and did not complete in time: connection reset"),
     ("exchange_frames_shared", "counter", "a peer frame equal to a recent one: held once for both"),
     ("exchange_partial_bytes", "gauge", "memory allocated for peer frames still arriving"),
+    # mutual TLS
+    ("tls_handshakes", "counter", "TLS handshakes completed, with a peer the rules allow"),
+    ("tls_resumed", "counter", "of those, resumed sessions (no certificates exchanged)"),
+    ("tls_plaintext", "counter", "PERMISSIVE: connections whose first bytes were not TLS"),
+    ("tls_truncated", "counter", "TLS streams that ended without close_notify: propagated as a reset"),
+    ("tls_error_no_certificate", "counter", "handshakes refused: the client sent no certificate"),
+    ("tls_error_untrusted", "counter", "handshakes refused: a certificate from another root"),
+    ("tls_error_expired", "counter", "handshakes refused: an expired certificate"),
+    ("tls_error_not_yet_valid", "counter", "handshakes refused: a certificate not valid yet"),
+    ("tls_error_peer_identity", "counter", "handshakes refused: a SAN outside the trust domain or the allowed SANs"),
+    ("tls_error_plaintext", "counter", "STRICT: a client that sent plaintext"),
+    ("tls_error_protocol", "counter", "handshakes refused: bytes that are not a valid TLS handshake"),
+    ("tls_error_alert", "counter", "handshakes the peer ended with an alert"),
+    ("tls_error_timeout", "counter", "handshakes that did not complete in time"),
+    ("tls_error_reset", "counter", "handshakes the peer abandoned (reset, end of stream)"),
+    ("tls_error_local", "counter", "handshakes this side could not start (no identity, no memory)"),
 )
 STATS = tuple(name for name, _, _ in COUNTERS)
 GAUGES = frozenset(name for name, kind, _ in COUNTERS if kind == "gauge")
+TLS_ERROR_PREFIX = "tls_error_"
+TLS_ERRORS = tuple(name[len(TLS_ERROR_PREFIX):] for name in STATS if name.startswith(TLS_ERROR_PREFIX))
 
 MAX_WORKERS = 64
 MAX_LISTENERS = 16384  # ids are not reused: each reload that changes a listener takes one
@@ -88,9 +107,10 @@ def check_engine_options(workers: Any, pipe_size: Any, max_pipes: Any, buffer_si
         raise ValueError("pipe_size and max_pipes cannot be negative")
 
 
-def check_listener(routes: Any, exchange: Any, buffer_size: int, listeners: int) -> None:
+def check_listener(routes: Any, exchange: Any, tls: Any, buffer_size: int, listeners: int,
+                   has_identity: bool) -> None:
     """TypeError or ValueError for a listener an engine cannot add; `listeners` is
-    how many the engine has added so far."""
+    how many the engine has added so far, `has_identity` whether it has a mesh identity."""
     if not isinstance(routes, RouteTable):
         raise TypeError(f"routes must be a fastmesh.routing.RouteTable, not {type(routes).__name__}")
     if exchange is not None:
@@ -98,6 +118,25 @@ def check_listener(routes: Any, exchange: Any, buffer_size: int, listeners: int)
             raise TypeError(f"exchange must be a fastmesh.exchange.ExchangeSettings or None, "
                             f"not {type(exchange).__name__}")
         exchange.check(buffer_size)
+    if tls is not None and not isinstance(tls, ListenerTls):
+        raise TypeError(f"tls must be a fastmesh.tls.ListenerTls or None, not {type(tls).__name__}")
+    if not has_identity:
+        if tls is not None and tls.mode != DISABLE:
+            raise ValueError(f"mtls mode {tls.mode} needs the mesh identity: set_identity() first (serve --certs)")
+        for cluster in routes.clusters:
+            if cluster.tls is not None and cluster.tls.mode == ISTIO_MUTUAL:
+                raise ValueError(f"cluster {cluster.name}: ISTIO_MUTUAL needs the mesh identity: set_identity() "
+                                 "first (serve --certs)")
     if listeners >= MAX_LISTENERS:
         raise ValueError(f"at most {MAX_LISTENERS} listeners per engine, counting those replaced by "
                          "reloads: restart to apply more changes")
+
+
+def check_identity(cert_chain: Any, key: Any, roots: Any, trust_domain: Any) -> str:
+    """TypeError or ValueError for identity arguments no engine can use; the trust domain."""
+    for name, value in (("cert_chain", cert_chain), ("key", key), ("roots", roots), ("trust_domain", trust_domain)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    if not trust_domain or "/" in trust_domain or len(trust_domain.encode()) > 255:
+        raise ValueError(f"trust domain {trust_domain!r} is not a domain name")
+    return trust_domain

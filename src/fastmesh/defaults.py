@@ -26,9 +26,14 @@ class Defaults:
     collect_interval: float = 1.0  # how often the engine's batch is read
     # the peer metadata exchange
     exchange: bool = True
+    exchange_plaintext: bool = False  # Istio exchanges only over mTLS; fastmesh's plaintext variant is opt-in
     exchange_max_payload: int = 64 * 1024
     exchange_timeout: float = 5.0  # from a frame's first byte to its last
     exchange_detect_timeout: float = 0.1  # inbound: a server-first app's greeting waits this long
+    # mutual TLS
+    tls_handshake_timeout: float = 10.0  # from the TCP connection to the end of the handshake
+    peer_authentication: str = "PERMISSIVE"  # Istio's default mtls.mode
+    certs_poll_interval: float = 1.0  # how often the certificate files are checked for a new set
 
 
 DEFAULTS = Defaults()

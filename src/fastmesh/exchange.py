@@ -50,6 +50,7 @@ class ExchangeSettings:
     max_payload: int = DEFAULTS.exchange_max_payload
     frame_timeout: float = DEFAULTS.exchange_timeout
     detect_timeout: float = DEFAULTS.exchange_detect_timeout
+    plaintext: bool = False  # fastmesh's own variant: exchange on plaintext connections too
 
     def exchanges_with(self, is_mesh_peer: bool) -> bool:
         """Whether a connection exchanges: every one inbound; outbound, those whose

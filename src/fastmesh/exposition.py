@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
+from fastmesh.contract import TLS_ERROR_PREFIX, TLS_ERRORS
 from fastmesh.peers import PeerDirectory
 from fastmesh.relay import Relay
 from fastmesh.telemetry import TCP_LABELS, TcpTelemetry
@@ -47,6 +48,11 @@ _HEALTH = (
     ("fastmesh_splice_fallbacks", "Times a bulk transfer copied because no pipe was free",
      "splice_fallbacks", True),
     ("fastmesh_engine_loop_iterations", "Engine event loop iterations", "loop_iterations", True),
+    ("fastmesh_tls_handshakes", "TLS handshakes completed with an allowed peer", "tls_handshakes", True),
+    ("fastmesh_tls_resumed", "TLS handshakes that resumed a session", "tls_resumed", True),
+    ("fastmesh_tls_plaintext", "Connections a PERMISSIVE listener served in plaintext", "tls_plaintext", True),
+    ("fastmesh_tls_truncated", "TLS streams that ended without close_notify (passed on as a reset)",
+     "tls_truncated", True),
 )
 
 # The peer metadata exchange, as one counter family by event: Istio's
@@ -84,6 +90,11 @@ class HealthCollector:
             for event, key in _EXCHANGE_EVENTS:
                 family.add_metric([event], stats[key])
             yield family
+        errors = CounterMetricFamily("fastmesh_tls_handshake_errors",
+                                     "TLS handshakes refused or failed, by reason", labels=["reason"])
+        for reason in TLS_ERRORS:
+            errors.add_metric([reason], stats[TLS_ERROR_PREFIX + reason])
+        yield errors
 
 
 def _escape(value: str) -> str:

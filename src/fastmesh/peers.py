@@ -1,16 +1,17 @@
-"""Who is on the other end of each connection: the peer payloads the engine
-reads off the wire, decoded in batches and cached by their bytes (a peer sends
-the same frame on every connection, so a payload is decoded once)."""
+"""Who is on the other end of each connection: the identity its TLS certificate
+proved, and the workload its peer-exchange frame names. Payloads are decoded in
+batches and cached by their bytes (a peer sends the same frame on every
+connection, so a payload is decoded once)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
-from fastmesh.exchange import ExchangeError, ExchangeSettings, decode_payload
+from fastmesh.exchange import ExchangeError, decode_payload
 from fastmesh.identity import UNKNOWN_WORKLOAD, Workload, peer_workload
 from fastmesh.records import Batch, Closed
-from fastmesh.routing import RouteTable
 
 log = logging.getLogger("fastmesh.exchange")
 
@@ -18,34 +19,44 @@ log = logging.getLogger("fastmesh.exchange")
 _CACHE_LIMIT = 4096
 
 
+class PeerInfo(NamedTuple):
+    workload: Workload  # from the exchange; UNKNOWN_WORKLOAD without one
+    principal: str = ""  # the verified SPIFFE id; "" without mTLS
+
+
+UNKNOWN_PEER = PeerInfo(UNKNOWN_WORKLOAD)
+
+
+def namespace_of(principal: str) -> str:
+    """The namespace in spiffe://<td>/ns/<namespace>/sa/<sa>, else ''."""
+    parts = principal.split("/")
+    return parts[4] if len(parts) >= 7 and parts[3] == "ns" and parts[5] == "sa" else ""
+
+
 class PeerDirectory:
-    """Knows each connection's peer from its exchange. The sidecar's pipeline gives it
-    every batch (on_batch), then lets telemetry ask peer_of() about that batch's
-    connections, then forget()s the ones that closed."""
+    """Knows each connection's peer. The sidecar's pipeline gives it every batch
+    (on_batch), then lets telemetry ask peer_of() about that batch's connections,
+    then forget()s the ones that closed."""
 
     def __init__(self) -> None:
-        # Listener id -> its exchange settings and routes, for the listeners that exchange.
-        self._listeners: dict[int, tuple[ExchangeSettings, RouteTable]] = {}
         self.payloads_decoded = 0  # peers found (valid payloads)
         self.payloads_invalid = 0  # a frame whose payload is not an Any holding a Struct (header_not_found)
         self._decoded: dict[bytes, Workload | None] = {}
-        self._peers: dict[int, Workload] = {}  # settled connections
-        self._awaiting: set[int] = set()  # exchanging connections not settled yet
-
-    def add_listener(self, listener_id: int, exchange: ExchangeSettings, routes: RouteTable) -> None:
-        """A listener whose connections exchange (those its settings and routes say)."""
-        self._listeners[listener_id] = (exchange, routes)
+        self._peers: dict[int, PeerInfo] = {}  # settled connections
+        self._awaiting: set[int] = set()  # connections whose Peer record has not come yet
 
     def on_batch(self, batch: Batch) -> None:
-        listeners = self._listeners
         for opened in batch.opened:
-            exchanging = opened.listener_id is not None and listeners.get(opened.listener_id)
-            if exchanging and exchanging[0].exchanges_with(exchanging[1].is_mesh_peer(opened.cluster,
-                                                                                      opened.endpoint)):
+            if opened.identifies_peer:
                 self._awaiting.add(opened.conn_id)
         for peer in batch.peers:
             self._awaiting.discard(peer.conn_id)
-            self._peers[peer.conn_id] = UNKNOWN_WORKLOAD if peer.payload is None else self._decode(peer.payload)
+            workload = UNKNOWN_WORKLOAD if peer.payload is None else self._decode(peer.payload)
+            principal = peer.principal or ""
+            if not workload.namespace and principal:
+                # As Istio: without the exchange, the namespace the certificate names.
+                workload = dataclasses.replace(workload, namespace=namespace_of(principal))
+            self._peers[peer.conn_id] = PeerInfo(workload, principal)
 
     def forget(self, closed: Sequence[Closed]) -> None:
         """Drop what is known of connections that closed (once they are reported)."""
@@ -72,14 +83,13 @@ class PeerDirectory:
         self.payloads_decoded += 1
         return cached
 
-    def peer_of(self, conn_id: int) -> Workload | None:
-        """The connection's peer; None while its exchange is not settled."""
+    def peer_of(self, conn_id: int) -> PeerInfo | None:
+        """The connection's peer; None while its Peer record may still come."""
         peer = self._peers.get(conn_id)
         if peer is not None:
             return peer
-        return None if conn_id in self._awaiting else UNKNOWN_WORKLOAD
+        return None if conn_id in self._awaiting else UNKNOWN_PEER
 
     def counters(self) -> dict[str, int]:
         return {"exchange_peers_found": self.payloads_decoded,
                 "exchange_payloads_invalid": self.payloads_invalid}
-

@@ -24,6 +24,10 @@ class CloseReason(enum.IntEnum):
     NO_ROUTE = 11  # the listener has no route (Envoy's NR)
     NO_HEALTHY_UPSTREAM = 12  # the routed cluster has no endpoint (UH)
     OVERFLOW = 13  # the routed cluster is at its maxConnections (UO)
+    # A TLS handshake that failed, or a peer that it showed is not allowed: both sides
+    # reset, nothing relayed (contract.TLS_ERRORS counts why).
+    DOWNSTREAM_TLS_ERROR = 14
+    UPSTREAM_TLS_ERROR = 15
 
     @property
     def is_connect_failure(self) -> bool:

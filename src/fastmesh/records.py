@@ -24,6 +24,7 @@ class Opened(NamedTuple):
     listener_id: int | None
     cluster: int | None
     endpoint: int | None
+    identifies_peer: bool  # a Peer record will follow: the connection exchanges or speaks TLS
 
 
 class Updated(NamedTuple):
@@ -48,13 +49,14 @@ class Closed(NamedTuple):
 
 
 class Peer(NamedTuple):
-    """Once per exchanging connection, when the peer's first bytes are settled:
-    the payload of its istio-peer-exchange frame (a serialized google.protobuf.Any,
-    not yet checked), or None when they were not a frame. The connection may
-    have closed since."""
+    """Once per connection that identifies its peer, when that is settled: the payload
+    of its istio-peer-exchange frame (a serialized google.protobuf.Any, not yet
+    checked), or None when it sent none; and the identity its TLS certificate proved
+    (a SPIFFE id), or None without TLS. The connection may have closed since."""
 
     conn_id: int
     payload: bytes | None
+    principal: str | None = None
 
 
 class Batch(NamedTuple):

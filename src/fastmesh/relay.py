@@ -19,14 +19,20 @@ import socket
 from typing import Callable, NamedTuple, Sequence
 
 from fastmesh.addr import Address, bind_listener, parse_address
+from fastmesh.certs import MeshIdentity
+from fastmesh.contract import TLS_ERROR_PREFIX, TLS_ERRORS
 from fastmesh.defaults import DEFAULTS
 from fastmesh.engine import IMPLEMENTATION, Engine
 from fastmesh.exchange import ExchangeSettings
 from fastmesh.reasons import CloseReason, describe
 from fastmesh.records import Batch, ConnectionInfo
 from fastmesh.routing import RouteTable
+from fastmesh.tls import ListenerTls
 
 log = logging.getLogger("fastmesh.relay")
+
+# Engine counters of failures that no connection record carries a cause for.
+_LOGGED_ERRORS = ("accept_errors",) + tuple(TLS_ERROR_PREFIX + reason for reason in TLS_ERRORS)
 
 # Closes that mean the upstream was never reached: logged, grouped per upstream and cause.
 _FAILURE_REASONS = frozenset({
@@ -55,6 +61,7 @@ class Listener:
     routes: RouteTable
     sock: socket.socket
     exchange: ExchangeSettings | None = None
+    tls: ListenerTls | None = None
 
 
 @dataclasses.dataclass
@@ -98,7 +105,7 @@ class Relay:
         self._consumers: list[BatchConsumer] = []
         self._collector: asyncio.Task[None] | None = None
         self._warned_dropped = False
-        self._accept_errors_logged = 0
+        self._errors_logged: dict[str, int] = {}
 
     @property
     def implementation(self) -> str:
@@ -121,10 +128,12 @@ class Relay:
         connect_timeout: float = DEFAULTS.connect_timeout,
         exchange: ExchangeSettings | None = None,
         mesh_peer: bool = False,
+        tls: ListenerTls | None = None,
     ) -> Listener:
         """Bind `listen` and route every connection: to `upstreams` round robin (names
-        resolved now; `mesh_peer`: they run sidecars that exchange metadata), or by a
-        RouteTable. With `exchange`, the listener runs the peer metadata exchange."""
+        resolved now; `mesh_peer`: they run sidecars, reached over mTLS once the relay has an
+        identity), or by a RouteTable. With `exchange`, the listener runs the peer metadata
+        exchange; `tls` says what an inbound listener accepts (fastmesh.tls.ListenerTls)."""
         address = listen if isinstance(listen, Address) else parse_address(listen, allow_port_zero=True)
         if isinstance(upstreams, RouteTable):
             routes = upstreams
@@ -132,12 +141,12 @@ class Relay:
             routes = await asyncio.to_thread(RouteTable.single, upstreams, connect_timeout, mesh_peer)
         sock = bind_listener(address, self.backlog)
         try:
-            listener_id = self.engine.add_listener(sock.fileno(), routes, exchange)
+            listener_id = self.engine.add_listener(sock.fileno(), routes, exchange, tls)
         except BaseException:
             sock.close()
             raise
         bound = Address(*sock.getsockname()[:2])
-        listener = Listener(listener_id, bound, routes, sock, exchange)
+        listener = Listener(listener_id, bound, routes, sock, exchange, tls)
         self.listeners[listener_id] = listener
         self.start()
         log.info("listening on %s, routing to %s", bound,
@@ -178,7 +187,7 @@ class Relay:
                                   closed.errno)] += 1
         if failures:
             self._log_failures(failures)
-        self._log_accept_errors()
+        self._log_engine_errors()
         for consumer in self._consumers:
             consumer(batch)
         return batch
@@ -196,15 +205,20 @@ class Relay:
                 where, count, describe(reason).replace("_", " "), target, cause,
             )
 
-    def _log_accept_errors(self) -> None:
-        # Accept failures never reach a connection record: watch the engine's counter.
-        errors = self.engine.stats()["accept_errors"]
-        if errors > self._accept_errors_logged:
-            log.warning(
-                "%d accept failure(s) since the last read (out of file descriptors or memory?); "
-                "the listener pauses 100 ms after each", errors - self._accept_errors_logged,
-            )
-            self._accept_errors_logged = errors
+    def _log_engine_errors(self) -> None:
+        # Accept failures and refused handshakes are counted by the engine: one line per
+        # kind per read, however many connections it was.
+        stats = self.engine.stats()
+        new = {name: stats[name] - self._errors_logged.get(name, 0) for name in _LOGGED_ERRORS
+               if stats[name] > self._errors_logged.get(name, 0)}
+        self._errors_logged.update({name: stats[name] for name in new})
+        if "accept_errors" in new:
+            log.warning("%d accept failure(s) since the last read (out of file descriptors or memory?); "
+                        "the listener pauses 100 ms after each", new.pop("accept_errors"))
+        if new:
+            log.warning("TLS handshakes refused since the last read: %s",
+                        ", ".join(f"{count} {name[len(TLS_ERROR_PREFIX):].replace('_', ' ')}"
+                                  for name, count in new.items()))
 
     def counters(self) -> dict[str, int]:
         """Connection and byte totals since start (as of the last collect)."""
@@ -232,7 +246,13 @@ class Relay:
             log.error("the engine dropped %d closed-connection records", stats["records_dropped"])
         return stats
 
-    def reroute(self, listener_id: int, routes: RouteTable, exchange: ExchangeSettings | None) -> Listener:
+    def set_identity(self, identity: MeshIdentity) -> None:
+        """The mesh identity for new handshakes (open connections keep theirs); ValueError
+        for a set the engine refuses, the one in force staying."""
+        self.engine.set_identity(identity.cert_chain, identity.key, identity.roots, identity.trust_domain)
+
+    def reroute(self, listener_id: int, routes: RouteTable, exchange: ExchangeSettings | None,
+                tls: ListenerTls | None = None) -> Listener:
         """New routes (and exchange) for a listener's new connections, on the same socket:
         the engine stops watching it and a new listener takes it over, so connections
         waiting in its backlog are not lost and open ones keep their old routes.
@@ -240,14 +260,14 @@ class Relay:
         old = self.listeners.pop(listener_id)
         self.engine.remove_listener(old.id)
         try:
-            new_id = self.engine.add_listener(old.sock.fileno(), routes, exchange)
+            new_id = self.engine.add_listener(old.sock.fileno(), routes, exchange, tls)
         except BaseException:
             # The engine refused the new routes: the old ones go on serving, under a new id.
-            restored = self.engine.add_listener(old.sock.fileno(), old.routes, old.exchange)
-            self.listeners[restored] = Listener(restored, old.address, old.routes, old.sock, old.exchange)
+            restored = self.engine.add_listener(old.sock.fileno(), old.routes, old.exchange, old.tls)
+            self.listeners[restored] = Listener(restored, old.address, old.routes, old.sock, old.exchange, old.tls)
             self.retired[listener_id] = old
             raise
-        listener = Listener(new_id, old.address, routes, old.sock, exchange)
+        listener = Listener(new_id, old.address, routes, old.sock, exchange, tls)
         self.listeners[new_id] = listener
         self.retired[listener_id] = old
         log.info("%s: new routes in force for new connections", old.address)

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from fastmesh.addr import Address, parse_address, resolve
 from fastmesh.defaults import DEFAULTS
+from fastmesh.tls import ClientTls
 
 # A listener's direction: OUTBOUND serves the local app's connections to a service
 # (Istio's reporter="source"), INBOUND the connections that reach the local app
@@ -41,6 +42,7 @@ class Cluster:
     lb: str = "ROUND_ROBIN"
     max_connections: int = 0  # 0: no limit
     connect_timeout: float = DEFAULTS.connect_timeout
+    tls: ClientTls | None = None  # a DestinationRule's tls; None: auto mTLS to the mesh-peer endpoints
 
     def __post_init__(self) -> None:
         if self.mesh_peers and len(self.mesh_peers) != len(self.endpoints):

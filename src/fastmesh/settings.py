@@ -10,12 +10,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from pathlib import Path
+
 from fastmesh.addr import Address, parse_address
 from fastmesh.contract import MAX_WORKERS
 from fastmesh.defaults import DEFAULTS
 from fastmesh.exchange import ExchangeSettings, encode_frame
 from fastmesh.identity import NodeMetadata
 from fastmesh.routing import DIRECTIONS, INBOUND, OUTBOUND, RouteTable
+from fastmesh.tls import DISABLE, PERMISSIVE, SERVER_MODES, ListenerTls
 
 __all__ = ["ExchangeConfig", "ListenerConfig", "SidecarConfig", "INBOUND", "OUTBOUND"]
 
@@ -28,10 +31,13 @@ class ListenerConfig:
     routes: RouteTable
     direction: str = OUTBOUND
     destination_service: str = ""  # FQDN; a cluster that names its own service overrides it
+    mtls: str | None = None  # inbound: the PeerAuthentication mode; None: the sidecar's default
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, not {self.direction!r}")
+        if self.mtls is not None and self.mtls not in SERVER_MODES:
+            raise ValueError(f"mtls mode must be one of {', '.join(SERVER_MODES)}, not {self.mtls!r}")
 
     @classmethod
     def to_upstreams(cls, listen: Address, upstreams: Sequence[str | tuple[str, int]], direction: str = OUTBOUND,
@@ -48,6 +54,7 @@ class ExchangeConfig:
     first bytes; an outbound one sends to its upstreams only when they are mesh peers."""
 
     enabled: bool = DEFAULTS.exchange
+    plaintext: bool = DEFAULTS.exchange_plaintext  # also on plaintext connections (fastmesh's own variant)
     max_payload: int = DEFAULTS.exchange_max_payload
     timeout: float = DEFAULTS.exchange_timeout
     detect_timeout: float = DEFAULTS.exchange_detect_timeout
@@ -70,11 +77,17 @@ class SidecarConfig:
     node_metadata: NodeMetadata = field(default_factory=NodeMetadata)
     reporting_duration: float = DEFAULTS.reporting_duration
     exchange: ExchangeConfig = ExchangeConfig()
+    certs: Path | None = None  # the mesh identity: cert-chain.pem, key.pem, root-cert.pem (fastmesh.certs)
+    peer_authentication: str = DEFAULTS.peer_authentication  # inbound listeners without a mode of their own
+    tls_handshake_timeout: float = DEFAULTS.tls_handshake_timeout
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "listeners", tuple(self.listeners))
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers must be between 1 and {MAX_WORKERS}, not {self.workers}")
+        if self.peer_authentication not in SERVER_MODES:
+            raise ValueError(f"peer authentication must be one of {', '.join(SERVER_MODES)}, "
+                             f"not {self.peer_authentication!r}")
         for name in ("drain_timeout", "reporting_duration"):
             value = getattr(self, name)
             if not 0 <= value < 1e9 or (name == "reporting_duration" and value == 0):
@@ -85,10 +98,10 @@ class SidecarConfig:
         return dataclasses.replace(self, **changes)
 
     def exchange_settings(self, listener: ListenerConfig) -> ExchangeSettings | None:
-        """What a listener's engine does about the exchange: the plaintext rules, in one place
-        (the engine then asks, per connection, whether its endpoint is a mesh peer)."""
+        """What a listener's engine does about the exchange (it then decides per connection:
+        over TLS by the ALPN negotiated, in plaintext by fastmesh's rules when asked)."""
         exchange = self.exchange
-        if not exchange.enabled or (listener.direction != INBOUND and not listener.routes.has_mesh_peer):
+        if not exchange.enabled:
             return None
         metadata = self.node_metadata
         return ExchangeSettings(
@@ -97,4 +110,15 @@ class SidecarConfig:
             max_payload=exchange.max_payload,
             frame_timeout=exchange.timeout,
             detect_timeout=exchange.detect_timeout,
+            plaintext=exchange.plaintext,
         )
+
+    def listener_tls(self, listener: ListenerConfig) -> ListenerTls:
+        """A listener's TLS: inbound, its PeerAuthentication mode (DISABLE without certs);
+        outbound, the handshake timeout (each cluster says how it originates TLS)."""
+        mode = DISABLE
+        if listener.direction == INBOUND:
+            mode = listener.mtls or self.peer_authentication
+            if self.certs is None and mode == PERMISSIVE:
+                mode = DISABLE  # no identity: of TLS and plaintext, plaintext is what can be served
+        return ListenerTls(mode, self.tls_handshake_timeout, self.exchange.detect_timeout)

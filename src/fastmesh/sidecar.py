@@ -12,6 +12,7 @@ from typing import Any
 from fastmesh._version import __version__
 from fastmesh.addr import Address
 from fastmesh.admin import HttpEndpoint, make_app, serve_app
+from fastmesh.certs import CertificateWatcher, MeshIdentity, load_identity
 from fastmesh.engine import IMPLEMENTATION
 from fastmesh.exchange import ExchangeSettings
 from fastmesh.exposition import MetricsEndpoint
@@ -20,6 +21,7 @@ from fastmesh.records import Batch
 from fastmesh.relay import Listener, Relay
 from fastmesh.settings import ListenerConfig, SidecarConfig
 from fastmesh.telemetry import ListenerTelemetry, TcpTelemetry
+from fastmesh.tls import ListenerTls
 
 log = logging.getLogger("fastmesh")
 
@@ -46,8 +48,10 @@ class Sidecar:
         self.admin_address: Address | None = None
         self.metrics_address: Address | None = None
         self.listener_configs: dict[int, ListenerConfig] = {}  # listener id -> the config it was opened with
+        self.identity: MeshIdentity | None = None  # the certificates in force (--certs)
+        self.certificates: CertificateWatcher | None = None
         self._http: list[HttpEndpoint] = []  # metrics, then admin
-        self._reporter: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []  # the periodic report, the certificate watcher
 
     def _on_batch(self, batch: Batch) -> None:
         """Each batch read from the engine, in the one order that works: peers learn who
@@ -63,25 +67,37 @@ class Sidecar:
         config = self.config
         routes = listener_config.routes
         exchange = config.exchange_settings(listener_config)
-        labels = ListenerTelemetry(listener_config.direction, config.node_metadata.workload(),
-                                   listener_config.destination_service, routes)
-        if replacing is not None and self._unchanged(replacing, exchange, labels):
+        tls = config.listener_tls(listener_config)
+        labels = self._labels(listener_config)
+        if replacing is not None and self._unchanged(replacing, exchange, tls, labels):
             self.listener_configs[replacing] = listener_config
             return  # nothing to do: the engine's listener slots are not spent on it
         if replacing is None:
-            listener = await self.relay.listen(listener_config.listen, routes, exchange=exchange)
+            listener = await self.relay.listen(listener_config.listen, routes, exchange=exchange, tls=tls)
         else:
-            listener = self.relay.reroute(replacing, routes, exchange)
+            listener = self.relay.reroute(replacing, routes, exchange, tls)
         self.listener_configs[listener.id] = listener_config
-        if exchange is not None:
-            self.peers.add_listener(listener.id, exchange, routes)
         if self.telemetry is not None:
             self.telemetry.add_listener(listener.id, labels)
 
-    def _unchanged(self, listener_id: int, exchange: ExchangeSettings | None, labels: ListenerTelemetry) -> bool:
+    def _labels(self, listener_config: ListenerConfig) -> ListenerTelemetry:
+        return ListenerTelemetry(listener_config.direction, self.config.node_metadata.workload(),
+                                 listener_config.destination_service, listener_config.routes,
+                                 self.identity.spiffe_id if self.identity is not None else "")
+
+    def _unchanged(self, listener_id: int, exchange: ExchangeSettings | None, tls: ListenerTls,
+                   labels: ListenerTelemetry) -> bool:
         current = self.relay.listeners[listener_id]
-        return (current.routes == labels.routes and current.exchange == exchange
+        return (current.routes == labels.routes and current.exchange == exchange and current.tls == tls
                 and (self.telemetry is None or self.telemetry.labels_of(listener_id) == labels))
+
+    def _use_identity(self, identity: MeshIdentity) -> None:
+        """New certificates for new handshakes (CertificateWatcher's apply)."""
+        self.relay.set_identity(identity)
+        self.identity = identity
+        if self.telemetry is not None:  # our principal, should the identity itself have changed
+            for listener_id in self.relay.listeners:
+                self.telemetry.add_listener(listener_id, self._labels(self.listener_configs[listener_id]))
 
     async def reload(self, config: SidecarConfig) -> None:
         """Apply a new config without dropping open connections: listeners on the same
@@ -91,7 +107,8 @@ class Sidecar:
         accepting = {self.listener_configs[lid].listen: lid for lid in self.relay.listeners}
         self.config = config.replace(
             workers=self.config.workers, admin=self.config.admin, metrics=self.config.metrics,
-            pipe_size=self.config.pipe_size, max_pipes=self.config.max_pipes, splice=self.config.splice)
+            pipe_size=self.config.pipe_size, max_pipes=self.config.max_pipes, splice=self.config.splice,
+            certs=self.config.certs)
         for listener_config in config.listeners:
             await self._listen(listener_config, accepting.pop(listener_config.listen, None))
         for listener_id in accepting.values():
@@ -102,6 +119,13 @@ class Sidecar:
         """Bind everything; on failure, undo what was started and raise OSError or ValueError."""
         config = self.config
         try:
+            if config.certs is not None:
+                self.identity = load_identity(config.certs)
+                self.relay.set_identity(self.identity)
+                self.certificates = CertificateWatcher(self.identity, self._use_identity)
+                self._tasks.append(asyncio.get_running_loop().create_task(self.certificates.run()))
+                log.info("mTLS as %s (certificates in %s, valid until %s UTC)", self.identity.spiffe_id,
+                         config.certs, f"{self.identity.not_after:%Y-%m-%d %H:%M}")
             for listener_config in config.listeners:
                 await self._listen(listener_config)
             self.relay.add_consumer(self._on_batch)
@@ -112,7 +136,7 @@ class Sidecar:
                 self._http.append(http)
                 self.metrics_address = http.address
                 log.info("metrics on http://%s/stats/prometheus", self.metrics_address)
-                self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
+                self._tasks.append(asyncio.get_running_loop().create_task(self._report_forever()))
             if config.admin is not None:
                 http = await serve_app(make_app(self.relay, self.config_dump, self.peers.counters,
                                                 self.http_refused), config.admin)
@@ -131,9 +155,9 @@ class Sidecar:
             self.telemetry.report()
 
     async def stop(self, drain_timeout: float | None = None) -> None:
-        if self._reporter is not None:
-            self._reporter.cancel()
-            self._reporter = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
         await self.relay.close(self.config.drain_timeout if drain_timeout is None else drain_timeout)
         if self.telemetry is not None:
             self.telemetry.report()
@@ -158,12 +182,19 @@ class Sidecar:
                     "load_balancer": cluster.lb,
                     "max_connections": cluster.max_connections,
                     "connect_timeout_seconds": cluster.connect_timeout,
+                    "tls": (cluster.tls.mode if cluster.tls is not None else
+                            "auto (ISTIO_MUTUAL to mesh peers)" if self.identity is not None else "DISABLE"),
                 }
                 for cluster in routes.clusters
             ],
             "routes": [{"cluster": routes.clusters[i].name, "weight": w} for i, w in routes.routes],
+            "tls": None if listener.tls is None else {
+                "mtls": listener.tls.mode,
+                "handshake_timeout_seconds": listener.tls.handshake_timeout,
+            },
             "exchange": None if exchange is None else {
                 "role": exchange.role,
+                "plaintext": exchange.plaintext,
                 "frame_bytes": len(exchange.frame),
                 "max_payload_bytes": exchange.max_payload,
                 "frame_timeout_seconds": exchange.frame_timeout,
@@ -191,6 +222,12 @@ class Sidecar:
                 "reporting_duration_seconds": config.reporting_duration,
                 "node_metadata": dict(config.node_metadata.values),
                 "metrics": str(self.metrics_address),
+            },
+            "identity": None if self.identity is None else {
+                "spiffe_id": self.identity.spiffe_id,
+                "certs": str(self.identity.directory),
+                "not_after": f"{self.identity.not_after:%Y-%m-%dT%H:%M:%SZ}",
+                "rotations": self.certificates.rotations if self.certificates else 0,
             },
             "drain_timeout_seconds": config.drain_timeout,
             "admin": str(self.admin_address) if self.admin_address else None,

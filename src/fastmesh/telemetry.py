@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterator
 
-from fastmesh.identity import LATEST, UNKNOWN, UNKNOWN_WORKLOAD, Workload
+from fastmesh.identity import LATEST, UNKNOWN, Workload
+from fastmesh.peers import UNKNOWN_PEER, PeerInfo
 from fastmesh.reasons import CloseReason
 from fastmesh.records import Batch
 from fastmesh.routing import OUTBOUND, RouteTable
@@ -46,6 +47,7 @@ _RESPONSE_FLAGS = {
     CloseReason.NO_ROUTE: "NR",
     CloseReason.NO_HEALTHY_UPSTREAM: "UH",
     CloseReason.OVERFLOW: "UO",
+    CloseReason.UPSTREAM_TLS_ERROR: "UF",  # Envoy's upstream connection failure, of TLS
 }
 
 
@@ -76,6 +78,7 @@ class ListenerTelemetry:
     local: Workload
     destination_service: str = ""  # FQDN, e.g. mongodb.default.svc.cluster.local
     routes: RouteTable | None = None  # a routed listener: each cluster names its own service
+    local_principal: str = ""  # our certificate's SPIFFE id, reported for connections over mTLS
 
     def service_for(self, cluster: int | None) -> str:
         """destination_service of a connection: its routed cluster's host, else the listener's."""
@@ -83,22 +86,28 @@ class ListenerTelemetry:
             return self.routes.clusters[cluster].service
         return self.destination_service
 
-    def labels(self, peer: Workload, flags: str, service: str | None = None) -> tuple[str, ...]:
+    def labels(self, peer: PeerInfo, flags: str, service: str | None = None) -> tuple[str, ...]:
         outbound = self.direction == OUTBOUND
-        source, destination = (self.local, peer) if outbound else (peer, self.local)
+        source, destination = (self.local, peer.workload) if outbound else (peer.workload, self.local)
+        # As Istio's stats: both principals from the certificates of an mTLS connection
+        # (ours only when it had one), and the inbound reporter's policy mutual_tls for those.
+        local_principal = self.local_principal if peer.principal else ""
+        source_principal, destination_principal = ((local_principal, peer.principal) if outbound
+                                                   else (peer.principal, local_principal))
+        policy = "unknown" if outbound else "mutual_tls" if peer.principal else "none"
         host = self.destination_service if service is None else service
         # Istio takes the namespace from the destination node only; fastmesh falls back
         # to the service host's namespace when the peer is unknown (see README).
         namespace = destination.namespace or service_namespace(host)
         values = (
             "source" if outbound else "destination",
-            source.workload, source.namespace, UNKNOWN, source.app, source.version,
+            source.workload, source.namespace, source_principal, source.app, source.version,
             source.canonical_service, source.canonical_revision or LATEST, source.cluster,
-            destination.workload, destination.namespace, UNKNOWN, destination.app,
+            destination.workload, destination.namespace, destination_principal, destination.app,
             destination.version, host, service_name(host, namespace) if host else "",
             namespace, destination.canonical_service, destination.canonical_revision or LATEST,
             destination.cluster,
-            "tcp", flags, "unknown" if outbound else "none",
+            "tcp", flags, policy,
         )
         return tuple(value or UNKNOWN for value in values)
 
@@ -126,7 +135,7 @@ class _Conn:
         self.waited = False  # it sat out a report because its peer was not known yet
 
 
-PeerLookup = Callable[[int], "Workload | None"]  # conn id -> peer, or None while still unknown
+PeerLookup = Callable[[int], "PeerInfo | None"]  # conn id -> peer, or None while still unknown
 
 
 class TcpTelemetry:
@@ -137,14 +146,16 @@ class TcpTelemetry:
     def __init__(self, peer_of: PeerLookup | None = None) -> None:
         self._listeners: dict[int, ListenerTelemetry] = {}
         self.series: dict[tuple[str, ...], TcpSeries] = {}
-        self.peer_of: PeerLookup = peer_of or (lambda conn_id: UNKNOWN_WORKLOAD)
+        self.peer_of: PeerLookup = peer_of or (lambda conn_id: UNKNOWN_PEER)
         self._open: dict[int, _Conn] = {}
-        self._by_origin: dict[tuple[int, str, Workload, str], TcpSeries] = {}
+        self._by_origin: dict[tuple[int, str, PeerInfo, str], TcpSeries] = {}
         self._dirty: set[int] = set()  # open connections with something to report
 
     def add_listener(self, listener_id: int, labels: ListenerTelemetry) -> None:
-        """Report the connections of this listener, labelled so."""
+        """Report the connections of this listener, labelled so (from their next report on,
+        for a listener already added)."""
         self._listeners[listener_id] = labels
+        self._by_origin.clear()
 
     def labels_of(self, listener_id: int) -> ListenerTelemetry | None:
         return self._listeners.get(listener_id)
@@ -159,7 +170,7 @@ class TcpTelemetry:
                 return None  # the peer may still make itself known: wait
             # Closed without one, or waited a whole period (a client that never
             # speaks first, a server that never answers): recorded as unknown.
-            peer = UNKNOWN_WORKLOAD
+            peer = UNKNOWN_PEER
         flags = response_flags(reason)
         listener = self._listeners.get(listener_id) if listener_id is not None else None
         if listener is None:
@@ -192,6 +203,9 @@ class TcpTelemetry:
                 dirty.add(updated.conn_id)
         for closed in batch.closed:
             conn = open_conns.pop(closed.conn_id, None)
+            if closed.reason == CloseReason.DOWNSTREAM_TLS_ERROR and not (conn and conn.opened_reported):
+                dirty.discard(closed.conn_id)
+                continue  # a client refused at its handshake never reached the app (Istio reports none)
             if conn is None:  # opened and closed between two reads: no state was kept
                 series = self._series_for(closed.conn_id, closed.listener_id, closed.cluster, closed.reason)
                 if series is not None:

@@ -179,6 +179,26 @@ class ServiceEntry(Model):
     subject_alt_names: list[str] = []
 
 
+# ---------------------------------------------------------------- PeerAuthentication (security.istio.io)
+
+
+MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
+
+
+class PeerAuthenticationMtls(Model):
+    mode: MtlsMode = "UNSET"  # UNSET: inherit from the namespace's, then the mesh's
+
+
+class MatchLabels(Model):
+    match_labels: dict[str, str] = {}  # istio.io's type.v1beta1.WorkloadSelector
+
+
+class PeerAuthentication(Model):
+    selector: Optional[MatchLabels] = None  # none: every workload of its namespace (of the mesh, in istio-system)
+    mtls: Optional[PeerAuthenticationMtls] = None
+    port_level_mtls: dict[int, PeerAuthenticationMtls] = {}
+
+
 class Gateway(Model):
     # Accepted so that Istio's samples load; fastmesh is not a gateway.
     selector: dict[str, str] = {}
@@ -207,6 +227,7 @@ class OutboundListener(Model):
 
 class ExchangeOptions(Model):
     enabled: bool = DEFAULTS.exchange
+    plaintext: bool = DEFAULTS.exchange_plaintext  # also on plaintext connections (fastmesh's own variant)
     max_payload: int = Field(default=DEFAULTS.exchange_max_payload, ge=0, le=0xFFFFFFFF)
     timeout: Duration = DEFAULTS.exchange_timeout
     detect_timeout: Duration = DEFAULTS.exchange_detect_timeout
@@ -222,10 +243,13 @@ class Sidecar(Model):
     exchange: ExchangeOptions = ExchangeOptions()
     connect_timeout: Duration = DEFAULTS.connect_timeout  # a DestinationRule's connectTimeout overrides it
     workers: int = Field(default=DEFAULTS.workers, ge=1, le=MAX_WORKERS)
+    certs: Optional[str] = None  # the directory of cert-chain.pem, key.pem, root-cert.pem (serve --certs)
+    tls_handshake_timeout: Duration = DEFAULTS.tls_handshake_timeout
 
 
 # (apiVersion group, kind) -> spec model
 ISTIO_GROUP = "networking.istio.io"
+SECURITY_GROUP = "security.istio.io"
 FASTMESH_GROUP = "fastmesh.io"
 KINDS: dict[tuple[str, str], type[BaseModel]] = {
     (ISTIO_GROUP, "DestinationRule"): DestinationRule,
@@ -233,6 +257,8 @@ KINDS: dict[tuple[str, str], type[BaseModel]] = {
     (ISTIO_GROUP, "ServiceEntry"): ServiceEntry,
     (ISTIO_GROUP, "WorkloadEntry"): WorkloadEntry,
     (ISTIO_GROUP, "Gateway"): Gateway,
+    (SECURITY_GROUP, "PeerAuthentication"): PeerAuthentication,
     (FASTMESH_GROUP, "Sidecar"): Sidecar,
 }
-API_VERSIONS = {ISTIO_GROUP: ("v1alpha3", "v1beta1", "v1"), FASTMESH_GROUP: ("v1alpha1",)}
+API_VERSIONS = {ISTIO_GROUP: ("v1alpha3", "v1beta1", "v1"), SECURITY_GROUP: ("v1beta1", "v1"),
+                FASTMESH_GROUP: ("v1alpha1",)}

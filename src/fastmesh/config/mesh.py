@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 from fastmesh.addr import Address, parse_address, resolve
 from fastmesh.config.istio_api import (
-    DestinationRule, ServiceEntry, Sidecar, TrafficPolicy, VirtualService, WorkloadEntry,
+    DestinationRule, PeerAuthentication, ServiceEntry, Sidecar, TrafficPolicy, VirtualService, WorkloadEntry,
 )
 from fastmesh.config.loader import ConfigError, Document
 from fastmesh.identity import MetadataError, parse_node_metadata
 from fastmesh.routing import INBOUND, OUTBOUND, Cluster, RouteTable
 from fastmesh.settings import ExchangeConfig, ListenerConfig, SidecarConfig
+from fastmesh.tls import ISTIO_MUTUAL, STRICT, ClientTls
 
 # The endpoint label Istio's auto-mTLS reads: the endpoint runs a sidecar.
 TLS_MODE_LABEL = "security.istio.io/tlsMode"
 MESH_GATEWAY = "mesh"
+ROOT_NAMESPACE = "istio-system"  # a PeerAuthentication here without a selector applies to the whole mesh
 _LB = {"ROUND_ROBIN": "ROUND_ROBIN", "UNSPECIFIED": "ROUND_ROBIN", "LEAST_CONN": "LEAST_CONN",
        "LEAST_REQUEST": "LEAST_CONN", "RANDOM": "RANDOM", "PASSTHROUGH": "PASSTHROUGH"}
 
@@ -54,13 +57,15 @@ class _Registry:
     workloads: list[tuple[Document, WorkloadEntry]]
     rules: list[tuple[Document, DestinationRule]]
     routes: list[tuple[Document, VirtualService]]
+    peer_authentications: list[tuple[Document, PeerAuthentication]]
 
     @classmethod
     def of(cls, documents: Iterable[Document]) -> "_Registry":
-        registry = cls([], [], [], [])
+        registry = cls([], [], [], [], [])
         for document in documents:
             target = {ServiceEntry: registry.services, WorkloadEntry: registry.workloads,
-                      DestinationRule: registry.rules, VirtualService: registry.routes}.get(type(document.spec))
+                      DestinationRule: registry.rules, VirtualService: registry.routes,
+                      PeerAuthentication: registry.peer_authentications}.get(type(document.spec))
             if target is not None:
                 target.append((document, document.spec))  # type: ignore[arg-type]
         return registry
@@ -87,7 +92,7 @@ class _Registry:
 
 
 def _policy(rule: DestinationRule | None, subset: str | None, port: int) -> dict[str, Any]:
-    """lb, max_connections and connect_timeout for one subset and port: the rule's
+    """lb, max_connections, connect_timeout and tls for one subset and port: the rule's
     policy, then its port-level settings, then the subset's (and its port level)."""
     result: dict[str, Any] = {}
 
@@ -104,6 +109,8 @@ def _policy(rule: DestinationRule | None, subset: str | None, port: int) -> dict
                 result["max_connections"] = tcp.max_connections
             if tcp is not None and tcp.connect_timeout is not None:
                 result["connect_timeout"] = tcp.connect_timeout
+            if layer.tls is not None:
+                result["tls"] = layer.tls
 
     if rule is not None:
         apply(rule.traffic_policy)
@@ -140,12 +147,34 @@ class _Builder:
         endpoints = [] if lb == "PASSTHROUGH" else self.endpoints(host, rule, subset, port, where)
         max_connections = policy.get("max_connections", 0)
         connect_timeout = policy.get("connect_timeout", self.connect_timeout)
+        tls = self.client_tls(policy.get("tls"), host, subset, port, where)
         try:
             return Cluster(name, host, tuple(e for e, _ in endpoints), tuple(m for _, m in endpoints), lb,
-                           max_connections, connect_timeout)
+                           max_connections, connect_timeout, tls)
         except ValueError as exc:  # e.g. a WorkloadEntry port out of range
             self.problems.append(f"{where}: {exc}")
             return Cluster(name, host, (), (), lb, 0, self.connect_timeout)
+
+    def client_tls(self, tls: Any, host: str, subset: str | None, port: int, where: str) -> ClientTls | None:
+        """A DestinationRule's tls for a cluster, as Istio reads it: ISTIO_MUTUAL with the
+        mesh identity, Istio's SNI and the service's SANs; SIMPLE and MUTUAL with the files
+        named; DISABLE plaintext. None: auto mTLS by the endpoints' tlsMode label."""
+        if tls is None:
+            return None
+        if tls.mode == ISTIO_MUTUAL and self.spec.certs is None:
+            self.problems.append(f"{where}: the DestinationRule for {host} says ISTIO_MUTUAL: the Sidecar "
+                                 "needs certs (a directory with cert-chain.pem, key.pem, root-cert.pem)")
+        sans = tuple(tls.subject_alt_names)
+        if tls.mode == ISTIO_MUTUAL and not sans:
+            found = self.registry.service(host)
+            sans = tuple(found[1].subject_alt_names) if found is not None else ()
+        sni = tls.sni or (f"outbound_.{port}_.{subset or ''}_.{host}" if tls.mode == ISTIO_MUTUAL else "")
+        try:
+            return ClientTls(tls.mode, tls.ca_certificates or "", tls.client_certificate or "",
+                             tls.private_key or "", sni, sans)
+        except ValueError as exc:
+            self.problems.append(f"{where}: the DestinationRule for {host}: {exc}")
+            return None
 
     def endpoints(self, host: str, rule: DestinationRule | None, subset: str | None, port: int,
                   where: str) -> list[tuple[tuple[str, int], bool]]:
@@ -258,8 +287,34 @@ class _Builder:
         where = f"{self.doc.source}: spec.inbound[{index}]"
         app = Cluster(f"inbound|{listener.port}||{listener.service}", listener.service,
                       (("127.0.0.1", listener.target_port),), connect_timeout=self.connect_timeout)
+        mtls = self.peer_authentication(listener.target_port)
+        if mtls == STRICT and self.spec.certs is None:
+            self.problems.append(f"{where}: a PeerAuthentication says STRICT for port {listener.target_port}: "
+                                 "the Sidecar needs certs (a directory with cert-chain.pem, key.pem, root-cert.pem)")
         return ListenerConfig(self._address(listener.bind, listener.port, where), RouteTable((app,), ((0, 1),)),
-                              INBOUND, fqdn(listener.service, self.namespace) if listener.service else "")
+                              INBOUND, fqdn(listener.service, self.namespace) if listener.service else "", mtls)
+
+    def peer_authentication(self, port: int) -> str | None:
+        """The mtls mode of the app's port, as Istio picks its PeerAuthentication: the
+        workload's (by selector) over its namespace's over the mesh's (istio-system); a
+        port-level mode over the policy's own; UNSET inherits. None: the default."""
+        by_rank: dict[int, PeerAuthentication] = {}
+        for document, policy in self.registry.peer_authentications:
+            if policy.selector is not None:
+                if document.namespace == self.namespace and policy.selector.match_labels.items() <= self.labels.items():
+                    by_rank.setdefault(0, policy)
+            elif document.namespace == self.namespace:
+                by_rank.setdefault(1, policy)
+            elif document.namespace == ROOT_NAMESPACE:
+                by_rank.setdefault(2, policy)
+        for rank in sorted(by_rank):
+            policy = by_rank[rank]
+            mode = policy.port_level_mtls[port].mode if port in policy.port_level_mtls else "UNSET"
+            if mode == "UNSET" and policy.mtls is not None:
+                mode = policy.mtls.mode
+            if mode != "UNSET":
+                return mode
+        return None
 
     def _address(self, bind: str, port: int, where: str) -> Address:
         try:
@@ -294,8 +349,10 @@ class _Builder:
             metrics=metrics,
             node_metadata=self.node,
             reporting_duration=spec.tcp_reporting_duration,
-            exchange=ExchangeConfig(spec.exchange.enabled, spec.exchange.max_payload, spec.exchange.timeout,
-                                    spec.exchange.detect_timeout),
+            exchange=ExchangeConfig(spec.exchange.enabled, spec.exchange.plaintext, spec.exchange.max_payload,
+                                    spec.exchange.timeout, spec.exchange.detect_timeout),
+            certs=Path(spec.certs) if spec.certs is not None else None,
+            tls_handshake_timeout=spec.tls_handshake_timeout,
         )
         return Plan(config, self.warnings)
 

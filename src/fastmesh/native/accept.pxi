@@ -37,7 +37,7 @@ cdef void on_accept(Worker *w, Listener *l) noexcept nogil:
                 pause_listener(w, l)
             return
         w.stats[S_CONNECTIONS_ACCEPTED] += 1
-        open_upstream(w, l, fd)
+        on_accepted(w, l, fd)
 
 
 cdef void release_endpoint(Listener *l, int cluster, int endpoint) noexcept nogil:
@@ -108,10 +108,63 @@ cdef int pick_endpoint(Worker *w, Cluster *cl, Listener *l) noexcept nogil:
     return best
 
 
-cdef void refuse(Worker *w, Listener *l, int down_fd, int cluster, int reason, int stat) noexcept nogil:
-    # No upstream connection for this client (NR, UH, UO): close it, count and record why.
+cdef int pick_route(Worker *w, Listener *l, int down_fd, int *cluster, int *endpoint,
+                    sockaddr_storage *original, sockaddr_storage **sa, socklen_t *salen) noexcept nogil:
+    # The next route of the schedule, then an endpoint of its cluster (counted as in use)
+    # or the client's original destination: 0, or why there is none (R_*, counted).
+    cdef Cluster *cl
+    cdef int ci
+    cluster[0] = NONE
+    endpoint[0] = NONE
+    if l.nsched == 0:
+        w.stats[S_NO_ROUTE] += 1
+        return R_NO_ROUTE
+    ci = l.sched[fm_fetch_inc(&l.rr) % <unsigned long long>l.nsched]
+    cl = &l.clusters[ci]
+    cluster[0] = ci
+    if cl.count == 0 and cl.lb != LB_PASSTHROUGH:
+        w.stats[S_NO_HEALTHY_UPSTREAM] += 1
+        return R_NO_HEALTHY_UPSTREAM
+    if fm_fetch_inc(&cl.active) >= cl.max_connections and cl.max_connections > 0:
+        fm_fetch_dec(&cl.active)
+        w.stats[S_UPSTREAM_OVERFLOWS] += 1
+        return R_OVERFLOW
+    if cl.lb == LB_PASSTHROUGH:
+        # No endpoint of the cluster's own: the connection goes where the client meant.
+        if not original_destination(down_fd, l, original, salen):
+            fm_fetch_dec(&cl.active)
+            w.stats[S_NO_HEALTHY_UPSTREAM] += 1
+            return R_NO_HEALTHY_UPSTREAM
+        sa[0] = original
+        return 0
+    endpoint[0] = pick_endpoint(w, cl, l)
+    fm_fetch_inc(&l.ep_active[endpoint[0]])
+    sa[0] = &l.ups[endpoint[0]]
+    salen[0] = l.uplens[endpoint[0]]
+    return 0
+
+
+cdef int endpoint_tls(Worker *w, Listener *l, int endpoint) noexcept nogil:
+    # How a connection to that endpoint is secured: auto mTLS needs the mesh identity.
+    cdef int mode = l.ep_tls[endpoint] if endpoint != NONE else CT_PLAIN
+    if mode == CT_AUTO:
+        return CT_ISTIO if w.identity.client != NULL else CT_PLAIN
+    return mode
+
+
+cdef bint start_connect(Worker *w, Conn *c, sockaddr_storage *sa, socklen_t salen) noexcept nogil:
+    # The upstream connect of a connection that has its route; False when it ended.
+    if connect(c.ends[UP].fd, <sockaddr *>sa, salen) < 0 and errno != EINPROGRESS:
+        connect_failed(w, c, R_CONNECT_FAILED, errno)
+        return False
+    # A connect that completed at once still reports EPOLLOUT, which opens the conn.
+    arm(w, c, T_CONNECT, now_s() + c.listener.clusters[c.cluster].connect_timeout)
+    return True
+
+
+cdef void refuse(Worker *w, Listener *l, int down_fd, int cluster, int reason) noexcept nogil:
+    # No upstream connection for this client (NR, UH, UO): close it, record why.
     close(down_fd)
-    w.stats[stat] += 1
     record_closed(w, next_id(w), l.id, cluster, NONE, reason, 0)
 
 
@@ -123,53 +176,82 @@ cdef void local_error(Worker *w, Listener *l, int down_fd, int cluster, int endp
     record_closed(w, next_id(w), l.id, cluster, endpoint, R_LOCAL_ERROR, err)
 
 
+cdef void on_accepted(Worker *w, Listener *l, int down_fd) noexcept nogil:
+    cdef Conn *c
+    if l.mtls != MTLS_STRICT:
+        open_upstream(w, l, down_fd)
+        return
+    # STRICT: the client's certificate first; the app sees a connection only once it
+    # is verified (connect_secured), so an unauthenticated client never reaches it.
+    c = new_conn(w, down_fd, -1, l, NONE, NONE, SECURING)
+    if c == NULL:
+        close_with_reset(down_fd)
+        record_closed(w, next_id(w), l.id, NONE, NONE, R_LOCAL_ERROR, ENOMEM)
+        return
+    c.identifies = True
+    c.tls_side = DOWN
+    c.tls_phase = TLS_DETECT
+    if not register_end(w, c, DOWN):
+        reset_both(w, c, R_LOCAL_ERROR, w.err)
+        return
+    arm(w, c, T_TLS, now_s() + l.handshake_timeout)
+
+
 cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
-    cdef int ci, idx, up_fd
-    cdef Cluster *cl
-    cdef sockaddr_storage *sa
+    cdef int ci, idx, up_fd, reason
     cdef sockaddr_storage original
+    cdef sockaddr_storage *sa
     cdef socklen_t salen
     cdef Conn *c
-    if l.nsched == 0:
-        refuse(w, l, down_fd, NONE, R_NO_ROUTE, S_NO_ROUTE)
+    reason = pick_route(w, l, down_fd, &ci, &idx, &original, &sa, &salen)
+    if reason:
+        refuse(w, l, down_fd, ci, reason)
         return
-    ci = l.sched[fm_fetch_inc(&l.rr) % <unsigned long long>l.nsched]
-    cl = &l.clusters[ci]
-    if cl.count == 0 and cl.lb != LB_PASSTHROUGH:
-        refuse(w, l, down_fd, ci, R_NO_HEALTHY_UPSTREAM, S_NO_HEALTHY_UPSTREAM)
-        return
-    if fm_fetch_inc(&cl.active) >= cl.max_connections and cl.max_connections > 0:
-        fm_fetch_dec(&cl.active)
-        refuse(w, l, down_fd, ci, R_OVERFLOW, S_UPSTREAM_OVERFLOWS)
-        return
-    if cl.lb == LB_PASSTHROUGH:
-        idx = NONE  # no endpoint of the cluster's own: the connection goes where the client meant
-        sa = &original
-        if not original_destination(down_fd, l, sa, &salen):
-            fm_fetch_dec(&cl.active)
-            refuse(w, l, down_fd, ci, R_NO_HEALTHY_UPSTREAM, S_NO_HEALTHY_UPSTREAM)
-            return
-    else:
-        idx = pick_endpoint(w, cl, l)
-        fm_fetch_inc(&l.ep_active[idx])
-        sa = &l.ups[idx]
-        salen = l.uplens[idx]
     up_fd = socket(sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
     if up_fd < 0:
         local_error(w, l, down_fd, ci, idx, errno)
         return
     set_nodelay(up_fd)
-    c = new_conn(w, down_fd, up_fd, l.id, ci, idx, CONNECTING)
+    c = new_conn(w, down_fd, up_fd, l, ci, idx, CONNECTING)
     if c == NULL:
         close(up_fd)
         local_error(w, l, down_fd, ci, idx, ENOMEM)
         return
-    exchange_gate(w, l, c)
-    if connect(up_fd, <sockaddr *>sa, salen) < 0 and errno != EINPROGRESS:
-        connect_failed(w, c, R_CONNECT_FAILED, errno)
-        return
+    c.tls_mode = endpoint_tls(w, l, idx)
+    if l.mtls == MTLS_PERMISSIVE:
+        c.identifies = True
+        c.tls_side = DOWN
+        c.tls_phase = TLS_DETECT  # the client's first byte says which (native/tls.pxi)
+    elif c.tls_mode != CT_PLAIN:
+        c.identifies = True  # the server's certificate says who it is
+    else:
+        exchange_gate(w, l, c)
     if not register_conn(w, c):
         reset_both(w, c, R_LOCAL_ERROR, w.err)
         return
-    # A connect that completed at once still reports EPOLLOUT, which opens the conn.
-    arm(w, c, T_CONNECT, now_s() + cl.connect_timeout)
+    start_connect(w, c, sa, salen)
+
+
+cdef void connect_secured(Worker *w, Conn *c) noexcept nogil:
+    # STRICT, the client verified: now route and connect to the app.
+    cdef Listener *l = c.listener
+    cdef int reason
+    cdef sockaddr_storage original
+    cdef sockaddr_storage *sa
+    cdef socklen_t salen
+    reason = pick_route(w, l, c.ends[DOWN].fd, &c.cluster, &c.endpoint, &original, &sa, &salen)
+    if reason:
+        if c.cluster != NONE:
+            fm_fetch_inc(&l.clusters[c.cluster].active)  # what finish() gives back
+        reset_both(w, c, reason, 0)
+        return
+    c.ends[UP].fd = socket(sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if c.ends[UP].fd < 0:
+        reset_both(w, c, R_LOCAL_ERROR, errno)
+        return
+    set_nodelay(c.ends[UP].fd)
+    c.state = CONNECTING
+    if not register_end(w, c, UP):
+        reset_both(w, c, R_LOCAL_ERROR, w.err)
+        return
+    start_connect(w, c, sa, salen)

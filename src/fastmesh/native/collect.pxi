@@ -23,14 +23,18 @@ cdef object payload_of(char *frame, uint32_t length, object previous):
     return frame[FRAME_HEADER:length]
 
 
-cdef object report_peer(list peers, uint64_t conn_id, int state, Frame *frame, object previous):
-    # Add a settled peer to collect()'s list, the payload None for a peer that
-    # sent no frame. Releases the frame; returns the payload object the next
-    # report may reuse.
+cdef object report_peer(list peers, uint64_t conn_id, int state, Frame *frame, char *principal, object previous):
+    # Add a settled peer to collect()'s list: its frame's payload (None for a peer that
+    # sent no frame) and its verified identity (None without TLS). Releases the frame
+    # and the principal; returns the payload object the next report may reuse.
     cdef object payload = None
+    cdef object identity = None
     if state == PEER_FOUND and frame != NULL:
         payload = previous = payload_of(frame.data, frame.len, previous)
-    peers.append(tuple_new(Peer, (conn_id, payload)))
+    if principal != NULL:
+        identity = principal.decode("utf-8", "replace")
+        free(principal)
+    peers.append(tuple_new(Peer, (conn_id, payload, identity)))
     release_frame(frame)
     return previous
 
@@ -48,7 +52,7 @@ cdef object collect_worker(Worker *w, Listener **listeners, list opened, list up
             c.announced = True
             opened.append(tuple_new(Opened, (
                 c.id, index_or_none(c.listener_id), index_or_none(c.cluster),
-                endpoint_in_cluster(listeners, c.listener_id, c.cluster, c.endpoint))))
+                endpoint_in_cluster(listeners, c.listener_id, c.cluster, c.endpoint), bool(c.identifies))))
         changed = False
         for k in range(4):
             d[k] = counter(c, k) - c.reported[k]
@@ -58,9 +62,10 @@ cdef object collect_worker(Worker *w, Listener **listeners, list opened, list up
         if changed:
             updated.append(tuple_new(Updated, (c.id, d[0], d[1], d[2], d[3])))
         if c.x.report != PEER_NONE:
-            last_payload = report_peer(peers, c.id, c.x.report, c.x.peer, last_payload)
+            last_payload = report_peer(peers, c.id, c.x.report, c.x.peer, c.principal, last_payload)
             c.x.report = PEER_NONE
             c.x.peer = NULL
+            c.principal = NULL
         c = c.next
     for j in range(w.nclosed):
         r = &w.closed[j]
@@ -69,8 +74,9 @@ cdef object collect_worker(Worker *w, Listener **listeners, list opened, list up
             endpoint_in_cluster(listeners, r.listener_id, r.cluster, r.endpoint), r.reason, r.err,
             r.delta[0], r.delta[1], r.delta[2], r.delta[3])))
         if r.peer_state != PEER_NONE:
-            last_payload = report_peer(peers, r.id, r.peer_state, r.peer, last_payload)
+            last_payload = report_peer(peers, r.id, r.peer_state, r.peer, r.principal, last_payload)
             r.peer = NULL
+            r.principal = NULL
     w.nclosed = 0
     return last_payload
 
@@ -85,6 +91,6 @@ cdef object connections_of(Worker *w, Listener **listeners, list found):
         found.append(tuple_new(ConnectionInfo, (
             c.id, w.index, index_or_none(c.listener_id), index_or_none(c.cluster),
             endpoint_in_cluster(listeners, c.listener_id, c.cluster, c.endpoint),
-            "connecting" if c.state == CONNECTING else "open",
+            "securing" if c.state == SECURING or securing(c) else "connecting" if c.state == CONNECTING else "open",
             flow_info(&c.flows[DOWN]), flow_info(&c.flows[UP]))))
         c = c.next

@@ -48,19 +48,21 @@ cdef ClosedRecord *record_closed(Worker *w, uint64_t conn_id, int listener_id, i
     return r
 
 
-cdef Conn *new_conn(Worker *w, int down_fd, int up_fd, int listener_id, int cluster, int endpoint,
+cdef Conn *new_conn(Worker *w, int down_fd, int up_fd, Listener *l, int cluster, int endpoint,
                     int state) noexcept nogil:
     cdef Conn *c = <Conn *>calloc(1, sizeof(Conn))
     cdef int s
     if c == NULL:
         return NULL
     c.id = next_id(w)
-    c.listener_id = listener_id
+    c.listener = l
+    c.listener_id = l.id if l != NULL else NONE
     c.cluster = cluster
     c.endpoint = endpoint
     c.state = state
     c.first_eof = NONE
     c.x.side = NONE
+    c.tls_side = NONE
     c.ends[DOWN].fd = down_fd
     c.ends[UP].fd = up_fd
     for s in range(2):
@@ -74,18 +76,20 @@ cdef Conn *new_conn(Worker *w, int down_fd, int up_fd, int listener_id, int clus
     return c
 
 
-cdef bint register_conn(Worker *w, Conn *c) noexcept nogil:
-    # Both sockets, edge-triggered, for reading and writing, once: the data path
-    # then makes no epoll_ctl calls.
+cdef bint register_end(Worker *w, Conn *c, int s) noexcept nogil:
+    # A socket, edge-triggered, for reading and writing, once: the data path then
+    # makes no epoll_ctl calls.
     cdef epoll_event ev
-    cdef int s
-    for s in range(2):
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-        ev.data.u64 = <uint64_t>(<uintptr_t>c | <uintptr_t>s)
-        if epoll_ctl(w.epfd, EPOLL_CTL_ADD, c.ends[s].fd, &ev) < 0:
-            w.err = errno
-            return False
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+    ev.data.u64 = <uint64_t>(<uintptr_t>c | <uintptr_t>s)
+    if epoll_ctl(w.epfd, EPOLL_CTL_ADD, c.ends[s].fd, &ev) < 0:
+        w.err = errno
+        return False
     return True
+
+
+cdef bint register_conn(Worker *w, Conn *c) noexcept nogil:
+    return register_end(w, c, DOWN) and register_end(w, c, UP)
 
 
 cdef void finish(Worker *w, Conn *c, int reason, int err) noexcept nogil:
@@ -95,7 +99,7 @@ cdef void finish(Worker *w, Conn *c, int reason, int err) noexcept nogil:
     for s in range(TIMER_KINDS):
         disarm(w, c, s)
     if c.cluster != NONE:
-        release_endpoint(w.listeners[c.listener_id], c.cluster, c.endpoint)
+        release_endpoint(c.listener, c.cluster, c.endpoint)
     for s in range(2):
         release_flow(w, &c.flows[s])
     r = record_closed(w, c.id, c.listener_id, c.cluster, c.endpoint, reason, err)
@@ -103,6 +107,10 @@ cdef void finish(Worker *w, Conn *c, int reason, int err) noexcept nogil:
         for s in range(4):
             r.delta[s] = counter(c, s) - c.reported[s]
     exchange_finish(w, c, r)
+    if r != NULL and r.peer_state != PEER_NONE:
+        r.principal = c.principal  # reported with the peer
+        c.principal = NULL
+    tls_release(c)
     if c.prev != NULL:
         c.prev.next = c.next
     else:

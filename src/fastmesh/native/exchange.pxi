@@ -5,22 +5,59 @@
 # bytes never pass through here. The payload goes to Python with the next batch.
 
 
+cdef void exchange_begin(Worker *w, Listener *l, Conn *c) noexcept nogil:
+    w.stats[S_EXCHANGE_ENABLED] += 1
+    c.identifies = True
+    c.x.read = XR_HEADER
+    c.x.can_send = True
+    if l.xrole == X_OUTBOUND:
+        c.x.side = UP           # the frame leads toward the peer, once connected
+        if c.state == OPEN:
+            send_local_frame(w, c)
+    else:
+        c.x.side = DOWN
+        c.x.hold = True         # a server-first app waits for the client's first bytes, briefly
+        if c.state == OPEN:
+            arm(w, c, T_EXCHANGE, now_s() + l.xdetect_timeout)
+
+
 cdef void exchange_gate(Worker *w, Listener *l, Conn *c) noexcept nogil:
-    # Whether this connection exchanges metadata, decided once as it opens: the
-    # one place where the plaintext rules live (ALPN will decide here too).
-    if l.xrole == X_NONE:
+    # Whether a plaintext connection exchanges metadata, decided once as it opens:
+    # fastmesh's own variant, only where the listener asks for it, by the plaintext
+    # rules (outbound to mesh-peer endpoints; inbound, any client that sends a frame).
+    if l.xrole == X_NONE or not l.xplaintext:
         return
     if l.xrole == X_OUTBOUND and (c.endpoint == NONE or not l.mesh_peer[c.endpoint]):
         w.stats[S_EXCHANGE_DISABLED] += 1
         return
-    w.stats[S_EXCHANGE_ENABLED] += 1
-    c.x.read = XR_HEADER
-    c.x.can_send = True
-    if l.xrole == X_OUTBOUND:
-        c.x.side = UP           # the frame goes out when the connect completes
-    else:
-        c.x.side = DOWN
-        c.x.hold = True         # a server-first app waits for the client's first bytes, briefly
+    exchange_begin(w, l, c)
+
+
+cdef void exchange_after_tls(Worker *w, Listener *l, Conn *c, bint alpn_found) noexcept nogil:
+    # Over TLS the exchange runs when ALPN negotiated istio-peer-exchange, as Istio's
+    # filter does (alpn_protocol_found); else the peer is known by its certificate.
+    if l.xrole != X_NONE and alpn_found:
+        exchange_begin(w, l, c)
+        return
+    if l.xrole != X_NONE:
+        w.stats[S_EXCHANGE_DISABLED] += 1
+    c.x.report = PEER_NOT_FOUND
+
+
+cdef void exchange_after_plaintext_detect(Worker *w, Listener *l, Conn *c, bint spoke) noexcept nogil:
+    # PERMISSIVE, a plaintext client: the plaintext rules, or nobody to know. A client
+    # that has not spoken by the detect timeout has had its wait: the app's bytes go.
+    if l.xrole != X_NONE and l.xplaintext:
+        exchange_begin(w, l, c)
+        if not spoke:
+            disarm(w, c, T_EXCHANGE)
+            w.stats[S_EXCHANGE_DETECT_TIMEOUTS] += 1
+            c.x.hold = False
+            c.x.can_send = False
+        return
+    if l.xrole != X_NONE:
+        w.stats[S_EXCHANGE_DISABLED] += 1
+    c.x.report = PEER_NOT_FOUND
 
 
 cdef void exchange_connected(Worker *w, Conn *c) noexcept nogil:
@@ -29,13 +66,13 @@ cdef void exchange_connected(Worker *w, Conn *c) noexcept nogil:
     if c.x.can_send and c.x.side == UP:
         send_local_frame(w, c)
     elif c.x.hold:
-        arm(w, c, T_EXCHANGE, now_s() + w.listeners[c.listener_id].xdetect_timeout)
+        arm(w, c, T_EXCHANGE, now_s() + c.listener.xdetect_timeout)
 
 
 cdef void send_local_frame(Worker *w, Conn *c) noexcept nogil:
     # Put our frame at the head of the direction toward the peer, which has
     # carried nothing yet. Its bytes are not counted as relayed.
-    cdef Listener *l = w.listeners[c.listener_id]
+    cdef Listener *l = c.listener
     cdef Flow *f = &c.flows[1 - c.x.side]
     c.x.can_send = False
     if f.pending != 0 or f.pipe_r >= 0 or f.buf != NULL or not take_buf(w, f):
@@ -91,14 +128,14 @@ cdef int peek_header(Worker *w, Conn *c, int s) noexcept nogil:
     # XR_HEADER: peek at the first bytes (bytes that turn out not to be a frame
     # stay in the socket and go on by the ordinary path). IDLE: wait for more;
     # MOVED: settled (not a frame) or XR_PAYLOAD begun; FAILED or GONE as fill().
-    cdef Listener *l = w.listeners[c.listener_id]
+    cdef Listener *l = c.listener
     cdef End *src = &c.ends[s]
     cdef unsigned char header[FRAME_HEADER]
     cdef ssize_t n
     cdef uint32_t size
-    n = recv(src.fd, header, FRAME_HEADER, MSG_PEEK | MSG_DONTWAIT)
+    n = peek_end(src, <char *>header, FRAME_HEADER)
     while n < 0 and errno == EINTR:
-        n = recv(src.fd, header, FRAME_HEADER, MSG_PEEK | MSG_DONTWAIT)
+        n = peek_end(src, <char *>header, FRAME_HEADER)
     if n < 0:
         if errno == EAGAIN:
             src.readable = False
@@ -120,7 +157,8 @@ cdef int peek_header(Worker *w, Conn *c, int s) noexcept nogil:
         if not c.x.started:
             c.x.started = True
             arm(w, c, T_EXCHANGE, now_s() + l.xframe_timeout)
-        src.readable = False  # a new edge comes with the next bytes
+        if src.ssl == NULL or not SSL_has_pending(src.ssl):
+            src.readable = False  # a new edge comes with the next bytes
         return IDLE
     size = ntohl((<uint32_t *>&header[4])[0])
     if size > l.xmax_payload:
@@ -168,7 +206,7 @@ cdef int read_peer_frame(Worker *w, Conn *c, int s) noexcept nogil:
             w.stats[S_EXCHANGE_PARTIAL_BYTES] += cap - c.x.cap
             c.x.buf = grown
             c.x.cap = cap
-        n = recv(src.fd, c.x.buf + c.x.got, c.x.cap - c.x.got, MSG_DONTWAIT)
+        n = read_end(src, c.x.buf + c.x.got, c.x.cap - c.x.got)
         if n > 0:
             c.x.got += <uint32_t>n
         elif n == 0:
@@ -200,7 +238,7 @@ cdef void exchange_timer(Worker *w, Conn *c) noexcept nogil:
     if c.x.started:
         # Part of a header and then silence: a whole magic is a frame that never
         # completed; less than that is application bytes that happen to match.
-        n = recv(c.ends[c.x.side].fd, header, 8, MSG_PEEK | MSG_DONTWAIT)
+        n = peek_end(&c.ends[c.x.side], <char *>header, 8)
         if n >= 4:
             w.stats[S_EXCHANGE_FRAMES_TIMED_OUT] += 1
             exchange_failed(w, c, c.x.side)

@@ -5,14 +5,36 @@
 
 
 cdef inline ssize_t read_end(End *src, char *into, size_t room) noexcept nogil:
-    # Bytes from a side into a buffer. Plaintext reads the socket; a TLS end
-    # (End.tls) will decrypt into the buffer here, and never splices.
+    # Bytes from a side into a buffer, recv-like: plaintext reads the socket, a TLS
+    # end decrypts through OpenSSL (and never splices).
+    if src.ssl != NULL:
+        return tls_read(src, into, room, False)
     return recv(src.fd, into, room, MSG_DONTWAIT)
 
 
+cdef inline ssize_t peek_end(End *src, char *into, size_t room) noexcept nogil:
+    if src.ssl != NULL:
+        return tls_read(src, into, room, True)
+    return recv(src.fd, into, room, MSG_PEEK | MSG_DONTWAIT)
+
+
 cdef inline ssize_t write_end(End *dst, const char *data, size_t n) noexcept nogil:
-    # Bytes from a buffer to a side: plaintext sends them; a TLS end will encrypt them here.
+    # Bytes from a buffer to a side, send-like: plaintext sends them, a TLS end encrypts them.
+    if dst.ssl != NULL:
+        return tls_write(dst, data, n)
     return send(dst.fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+
+
+cdef inline bint end_stream(End *dst, bint both_ended) noexcept nogil:
+    # Pass an end of stream on: close_notify first on a TLS end. When the other
+    # direction has ended too, close() follows at once and sends the FIN itself.
+    # False when it must wait until the socket is writable.
+    if dst.ssl != NULL and tls_close_notify(dst) < 0:
+        dst.writable = False
+        return False
+    if not both_ended:
+        shutdown(dst.fd, SHUT_WR)
+    return True
 
 
 cdef int drain(Worker *w, Conn *c, int s) noexcept nogil:
@@ -49,11 +71,7 @@ cdef int drain(Worker *w, Conn *c, int s) noexcept nogil:
             give_pipe(w, f)
         elif f.buf != NULL:
             give_buf(w, f)
-        if f.src_eof:
-            # When the other direction has ended too, close() follows at once and
-            # sends the FIN itself: skip the shutdown call.
-            if not c.flows[1 - s].shut:
-                shutdown(dst.fd, SHUT_WR)
+        if f.src_eof and end_stream(dst, c.flows[1 - s].shut):
             f.shut = True
     return result
 
@@ -93,18 +111,19 @@ cdef int fill(Worker *w, Conn *c, int s) noexcept nogil:
         # both leave in one send (and usually one segment).
         room = <size_t>w.buffer_size - f.pending
         n = read_end(src, f.buf + f.pending, room)
-        if n > 0 and <size_t>n < room and not src.hup:
+        if n > 0 and <size_t>n < room and not src.hup and src.ssl == NULL:
             src.readable = False
     elif f.pending == 0:
         f.buf_off = 0
         n = read_end(src, f.buf, <size_t>w.buffer_size)
         if n == w.buffer_size:
             f.bulk = w.use_splice and not f.copy_only
-        elif n > 0 and not src.hup:
+        elif n > 0 and not src.hup and src.ssl == NULL:
             # recv returns all that is queued, up to the size asked for: a short
             # read means the socket is drained, and new bytes will raise a new edge.
             # Not so once the FIN is in: a short read may have stopped at it, and
-            # the next recv returns 0 with no new edge to announce it.
+            # the next recv returns 0 with no new edge to announce it. Nor over TLS:
+            # SSL_read returns one record, and more may be queued.
             src.readable = False
     else:
         return IDLE  # the buffer is refilled only once it is empty
@@ -159,8 +178,17 @@ cdef int pump(Worker *w, Conn *c, int s) noexcept nogil:
     return PUMP_OK
 
 
+cdef inline bint securing(Conn *c) noexcept nogil:
+    # TLS not settled yet: nothing is relayed (native/tls.pxi drives it).
+    return c.tls_phase == TLS_DETECT or c.tls_phase == TLS_HANDSHAKE
+
+
 cdef void drive(Worker *w, Conn *c) noexcept nogil:
     cdef int s, r
+    if securing(c):
+        tls_drive(w, c)
+        if c.state != OPEN or securing(c):
+            return
     for s in range(2):
         r = pump(w, c, s)
         if r == PUMP_GONE:
@@ -186,8 +214,15 @@ cdef void on_conn_event(Worker *w, Conn *c, int s, uint32_t events) noexcept nog
         e.hup = True
     if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
         e.writable = True
+    if c.state == SECURING:  # STRICT: only the downstream is registered, for its handshake
+        enqueue(w, c)
+        return
     if c.state == CONNECTING:
-        # Downstream bytes wait in the kernel until the upstream answers.
+        # Downstream bytes wait in the kernel until the upstream answers, but for a
+        # client's TLS, which goes on meanwhile (PERMISSIVE).
+        if s == DOWN and securing(c):
+            enqueue(w, c)
+            return
         if s != UP or not (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)):
             return
         if events & (EPOLLERR | EPOLLHUP):  # a clean EPOLLOUT means connected: no SO_ERROR call
@@ -197,7 +232,14 @@ cdef void on_conn_event(Worker *w, Conn *c, int s, uint32_t events) noexcept nog
                 return
         disarm(w, c, T_CONNECT)
         c.state = OPEN
-        exchange_connected(w, c)
+        if c.tls_mode != CT_PLAIN:
+            if not start_tls(w, c, UP):  # originate TLS toward the upstream
+                tls_failed(w, c, S_TLS_ERROR_LOCAL)
+                return
+        else:
+            exchange_connected(w, c)
+        if c.tls_phase == TLS_DETECT:
+            arm(w, c, T_TLS, now_s() + c.listener.detect_timeout)  # a server-first app's greeting waits
     elif events & EPOLLERR:
         err = socket_error(e.fd)
         if err != 0:
@@ -214,7 +256,7 @@ cdef void run_ready(Worker *w) noexcept nogil:
     # then run once we have read everything that was ready, instead of
     # preempting us in the middle of the batch.
     while c != NULL:
-        if c.state == OPEN:
+        if c.state == OPEN and not securing(c):
             for s in range(2):
                 r = fill(w, c, s)
                 if r == FAILED:
@@ -230,6 +272,9 @@ cdef void run_ready(Worker *w) noexcept nogil:
         c.queued = False
         if c.state == OPEN:
             drive(w, c)
+        elif c.state != CLOSED:
+            if securing(c):
+                tls_drive(w, c)  # a client's TLS before, or while, the upstream connects
         elif c.state == CLOSED:
             c.grave_next = w.grave
             w.grave = c

@@ -44,6 +44,8 @@ cdef void run_timers(Worker *w) noexcept nogil:
             if now >= c.timers[kind].deadline:
                 if kind == T_CONNECT:
                     connect_failed(w, c, R_CONNECT_TIMEOUT, ETIMEDOUT)
+                elif kind == T_TLS:
+                    tls_timer(w, c)
                 else:
                     exchange_timer(w, c)
             c = nxt

@@ -34,7 +34,7 @@ cdef void worker_loop(Worker *w) noexcept nogil:
                 on_conn_event(w, <Conn *><uintptr_t>(tag & ~(<uint64_t>TAG_MASK)),
                               <int>(tag & TAG_MASK), events[i].events)
         run_ready(w)
-        if w.timed[T_CONNECT] != NULL or w.timed[T_EXCHANGE] != NULL or w.npaused:
+        if w.timed[T_CONNECT] != NULL or w.timed[T_EXCHANGE] != NULL or w.timed[T_TLS] != NULL or w.npaused:
             run_timers(w)
         bury(w)
         timeout = next_timeout_ms(w)

@@ -197,7 +197,7 @@ class TlsWorkerMixin:
             conn.tls[DOWN] = TlsEnd(identity.server, server_side=True)
         else:
             cluster = lst.routes.clusters[conn.cluster]
-            ctx = lst.tls_contexts[conn.cluster] or identity.client
+            ctx = lst.tls_contexts[conn.cluster] or identity.client  # ISTIO_MUTUAL needs the identity
             session = lst.sessions.get(conn.cluster, conn.endpoint)
             sni = cluster.tls.sni if cluster.tls is not None and cluster.tls.sni else None
             conn.tls[UP] = TlsEnd(ctx, server_side=False, sni=sni, session=session)
@@ -257,7 +257,8 @@ class TlsWorkerMixin:
         assert tls is not None and lst is not None
         principal, names = peer_principal(tls.obj)
         cluster_tls = lst.routes.clusters[conn.cluster].tls if side == UP else None
-        if not peer_allowed(names, self.engine._identity.trust_domain, cluster_tls, conn.tls_mode):
+        identity = self.engine._identity
+        if not peer_allowed(names, identity.trust_domain if identity else "", cluster_tls, conn.tls_mode):
             self._tls_failed(conn, "peer_identity")
             return
         conn.principal = principal

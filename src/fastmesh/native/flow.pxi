@@ -150,6 +150,8 @@ cdef int fill(Worker *w, Conn *c, int s) noexcept nogil:
         return MOVED
     if errno == EINTR:
         return MOVED
+    if src.ssl != NULL and errno == ECONNRESET:
+        w.stats[S_TLS_TRUNCATED] += 1  # no close_notify came: passed on as a reset, not an end
     w.err = errno
     return FAILED
 

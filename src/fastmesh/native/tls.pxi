@@ -268,9 +268,9 @@ cdef int peer_identity(Worker *w, Conn *c, SSL *ssl) noexcept nogil:
     return verdict
 
 
-cdef int handshake_failure(SSL *ssl, int ret) noexcept nogil:
-    # Why a handshake failed, as the S_TLS_ERROR_* to count.
-    cdef int err = SSL_get_error(ssl, ret)
+cdef int handshake_failure(SSL *ssl, int err) noexcept nogil:
+    # Why a handshake failed (err: SSL_get_error's, the error queue still full), as the
+    # S_TLS_ERROR_* to count.
     cdef unsigned long e
     cdef int reason
     cdef long verify
@@ -360,7 +360,7 @@ cdef void plaintext_client(Worker *w, Conn *c) noexcept nogil:
 
 cdef void tls_drive(Worker *w, Conn *c) noexcept nogil:
     # Move a connection's TLS on while it is not relaying yet: detect, then handshake.
-    cdef int r
+    cdef int r, err
     if c.tls_phase == TLS_DETECT:
         if not c.ends[DOWN].readable:
             return
@@ -374,9 +374,10 @@ cdef void tls_drive(Worker *w, Conn *c) noexcept nogil:
     if r == 1:
         handshake_done(w, c)
         return
-    if tls_result(c.ends[c.tls_side].ssl, r) < 0 and errno == EAGAIN:
+    err = SSL_get_error(c.ends[c.tls_side].ssl, r)
+    if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
         return  # the next event of the connection goes on with it
-    tls_failed(w, c, handshake_failure(c.ends[c.tls_side].ssl, r))
+    tls_failed(w, c, handshake_failure(c.ends[c.tls_side].ssl, err))
 
 
 cdef void tls_timer(Worker *w, Conn *c) noexcept nogil:

@@ -216,7 +216,7 @@ class TlsWorkerMixin:
         if first and first[0] == TLS_RECORD_HANDSHAKE:
             self._start_tls(conn, DOWN)
         elif conn.listener.tls.mode == "STRICT":
-            raise TlsFailure("plaintext")
+            raise TlsFailure("plaintext" if first else "reset")  # gone before a byte: abandoned
         else:
             self._plaintext_client(conn, spoke=True)
 

@@ -137,7 +137,8 @@ def issue(directory: str | Path, namespace: str, service_account: str, out: str 
         if not _NAME.match(value):
             raise CaError(f"{what} {value!r} is not a Kubernetes name (lower-case letters, digits, '-' and '.')")
     if not datetime.timedelta(seconds=1) <= ttl <= MAX_WORKLOAD_TTL:
-        raise CaError(f"the lifetime must be between 1s and {MAX_WORKLOAD_TTL.days}d (Istio's maximum)")
+        raise CaError(f"the lifetime must be between 1s and {MAX_WORKLOAD_TTL.days * 24}h "
+                      f"({MAX_WORKLOAD_TTL.days} days, Istio's maximum)")
     root = load_root(directory)
     identity = spiffe_id(root.trust_domain, namespace, service_account)
     key = _new_key(key_type)

@@ -73,10 +73,11 @@ def _read(path: Path) -> bytes:
 
 
 def _certificates(path: Path) -> list[x509.Certificate]:
+    data = _read(path)
     try:
-        found = x509.load_pem_x509_certificates(_read(path))
-    except ValueError as exc:
-        raise CertificateError(f"{path}: not PEM certificates ({exc})") from None
+        found = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise CertificateError(f"{path}: not PEM certificates") from None
     if not found:
         raise CertificateError(f"{path}: no certificate in it")
     return found

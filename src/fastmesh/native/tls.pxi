@@ -342,7 +342,7 @@ cdef void detect_tls(Worker *w, Conn *c) noexcept nogil:
         if not start_tls(w, c, DOWN):
             tls_failed(w, c, S_TLS_ERROR_LOCAL)
     elif c.listener.mtls == MTLS_STRICT:
-        tls_failed(w, c, S_TLS_ERROR_PLAINTEXT)
+        tls_failed(w, c, S_TLS_ERROR_PLAINTEXT if n == 1 else S_TLS_ERROR_RESET)  # gone before a byte
     else:
         plaintext_client(w, c)
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import mtls
+
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 # Daemons live in sbin, which a non-login shell's PATH may lack.
@@ -256,9 +258,17 @@ def pinned(role: str, argv: list[str]) -> list[str]:
 class RelaySpec:
     name: str                # row label: direct, fastmesh, fastmesh[py], haproxy, pair[exchange], ...
     kind: str                # direct | fastmesh | haproxy | nginx | socat | pair | routed
-    args: list[str] = field(default_factory=list)   # extra CLI args (fastmesh variants; a pair's outbound)
+    args: list[str] = field(default_factory=list)   # extra fastmesh CLI args
     env: dict[str, str] = field(default_factory=dict)
-    inbound_args: list[str] = field(default_factory=list)  # a pair's inbound sidecar
+    tls: str = ""            # "client": TLS toward the upstream; "server": TLS from clients (mtls.py)
+    outbound: "RelaySpec | None" = None   # a pair's two relays: clients reach `outbound`,
+    inbound: "RelaySpec | None" = None    # which relays to `inbound`, in front of the backend
+
+    def describe(self) -> dict:
+        """What the JSON records of a row."""
+        if self.kind == "pair":
+            return {"kind": "pair", "outbound": self.outbound.describe(), "inbound": self.inbound.describe()}
+        return {"kind": self.kind, "args": self.args, "env": self.env, **({"tls": self.tls} if self.tls else {})}
 
 
 NODE_METADATA = REPO / "examples" / "node-metadata"
@@ -311,15 +321,43 @@ spec:
     return path
 
 
+def _pair(name: str, outbound: RelaySpec, inbound: RelaySpec) -> RelaySpec:
+    return RelaySpec(name, "pair", outbound=outbound, inbound=inbound)
+
+
+OUTBOUND_SIDECAR = ["--node-metadata", str(NODE_METADATA / "ratings-v2.yaml")]
+INBOUND_SIDECAR = ["--direction", "inbound", "--node-metadata", str(NODE_METADATA / "mongodb-v1.yaml")]
+
+
+def _fastmesh_pair(name: str, outbound: list[str], inbound: list[str], tls: bool = False) -> RelaySpec:
+    return _pair(name, RelaySpec(name, "fastmesh", [*OUTBOUND_SIDECAR, *outbound], tls="client" if tls else ""),
+                 RelaySpec(f"{name}:inbound", "fastmesh", [*INBOUND_SIDECAR, *inbound], tls="server" if tls else ""))
+
+
 def sidecar_pairs() -> list[RelaySpec]:
     """Two fastmesh sidecars in a row (ratings-v2's outbound, then the database's
-    inbound), with the peer metadata exchange on and off: issue 4's bars."""
-    outbound = ["--node-metadata", str(NODE_METADATA / "ratings-v2.yaml")]
-    inbound = ["--direction", "inbound", "--node-metadata", str(NODE_METADATA / "mongodb-v1.yaml")]
+    inbound), with the peer metadata exchange (fastmesh's plaintext variant) on
+    and off: issue 4's bars."""
     return [
-        RelaySpec("pair[exchange]", "pair", [*outbound, "--mesh-peer"], inbound_args=inbound),
-        RelaySpec("pair[no-exchange]", "pair", [*outbound, "--no-exchange"], inbound_args=[*inbound, "--no-exchange"]),
+        _fastmesh_pair("pair[exchange]", ["--mesh-peer", "--plaintext-exchange"], ["--plaintext-exchange"]),
+        _fastmesh_pair("pair[no-exchange]", ["--no-exchange"], ["--no-exchange"]),
     ]
+
+
+def mtls_pairs() -> list[RelaySpec]:
+    """Pairs whose middle hop is mutual TLS (issue 11): fastmesh with the exchange
+    negotiated by ALPN (Istio's way between sidecars) and without it, HAProxy and
+    nginx stream set up as their users would for a mesh (mtls.py), and the
+    plaintext fastmesh pair for reference."""
+    tls_pair = [
+        _fastmesh_pair("pair[mtls]", ["--mesh-peer"], [], tls=True),
+        _fastmesh_pair("pair[mtls-no-exchange]", ["--mesh-peer", "--no-exchange"], ["--no-exchange"], tls=True),
+    ]
+    for kind in ("haproxy", "nginx"):
+        name = f"{kind}[tls-pair]"
+        tls_pair.append(_pair(name, RelaySpec(name, kind, tls="client"),
+                              RelaySpec(f"{name}:inbound", kind, tls="server")))
+    return [*tls_pair, sidecar_pairs()[0]]
 
 
 def parse_variant(text: str) -> RelaySpec:
@@ -357,6 +395,7 @@ class Options:
     haproxy_threads: int = 1
     socat_backlog: int | None = None   # None: socat's own default of 5, as the command is usually written
     nofile: int = 1 << 20    # RLIMIT_NOFILE hard limit the relays inherit
+    certs: mtls.MeshCerts | None = None   # the mesh identities of TLS rows
 
     @property
     def haproxy_maxconn(self) -> int:
@@ -366,7 +405,7 @@ class Options:
         return min(20000, int((self.nofile - 100) / 2.5))
 
 
-def _haproxy(port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
+def _haproxy(spec: RelaySpec, port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
     cfg = tmp / f"haproxy-{port}.cfg"
     # Hour-long timeouts: nothing may be cut during a run (the idle test holds
     # connections silent). splice-auto lets haproxy move bytes kernel-side.
@@ -382,13 +421,13 @@ defaults
     timeout client 1h
     timeout server 1h
 listen relay
-    bind {HOST}:{port}
-    server backend {HOST}:{upstream}
+    bind {HOST}:{port}{mtls.haproxy_bind(spec.tls, opts.certs)}
+    server backend {HOST}:{upstream}{mtls.haproxy_server(spec.tls, opts.certs)}
 """)
     return [which("haproxy"), "-db", "-f", str(cfg)]
 
 
-def _nginx(port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
+def _nginx(spec: RelaySpec, port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
     prefix = tmp / f"nginx-{port}"
     prefix.mkdir()
     module = nginx_stream_module()
@@ -402,26 +441,27 @@ error_log {prefix}/error.log warn;
 events {{ worker_connections 20000; }}
 stream {{
     server {{
-        listen {HOST}:{port};
+        listen {HOST}:{port}{mtls.nginx_listen(spec.tls)};
         proxy_pass {HOST}:{upstream};
         proxy_timeout 1h;
-    }}
+{mtls.nginx_directives(spec.tls, opts.certs)}    }}
 }}
 """)
     # -e: the error log before the config is read; -p: keep every path in the temp dir.
     return [which("nginx"), "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
 
 
-def _socat(port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
+def _socat(spec: RelaySpec, port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
     backlog = f",backlog={opts.socat_backlog}" if opts.socat_backlog else ""
     return [which("socat"), f"TCP-LISTEN:{port},bind={HOST},fork,reuseaddr,nodelay{backlog}",
             f"TCP:{HOST}:{upstream},nodelay"]
 
 
-def _fastmesh(spec: RelaySpec, port: int, upstream: int) -> list[str]:
+def _fastmesh(spec: RelaySpec, port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
     # Admin and metrics on free ports: telemetry stays on unless a variant says --no-metrics.
+    tls = mtls.fastmesh_args(spec.tls, opts.certs) if spec.tls else []
     return [sys.executable, "-m", "fastmesh", "serve", "--listen", f"{HOST}:{port}",
-            "--upstream", f"{HOST}:{upstream}", "--admin", f"{HOST}:0", "--metrics", f"{HOST}:0", *spec.args]
+            "--upstream", f"{HOST}:{upstream}", "--admin", f"{HOST}:0", "--metrics", f"{HOST}:0", *spec.args, *tls]
 
 
 @dataclass
@@ -444,20 +484,19 @@ def running(spec: RelaySpec, upstream: int, tmp: Path, opts: Options) -> Iterato
         yield Relay(spec.name, upstream, None)
         return
     if spec.kind == "pair":
-        with running(RelaySpec(spec.name + ":inbound", "fastmesh", spec.inbound_args, spec.env),
-                     upstream, tmp, opts) as inbound:
-            with running(RelaySpec(spec.name, "fastmesh", spec.args, spec.env), inbound.port, tmp, opts) as outbound:
+        with running(spec.inbound, upstream, tmp, opts) as inbound:
+            with running(spec.outbound, inbound.port, tmp, opts) as outbound:
                 yield Relay(spec.name, outbound.port, outbound.proc, behind=inbound.proc)
         return
     port = free_port()
     env = None
     if spec.kind == "fastmesh":
-        argv, env = _fastmesh(spec, port, upstream), fastmesh_env(spec.env)
+        argv, env = _fastmesh(spec, port, upstream, tmp, opts), fastmesh_env(spec.env)
     elif spec.kind == "routed":
         argv = [sys.executable, "-m", "fastmesh", "serve", "-c", str(_routed_config(port, upstream, tmp))]
         env = fastmesh_env(spec.env)
     else:
-        argv = {"haproxy": _haproxy, "nginx": _nginx, "socat": _socat}[spec.kind](port, upstream, tmp, opts)
+        argv = {"haproxy": _haproxy, "nginx": _nginx, "socat": _socat}[spec.kind](spec, port, upstream, tmp, opts)
     proc = Proc(spec.name, pinned("relay", argv), tmp, env=env, cwd=tmp)
     try:
         proc.wait_listening(port)

@@ -49,6 +49,20 @@ def checks(values: dict[str, dict[str, float | None]]) -> list[dict]:
                 ("iperf3 1 stream >= 0.95 x pair without exchange", "iperf_1", ">=", 0.95,
                  get("pair[no-exchange]", "iperf_1")),
             ]
+        if relay == "pair[mtls]":  # issue 11: against HAProxy's and nginx's TLS pairs, and without the exchange
+            tls_peers = ("haproxy[tls-pair]", "nginx[tls-pair]")
+
+            def best(metric, pick=max):
+                found = [v for v in (get(r, metric) for r in tls_peers) if v is not None]
+                return pick(found) if found else None
+            return [
+                ("iperf3 1 stream >= 1.2 x best TLS pair", "iperf_1", ">=", 1.2, best("iperf_1")),
+                ("redis reconnect >= 1.0 x best TLS pair", "redis_reconnect", ">=", 1.0, best("redis_reconnect")),
+                ("redis keep-alive >= 1.0 x best TLS pair", "redis_keepalive", ">=", 1.0, best("redis_keepalive")),
+                ("idle RSS growth <= 0.5 x best TLS pair", "idle_rss", "<=", 0.5, best("idle_rss", min)),
+                ("reconnect >= 0.95 x mTLS pair without exchange", "redis_reconnect", ">=", 0.95,
+                 get("pair[mtls-no-exchange]", "redis_reconnect")),
+            ]
         if relay == "fastmesh[routed]":  # routing by Istio's kinds, against the plain listener
             return [("redis keep-alive >= 0.97 x plain fastmesh", "redis_keepalive", ">=", 0.97,
                      get("fastmesh", "redis_keepalive"))]

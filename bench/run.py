@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
+import mtls
 import peers
 import report
 import workloads
@@ -48,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", action="store_true",
                    help="add rows pair[exchange] and pair[no-exchange]: an outbound and an inbound fastmesh "
                         "in a row, with the peer metadata exchange on and off")
+    p.add_argument("--mtls", action="store_true",
+                   help="add rows pair[mtls], pair[mtls-no-exchange] (two fastmesh sidecars over mutual TLS, the "
+                        "exchange on and off), haproxy[tls-pair], nginx[tls-pair] (the same pair made of haproxy "
+                        "or nginx stream) and the plaintext pair[exchange] for reference")
     p.add_argument("--routed", action="store_true",
                    help="add row fastmesh[routed]: fastmesh configured by Istio ServiceEntry, DestinationRule "
                         "and VirtualService files (serve -c) instead of --listen/--upstream")
@@ -81,6 +86,8 @@ def relay_specs(a: argparse.Namespace) -> list[RelaySpec]:
             specs += [peers.parse_variant(v) for v in a.fastmesh_variant]
             if a.pairs:
                 specs += peers.sidecar_pairs()
+            if a.mtls:
+                specs += [p for p in peers.mtls_pairs() if p.name not in {s.name for s in specs}]
             if a.routed:
                 specs.append(peers.routed_spec())
     # A bench of fastmesh without fastmesh means nothing: a row that cannot even
@@ -235,6 +242,15 @@ def main(argv=None) -> int:
           f"redis {a.requests}/{a.reconnect_requests} requests; {a.idle_connections} idle connections", flush=True)
     with tempfile.TemporaryDirectory(prefix="fastmesh-bench-") as tmpname:
         tmp = Path(tmpname)
+        if any(s.kind == "pair" and s.outbound.tls for s in specs):
+            opts.certs = mtls.make_certs(tmp, peers.fastmesh_env({}))
+            notes.append("mTLS rows: a root and two RSA 2048 identities from `fastmesh ca` (ratings-v2 as "
+                         "spiffe://cluster.local/ns/default/sa/bookinfo-ratings-v2, mongodb as .../sa/default); "
+                         "fastmesh outbound --mesh-peer --certs, inbound --certs --peer-authentication STRICT; "
+                         "haproxy: server ssl crt ca-file verify required alpn istio-peer-exchange,istio, bind ssl "
+                         "crt ca-file verify required; nginx: proxy_ssl with proxy_ssl_verify off (it checks host "
+                         "names, the certificates carry a URI SAN only), ssl_verify_client on; every relay resumes "
+                         "sessions as it does by default")
         try:
             for rep in range(a.repeat):
                 # Rotate the order each repeat so no relay always runs first (or right after another).
@@ -274,7 +290,7 @@ def main(argv=None) -> int:
                    "idle_connections": a.idle_connections, "repeat": a.repeat, "redis_clients": 50,
                    "haproxy_threads": a.haproxy_threads, "haproxy_maxconn": opts.haproxy_maxconn,
                    "socat_backlog": a.socat_backlog, "nofile_limit": nofile, "measurements": units,
-                   "relays": {s.name: {"kind": s.kind, "args": s.args, "env": s.env} for s in specs}},
+                   "relays": {s.name: s.describe() for s in specs}},
         "relays": [s.name for s in specs],
         "metrics": {m: {"label": l, "unit": u, "higher_is_better": h,
                         "raw_unit": "bit/s" if m.startswith("iperf") else u}

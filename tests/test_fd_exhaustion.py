@@ -99,8 +99,11 @@ def test_upstream_socket_exhaustion_is_a_counted_logged_local_error(scenario):
         assert record["bytes"] == [0, 0, 0, 0]
         assert (record["listener_id"], record["cluster"], record["endpoint"]) == (0, 0, 0)
     stats = scenario["stats_after_local_errors"]
-    # accept4() succeeded every time: the failing call was socket().
-    assert stats["accept_errors"] == 0 and stats["accept_paused"] == 0
+    # accept4() succeeded for every client: the failing call was socket(). With two
+    # workers, the one that loses the race for a connection may still call accept4()
+    # while no fd is free, which fails with EMFILE even on an empty queue: counted.
+    spurious = (scenario["workers"] - 1) * LOCAL_ERRORS
+    assert stats["accept_errors"] <= spurious and stats["accept_paused"] == stats["accept_errors"]
     assert stats["connections_accepted"] == HELD + LOCAL_ERRORS
     assert stats["active_connections"] == HELD
     assert stats["connect_failures"] == 0  # a local failure, not the upstream's

@@ -239,6 +239,35 @@ def test_an_mtls_pair_relays_exact_bytes_and_learns_both_identities(make_engine,
         assert (record.down_rx + record.up_tx, record.up_rx + record.down_tx) == (2 * total_up, 2 * total_down)
 
 
+def test_the_peers_last_bytes_survive_our_close_notify(make_engine, upstream, mesh_certs):
+    # Istio's e2e TCP client: "world\n" and its end of stream at once; the app answers
+    # "hello world\n" as soon as it has the line. The client's end of stream becomes our
+    # close_notify toward the inbound sidecar while the answer may already wait, decrypted
+    # or not, in our TLS buffers: TLS 1.3 closes one direction, and not one byte may be lost.
+    def hello(conn: socket.socket) -> None:
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = conn.recv(64)
+            if not chunk:
+                return
+            line += chunk
+        conn.sendall(b"hello " + line)
+        read_all_bytes(conn)
+
+    server = upstream(hello)
+    inbound = Sidecar(make_engine, mesh_certs.identity(*MONGODB), RouteTable.single([server.address]),
+                      ExchangeSettings("inbound", SERVER_FRAME), ListenerTls("STRICT"))
+    outbound = outbound_side(make_engine, mesh_certs.identity(*RATINGS), inbound.address)
+    for _ in range(100):
+        with socket.create_connection(outbound.address) as client:
+            client.sendall(b"world\n")
+            client.shutdown(socket.SHUT_WR)
+            assert read_all_bytes(client) == b"hello world\n"
+    for record in outbound.wait_closed(100):
+        assert record.reason in (CloseReason.DOWNSTREAM_CLOSE, CloseReason.UPSTREAM_CLOSE)
+    assert outbound.engine.stats()["tls_truncated"] == 0
+
+
 def test_sessions_are_resumed_between_the_sidecars(make_engine, upstream, mesh_certs):
     app = App(upstream, answer=b"ok")
     inbound = inbound_side(make_engine, mesh_certs, app, exchange=False)
@@ -251,6 +280,39 @@ def test_sessions_are_resumed_between_the_sidecars(make_engine, upstream, mesh_c
     inbound.wait_closed(4)
     assert inbound.engine.stats()["tls_handshakes"] == 4
     assert inbound.engine.stats()["tls_resumed"] >= 2  # the first is full; the ticket comes with its answer
+
+
+def test_every_connection_after_the_first_resumes_after_a_reset_and_when_many_start_at_once(
+        make_engine, upstream, mesh_certs):
+    # A reset (no close_notify) must not cost the next connection a full handshake,
+    # nor may connections that start together from the same session.
+    app = App(upstream, answer=b"ok")
+    inbound = inbound_side(make_engine, mesh_certs, app, exchange=False)
+    outbound = outbound_side(make_engine, mesh_certs.identity(*RATINGS), inbound.address, exchange=False)
+
+    def one() -> None:
+        with socket.create_connection(outbound.address) as client:
+            client.sendall(b"x")
+            client.shutdown(socket.SHUT_WR)
+            assert read_all(client) == (2, sha256(b"ok"))
+
+    one()  # the full handshake, whose ticket the outbound keeps
+    reset = socket.create_connection(outbound.address)
+    reset.sendall(b"x")
+    inbound.stat("tls_handshakes", 2)
+    time.sleep(0.2)  # the outbound reads the ticket that follows the handshake
+    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset.close()  # an RST: passed on as a reset, no close_notify either way
+    inbound.wait_closed(2)
+    one()
+    together = [threading.Thread(target=one) for _ in range(8)]
+    for thread in together:
+        thread.start()
+    for thread in together:
+        thread.join()
+    inbound.wait_closed(11)
+    stats = inbound.engine.stats()
+    assert (stats["tls_handshakes"], stats["tls_resumed"]) == (11, 10)
 
 
 def test_no_plaintext_crosses_the_wire_between_the_sidecars(make_engine, upstream, mesh_certs):

@@ -185,6 +185,7 @@ cdef struct End:
     # A TLS end reads and writes through its SSL (native/tls.pxi); NULL is plaintext,
     # which reads and writes the socket directly (native/flow.pxi).
     SSL *ssl
+    int tls_held               # what ended a run of records read after some bytes: errno, or TLS_HELD_EOF
 
 
 cdef struct Timer:

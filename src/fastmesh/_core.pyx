@@ -41,7 +41,9 @@ from fastmesh.defaults import DEFAULTS
 from fastmesh.reasons import CloseReason
 from fastmesh.records import Batch, Closed, ConnectionInfo, FlowInfo, Opened, Peer, Updated
 from fastmesh.routing import LB_POLICIES, OUTBOUND
-from fastmesh.tls import CLIENT_ALPN, EXCHANGE_ALPN, SERVER_ALPN, encode_alpn
+from fastmesh.tls import (
+    CLIENT_ALPN, EXCHANGE_ALPN, SERVER_ALPN, SESSION_CACHE_SIZE, TLS12_CIPHERS, TLS13_CIPHERSUITES, encode_alpn,
+)
 
 IMPLEMENTATION = "cython"
 SPLICE_SUPPORTED = True

@@ -619,8 +619,11 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
 
     def _end_stream(self, conn: _Conn, side: int) -> bool:
         """Pass an end of stream on (close_notify first over TLS); False while it waits."""
-        if conn.tls[side] is not None and not self._tls_close_notify(conn, side):
-            return False
+        try:
+            if conn.tls[side] is not None and not self._tls_close_notify(conn, side):
+                return False
+        except OSError:
+            pass  # the peer is gone before our close_notify: as below, its reset comes next
         try:
             conn.socks[side].shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
         except OSError:

@@ -41,6 +41,9 @@ cdef extern from *:
     void SSL_CTX_sess_set_new_cb(SSL_CTX *ctx, int (*new_session_cb)(SSL *ssl, SSL_SESSION *sess));
     int SSL_CTX_set_session_id_context(SSL_CTX *ctx, const unsigned char *sid_ctx, unsigned int sid_ctx_len);
     int SSL_CTX_set_num_tickets(SSL_CTX *ctx, size_t num_tickets);
+    int SSL_CTX_set_ciphersuites(SSL_CTX *ctx, const char *str);
+    int SSL_CTX_set_cipher_list(SSL_CTX *ctx, const char *str);
+    void SSL_CTX_set_default_read_buffer_len(SSL_CTX *ctx, size_t len);
 
     SSL *SSL_new(SSL_CTX *ctx);
     void SSL_free(SSL *ssl);
@@ -52,8 +55,10 @@ cdef extern from *:
     int SSL_peek(SSL *ssl, void *buf, int num);
     int SSL_write(SSL *ssl, const void *buf, int num);
     int SSL_shutdown(SSL *s);
+    void SSL_set_shutdown(SSL *ssl, int mode);
     int SSL_get_error(const SSL *s, int ret_code);
     int SSL_has_pending(const SSL *s);
+    int SSL_free_buffers(SSL *ssl);
     void SSL_get0_alpn_selected(const SSL *ssl, const unsigned char **data, unsigned int *len);
     X509 *SSL_get1_peer_certificate(const SSL *s);
     long SSL_get_verify_result(const SSL *ssl);
@@ -64,6 +69,7 @@ cdef extern from *:
     void *SSL_get_ex_data(const SSL *ssl, int idx);
     void SSL_SESSION_free(SSL_SESSION *ses);
     int SSL_SESSION_up_ref(SSL_SESSION *ses);
+    SSL_SESSION *SSL_SESSION_dup(const SSL_SESSION *src);
 
     unsigned long ERR_get_error(void);
     void ERR_clear_error(void);
@@ -115,6 +121,9 @@ cdef extern from *:
     void SSL_CTX_sess_set_new_cb(SSL_CTX *ctx, int (*new_session_cb)(SSL *ssl, SSL_SESSION *sess) noexcept nogil) nogil
     int SSL_CTX_set_session_id_context(SSL_CTX *ctx, const unsigned char *sid_ctx, unsigned int sid_ctx_len) nogil
     int SSL_CTX_set_num_tickets(SSL_CTX *ctx, size_t num_tickets) nogil
+    int SSL_CTX_set_ciphersuites(SSL_CTX *ctx, const char *str) nogil
+    int SSL_CTX_set_cipher_list(SSL_CTX *ctx, const char *str) nogil
+    void SSL_CTX_set_default_read_buffer_len(SSL_CTX *ctx, size_t len) nogil
 
     SSL *SSL_new(SSL_CTX *ctx) nogil
     void SSL_free(SSL *ssl) nogil
@@ -126,8 +135,10 @@ cdef extern from *:
     int SSL_peek(SSL *ssl, void *buf, int num) nogil
     int SSL_write(SSL *ssl, const void *buf, int num) nogil
     int SSL_shutdown(SSL *s) nogil
+    void SSL_set_shutdown(SSL *ssl, int mode) nogil
     int SSL_get_error(const SSL *s, int ret_code) nogil
     int SSL_has_pending(const SSL *s) nogil
+    int SSL_free_buffers(SSL *ssl) nogil
     void SSL_get0_alpn_selected(const SSL *ssl, const unsigned char **data, unsigned int *len) nogil
     X509 *SSL_get1_peer_certificate(const SSL *s) nogil
     long SSL_get_verify_result(const SSL *ssl) nogil
@@ -138,6 +149,7 @@ cdef extern from *:
     void *SSL_get_ex_data(const SSL *ssl, int idx) nogil
     void SSL_SESSION_free(SSL_SESSION *ses) nogil
     int SSL_SESSION_up_ref(SSL_SESSION *ses) nogil
+    SSL_SESSION *SSL_SESSION_dup(const SSL_SESSION *src) nogil
 
     unsigned long ERR_get_error() nogil
     void ERR_clear_error() nogil
@@ -165,10 +177,14 @@ cdef enum:
     SSL_VERIFY_PEER = 1
     SSL_VERIFY_FAIL_IF_NO_PEER_CERT = 2
     SSL_FILETYPE_PEM = 1
+    SSL_SENT_SHUTDOWN = 1
+    SSL_RECEIVED_SHUTDOWN = 2
     SSL_MODE_ENABLE_PARTIAL_WRITE = 1
     SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER = 2
     SSL_MODE_RELEASE_BUFFERS = 0x10
     SSL_CTRL_MODE = 33
+    SSL_CTRL_SET_READ_AHEAD = 41
+    SSL_CTRL_SET_SESS_CACHE_SIZE = 42
     SSL_CTRL_SET_SESS_CACHE_MODE = 44
     SSL_CTRL_SET_TLSEXT_HOSTNAME = 55
     SSL_CTRL_SET_MIN_PROTO_VERSION = 123
@@ -202,7 +218,11 @@ cdef extern from *:
     static const uint64_t fm_ssl_op_no_renegotiation = (uint64_t)1 << 30;
     static const uint64_t fm_ssl_op_no_compression = (uint64_t)1 << 17;
     static const uint64_t fm_ssl_op_enable_ktls = (uint64_t)1 << 3;
+    static const uint64_t fm_ssl_op_no_ticket = (uint64_t)1 << 14;
+    static const uint64_t fm_ssl_op_cipher_server_preference = (uint64_t)1 << 22;
     """
     const uint64_t fm_ssl_op_no_renegotiation
     const uint64_t fm_ssl_op_no_compression
     const uint64_t fm_ssl_op_enable_ktls
+    const uint64_t fm_ssl_op_no_ticket
+    const uint64_t fm_ssl_op_cipher_server_preference

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from fastmesh._twin_base import DOWN, UP
 from fastmesh.records import Peer
-from fastmesh.tls import CLIENT_ALPN, EXCHANGE_ALPN, MUTUAL, SERVER_ALPN, SIMPLE, ClientTls
+from fastmesh.tls import CLIENT_ALPN, EXCHANGE_ALPN, MUTUAL, SERVER_ALPN, SIMPLE, TLS12_CIPHERS, ClientTls
 
 if TYPE_CHECKING:
     from fastmesh._engine_py import _Conn
@@ -44,6 +44,7 @@ def _context(server: bool, cert_chain: str, key: str, roots: str, mesh_alpn: boo
     ctx.check_hostname = False  # the peer is checked by its SAN, not by a host name
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.set_ciphers(TLS12_CIPHERS)  # Python's ssl cannot order TLS 1.3's suites: OpenSSL's order there
     try:
         if cert_chain:
             ctx.load_cert_chain(cert_chain, key)
@@ -53,6 +54,7 @@ def _context(server: bool, cert_chain: str, key: str, roots: str, mesh_alpn: boo
     if server:
         ctx.set_alpn_protocols(list(SERVER_ALPN))
         ctx.num_tickets = 1  # one is all a client keeps
+        ctx.options |= ssl.OP_NO_TICKET | ssl.OP_CIPHER_SERVER_PREFERENCE  # as the C engine: stateful sessions
     elif mesh_alpn:
         ctx.set_alpn_protocols(list(CLIENT_ALPN))
     return ctx
@@ -96,7 +98,7 @@ class TlsEnd:
     """One end of a connection that speaks TLS: its SSLObject between two memory
     BIOs, and the encrypted bytes not yet written to its socket."""
 
-    __slots__ = ("obj", "incoming", "outgoing", "raw_out")
+    __slots__ = ("obj", "incoming", "outgoing", "raw_out", "carried", "read_end", "end_told")
 
     def __init__(self, ctx: ssl.SSLContext, server_side: bool, sni: Optional[str] = None,
                  session: Optional[ssl.SSLSession] = None) -> None:
@@ -105,10 +107,33 @@ class TlsEnd:
         self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side, server_hostname=sni,
                                 session=session)
         self.raw_out = b""
+        self.carried = b""  # plaintext decrypted before our close_notify, not read yet
+        self.read_end: Optional[ssl.SSLError] = None  # and how the peer's stream ended, if it had
+        self.end_told = False  # read_end was given to a reader
 
     def buffered(self) -> bool:
         """Bytes that wait in the BIO or the SSL object, with no socket event to come."""
-        return self.obj.pending() > 0 or self.incoming.pending > 0
+        return (self.obj.pending() > 0 or self.incoming.pending > 0 or bool(self.carried)
+                or (self.read_end is not None and not self.end_told))
+
+    def take_received(self) -> None:
+        """Decrypt every record already received into `carried`. Python's ssl sends
+        close_notify with unwrap(), which then reads on for the peer's and throws away
+        the application data it meets: TLS 1.3's half-close would lose the peer's last
+        bytes (the C engine calls SSL_shutdown once, which does not read)."""
+        taken = []
+        while self.read_end is None:
+            try:
+                chunk = self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLError as exc:
+                self.read_end = exc
+                break
+            if not chunk:  # the peer's close_notify (Python's ssl returns b"" for it)
+                self.read_end = ssl.SSLZeroReturnError()
+            taken.append(chunk)
+        self.carried += b"".join(taken)
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -297,7 +322,13 @@ class TlsWorkerMixin:
         assert tls is not None
         while True:
             try:
-                data = tls.obj.read(size)
+                if tls.carried:
+                    data, tls.carried = tls.carried[:size], tls.carried[size:]
+                elif tls.read_end is not None:
+                    tls.end_told = True
+                    raise tls.read_end
+                else:
+                    data = tls.obj.read(size)
             except ssl.SSLWantReadError:
                 self._tls_flush(conn, side)  # a post-handshake message may want an answer
                 if not self._tls_take_raw(conn, side):
@@ -336,6 +367,7 @@ class TlsWorkerMixin:
         assert tls is not None
         if not self._tls_flush(conn, side):
             return False
+        tls.take_received()
         try:
             tls.obj.unwrap()
         except (ssl.SSLWantReadError, ssl.SSLError):

@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "embedded TCP service)")
     demo.add_argument("--prometheus", action="store_true",
                       help="also run a Prometheus server scraping both sidecars and print its PromQL answers")
+    demo.add_argument("--mtls", action="store_true",
+                      help="the task's mutual-TLS branch: an ISTIO_MUTUAL DestinationRule and a workload identity "
+                           "for each sidecar (made with `fastmesh ca` in a temporary directory); shows both "
+                           "principals")
 
     metrics = commands.add_parser(
         "metrics",
@@ -369,8 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             logging.getLogger("fastmesh").setLevel(logging.WARNING)  # the demo reports its own progress
-            return run(demo.run, args.requests, args.prometheus, args.database, sys.stdout, progress)
-        except (demo.DemoError, OSError, subprocess.CalledProcessError) as exc:
+            return run(demo.run, args.requests, args.prometheus, args.database, sys.stdout, progress, args.mtls)
+        except (demo.DemoError, demo.ca.CaError, OSError, subprocess.CalledProcessError) as exc:
             log.error("demo: %s", exc)
             return 1
         except KeyboardInterrupt:

@@ -1,14 +1,17 @@
 """`python -m fastmesh demo`: Istio's "Collecting Metrics for TCP Services" task
 on this machine. ratings-v2 talks to its database over TCP through its own
 outbound sidecar and the database's inbound sidecar, configured by the Istio
-files in fastmesh/bookinfo/; then both reporters' istio_tcp_* series are shown,
-as the task's Prometheus console shows them. Everything started is stopped at
-the end or on Ctrl-C (the task's Cleanup step)."""
+files in fastmesh/bookinfo/; with --mtls, along the task's mutual-TLS branch
+(an ISTIO_MUTUAL DestinationRule and a workload identity for each side). Then
+both reporters' istio_tcp_* series are shown as a table, and the task's two
+queries are answered series by series, as Prometheus's console lists them.
+Everything started is stopped at the end or on Ctrl-C (the task's Cleanup step)."""
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import json
 import shutil
 import socket
@@ -21,13 +24,22 @@ from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 from typing import Callable, TextIO
 
-from fastmesh import metrics_view
+from fastmesh import ca, metrics_view
 from fastmesh.addr import Address
 from fastmesh.config import load_documents, plan
+from fastmesh.config.istio_api import Sidecar as SidecarSpec
+from fastmesh.config.loader import Document
+from fastmesh.settings import SidecarConfig
 from fastmesh.sidecar import Sidecar
 
 CONFIG = Path(__file__).resolve().parent / "bookinfo"
 MESH_FILES = ("mesh.yaml", "destination-rule-mongodb.yaml", "virtual-service-mongodb.yaml")
+MTLS_RULE = "destination-rule-mongodb-mtls.yaml"  # the task's branch "If you enabled mutual TLS"
+# The service accounts of Bookinfo's workloads: ratings-v2 runs as bookinfo-ratings-v2,
+# the database as its namespace's default account.
+IDENTITIES = {"ratings-v2": ("default", "bookinfo-ratings-v2"), "mongodb-v1": ("default", "default")}
+# The task's queries: "istio_tcp_connections_opened_total" and "..._closed_total".
+QUERIES = ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total")
 DATABASE_PORT = 27018  # where mongodb-v1-sidecar.yaml hands connections
 CLIENT_PORT = 15001  # where ratings-v2-sidecar.yaml accepts the app's connections
 
@@ -203,23 +215,53 @@ def promql(port: int, query: str) -> list[dict]:
         return json.load(response)["data"]["result"]
 
 
+def sidecar_configs(mtls: bool, workdir: Path, progress: Callable[[str], None]) -> dict[str, SidecarConfig]:
+    """ratings-v2's and the database's sidecars from the Istio files; with mtls, the
+    ISTIO_MUTUAL rule instead of the plaintext one, and an identity for each (made by
+    `fastmesh ca` in workdir) in place of the plaintext exchange."""
+    rules = [MTLS_RULE if mtls and name == "destination-rule-mongodb.yaml" else name for name in MESH_FILES]
+    files = {"ratings-v2": [*rules, "ratings-v2-sidecar.yaml"], "mongodb-v1": ["mongodb-v1-sidecar.yaml"]}
+    if mtls:
+        root = workdir / "mesh-root"
+        ca.init(root)
+    configs = {}
+    for name, names in files.items():
+        documents = load_documents([CONFIG / f for f in names])
+        if mtls:
+            namespace, account = IDENTITIES[name]
+            progress(f"{name}: identity {ca.issue(root, namespace, account, workdir / name)}")
+            documents = [_with_identity(d, workdir / name) if isinstance(d.spec, SidecarSpec) else d
+                         for d in documents]
+        configs[name] = plan(documents).sidecar
+    return configs
+
+
+def _with_identity(document: Document, certs: Path) -> Document:
+    """The Sidecar document with `certs` set and the plaintext exchange off (Istio's
+    exchange runs inside mTLS only)."""
+    spec = document.spec
+    exchange = spec.exchange.model_copy(update={"plaintext": False})
+    return dataclasses.replace(document, spec=spec.model_copy(update={"certs": str(certs), "exchange": exchange}))
+
+
 async def run(requests: int, with_prometheus: bool, database_name: str, out: TextIO,
-              progress: Callable[[str], None]) -> int:
+              progress: Callable[[str], None], mtls: bool = False) -> int:
     database = choose_database(database_name)
-    ratings = plan(load_documents([CONFIG / f for f in (*MESH_FILES, "ratings-v2-sidecar.yaml")])).sidecar
-    mongodb = plan(load_documents([CONFIG / "mongodb-v1-sidecar.yaml"])).sidecar
     with tempfile.TemporaryDirectory(prefix="fastmesh-demo-") as tmp, ExitStack() as processes:
         workdir = Path(tmp)
+        if mtls:
+            progress(f"mutual TLS: {MTLS_RULE} (ISTIO_MUTUAL), a mesh root from `fastmesh ca init`")
+        configs = sidecar_configs(mtls, workdir, progress)
         async with AsyncExitStack() as sidecars:
             progress(f"database: {database.name}, on 127.0.0.1:{DATABASE_PORT}")
             await asyncio.to_thread(database.start, processes, workdir)
-            for name, config in (("mongodb-v1", mongodb), ("ratings-v2", ratings)):
-                sidecar = Sidecar(config)
+            for name in ("mongodb-v1", "ratings-v2"):
+                sidecar = Sidecar(configs[name])
                 await sidecar.start()
                 sidecars.push_async_callback(sidecar.stop, 0.0)
                 listen = ", ".join(str(listener.address) for listener in sidecar.relay.listeners.values())
                 progress(f"{name} sidecar: listening on {listen}, metrics on {sidecar.metrics_address}")
-            metrics = [ratings.metrics, mongodb.metrics]
+            metrics = [configs["ratings-v2"].metrics, configs["mongodb-v1"].metrics]
             prometheus = None
             if with_prometheus:
                 prometheus = await asyncio.to_thread(_prometheus, processes, workdir, [m for m in metrics if m])
@@ -231,34 +273,48 @@ async def run(requests: int, with_prometheus: bool, database_name: str, out: Tex
                     progress(f"  review {1 + i % 2}: rating {answer}")
             progress("waiting for the sidecars to report (tcpReportingDuration 1s)")
             await asyncio.sleep(2.5)
+            texts = []
             for name, address in (("ratings-v2's sidecar (reporter=source)", metrics[0]),
                                   ("mongodb-v1's sidecar (reporter=destination)", metrics[1])):
                 url = f"http://{address}/stats/prometheus"
-                header, rows = metrics_view.tcp_rows(await asyncio.to_thread(metrics_view.fetch, url))
+                texts.append(await asyncio.to_thread(metrics_view.fetch, url))
+                header, rows = metrics_view.tcp_rows(texts[-1], all_labels=mtls)
+                if mtls:  # the principals and the security policy are what this branch shows
+                    header, rows = _columns(header, rows, ("REPORTER", "SOURCE_PRINCIPAL", "DESTINATION_PRINCIPAL",
+                                                           "CONNECTION_SECURITY_POLICY", "OPENED", "CLOSED"))
                 out.write(f"\n{name}: {url}\n{metrics_view.format_table(header, rows)}")
             if prometheus is not None:
-                await _show_promql(prometheus, out, progress)
+                await _answer_from_prometheus(prometheus, out, progress)
+            else:
+                _answer_from_sidecars(texts, out)
             progress("cleaning up: sidecars, database" + (", prometheus" if prometheus else ""))
     return 0
 
 
-async def _show_promql(port: int, out: TextIO, progress: Callable[[str], None]) -> None:
-    progress("asking Prometheus (it needs a few scrapes)")
+def _columns(header: list[str], rows: list[list[str]], keep: tuple[str, ...]) -> tuple[list[str], list[list[str]]]:
+    where = [header.index(name) for name in keep]
+    return list(keep), [[row[i] for i in where] for row in rows]
+
+
+def _answer_from_sidecars(texts: list[str], out: TextIO) -> None:
+    """The task's two queries, answered from both sidecars' endpoints (no Prometheus
+    here: its answer would add the scrape's instance and job labels)."""
+    for query in QUERIES:
+        out.write(f"\n{query}  (both sidecars' /stats/prometheus; Prometheus adds instance and job)\n")
+        for text in texts:
+            for labels, value in metrics_view.samples(text, query):
+                out.write(metrics_view.console_line(query, labels, value) + "\n")
+
+
+async def _answer_from_prometheus(port: int, out: TextIO, progress: Callable[[str], None]) -> None:
+    progress("asking Prometheus the task's queries (it needs a few scrapes)")
     deadline = time.monotonic() + 60
-    query = "istio_tcp_connections_opened_total"
-    result: list[dict] = []
     while time.monotonic() < deadline:
-        result = await asyncio.to_thread(promql, port, query)
+        result = await asyncio.to_thread(promql, port, QUERIES[0])
         if len({r["metric"].get("reporter") for r in result}) == 2:
             break
         await asyncio.sleep(1)
-    for name in (query, "istio_tcp_connections_closed_total", "istio_tcp_sent_bytes_total",
-                 "istio_tcp_received_bytes_total"):
-        out.write(f"\nPromQL: {name}\n")
-        for series in await asyncio.to_thread(promql, port, name):
-            labels = series["metric"]
-            out.write(f"  {name}{{reporter=\"{labels.get('reporter')}\", "
-                      f"source_workload=\"{labels.get('source_workload')}\", "
-                      f"destination_workload=\"{labels.get('destination_workload')}\", "
-                      f"destination_service_name=\"{labels.get('destination_service_name')}\"}} "
-                      f"{series['value'][1]}\n")
+    for query in QUERIES:
+        out.write(f"\n{query}  (Prometheus http://127.0.0.1:{port})\n")
+        for series in await asyncio.to_thread(promql, port, query):
+            out.write(metrics_view.console_line(query, series["metric"], float(series["value"][1])) + "\n")

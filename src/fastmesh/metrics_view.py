@@ -48,6 +48,20 @@ def tcp_rows(text: str, all_labels: bool = False) -> tuple[list[str], list[list[
     return header, rows
 
 
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample of metric `name` in an exposition text."""
+    return [(dict(sample.labels), sample.value) for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name]
+
+
+def console_line(name: str, labels: dict[str, str], value: float) -> str:
+    """One series as Prometheus's console lists a query's answer: the name, the labels
+    in order, the value (a counter's without a decimal point)."""
+    inner = ",".join(f'{key}="{labels[key]}"' for key in sorted(labels) if key != "__name__")
+    shown = f"{value:.0f}" if float(value).is_integer() else f"{value:g}"
+    return f"{name}{{{inner}}} {shown}"
+
+
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     if not rows:
         return "no istio_tcp_* series yet\n"

@@ -8,7 +8,7 @@ cdef inline ssize_t read_end(End *src, char *into, size_t room) noexcept nogil:
     # Bytes from a side into a buffer, recv-like: plaintext reads the socket, a TLS
     # end decrypts through OpenSSL (and never splices).
     if src.ssl != NULL:
-        return tls_read(src, into, room, False)
+        return tls_read_records(src, into, room)
     return recv(src.fd, into, room, MSG_DONTWAIT)
 
 

@@ -12,6 +12,9 @@ cdef unsigned int fm_client_alpn_len
 cdef unsigned char fm_exchange_alpn[32]  # fastmesh.tls.EXCHANGE_ALPN
 cdef unsigned int fm_exchange_alpn_len
 cdef const unsigned char *FM_SESSION_CONTEXT = <const unsigned char *>"fastmesh"
+cdef enum:
+    TLS_READ_AHEAD = 4 * 16384 + 4 * 256  # four full records and their headers and tags
+    TLS_HELD_EOF = -1                     # End.tls_held: close_notify
 
 
 cdef set_alpn_lists(bytes server, bytes client, bytes exchange):
@@ -76,10 +79,17 @@ cdef SSL_CTX *new_context(bint server, object cert_chain, object key, object roo
     try:
         SSL_CTX_ctrl(ctx, SSL_CTRL_SET_MIN_PROTO_VERSION, TLS1_2_VERSION, NULL)
         SSL_CTX_set_options(ctx, fm_ssl_op_no_renegotiation | fm_ssl_op_no_compression | fm_ssl_op_enable_ktls)
+        if (SSL_CTX_set_ciphersuites(ctx, TLS13_CIPHERSUITES.encode()) != 1
+                or SSL_CTX_set_cipher_list(ctx, TLS12_CIPHERS.encode()) != 1):
+            raise ValueError(openssl_errors())
         # Buffers only while data is in flight; writes that may be partial, retried from
         # a buffer that may have moved.
         SSL_CTX_ctrl(ctx, SSL_CTRL_MODE, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
                      | SSL_MODE_RELEASE_BUFFERS, NULL)
+        # Read ahead: one recv takes several records rather than two per record (a
+        # header, then its body); the buffer is released once it is empty.
+        SSL_CTX_ctrl(ctx, SSL_CTRL_SET_READ_AHEAD, 1, NULL)
+        SSL_CTX_set_default_read_buffer_len(ctx, TLS_READ_AHEAD)
         if cert_chain:
             if SSL_CTX_use_certificate_chain_file(ctx, str(cert_chain).encode()) != 1:
                 raise ValueError(f"{cert_chain}: {openssl_errors()}")
@@ -94,6 +104,8 @@ cdef SSL_CTX *new_context(bint server, object cert_chain, object key, object roo
             SSL_CTX_set_alpn_select_cb(ctx, alpn_select, NULL)
             SSL_CTX_set_session_id_context(ctx, FM_SESSION_CONTEXT, 8)
             SSL_CTX_set_num_tickets(ctx, 1)  # one is all a client keeps
+            SSL_CTX_set_options(ctx, fm_ssl_op_no_ticket | fm_ssl_op_cipher_server_preference)
+            SSL_CTX_ctrl(ctx, SSL_CTRL_SET_SESS_CACHE_SIZE, SESSION_CACHE_SIZE, NULL)
         else:
             SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL)
             SSL_CTX_ctrl(ctx, SSL_CTRL_SET_SESS_CACHE_MODE, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE,
@@ -114,7 +126,12 @@ cdef inline ssize_t tls_result(SSL *ssl, int ret) noexcept nogil:
     # the next event), ECONNRESET (the stream ended without close_notify) or EPROTO.
     cdef int err = SSL_get_error(ssl, ret)
     cdef unsigned long e
-    if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
+    if err == SSL_ERROR_WANT_READ:
+        # Nothing more to read for now: an idle connection keeps no buffer (OpenSSL's
+        # release-buffers mode misses some of these moments; this frees only empty ones).
+        SSL_free_buffers(ssl)
+        set_errno(EAGAIN)
+    elif err == SSL_ERROR_WANT_WRITE:
         set_errno(EAGAIN)
     elif err == SSL_ERROR_ZERO_RETURN:
         return 0
@@ -133,6 +150,36 @@ cdef ssize_t tls_read(End *e, char *into, size_t room, bint peek) noexcept nogil
     if n > 0:
         return n
     return tls_result(e.ssl, n)
+
+
+cdef ssize_t tls_read_records(End *e, char *into, size_t room) noexcept nogil:
+    # As many records as the room takes, so that a full buffer leaves in one send
+    # rather than one per record. What ends the run after some bytes (other than
+    # EAGAIN, which also means the socket is drained) is held for the next call:
+    # those bytes go on first.
+    cdef ssize_t got = 0, n
+    cdef int held = e.tls_held
+    if held:
+        e.tls_held = 0
+        if held == TLS_HELD_EOF:
+            return 0
+        set_errno(held)
+        return -1
+    while <size_t>got < room:
+        n = tls_read(e, into + got, room - got, False)
+        if n > 0:
+            got += n
+            continue
+        if got == 0:
+            return n
+        if n == 0:
+            e.tls_held = TLS_HELD_EOF
+        elif errno == EAGAIN:
+            e.readable = False
+        elif errno != EINTR:
+            e.tls_held = errno
+        break
+    return got
 
 
 cdef ssize_t tls_write(End *e, const char *data, size_t n) noexcept nogil:
@@ -163,6 +210,11 @@ cdef void tls_release(Conn *c) noexcept nogil:
     cdef int s
     for s in range(2):
         if c.ends[s].ssl != NULL:
+            # OpenSSL drops from the server's cache the session of a connection that
+            # ends without close_notify both ways, and the client's last ticket came
+            # from it: its next connection would pay for a full handshake. The session
+            # is as sound as it was (a reset is passed on as a reset whatever this says).
+            SSL_set_shutdown(c.ends[s].ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN)
             SSL_free(c.ends[s].ssl)
             c.ends[s].ssl = NULL
     free(c.principal)
@@ -179,6 +231,7 @@ cdef bint start_tls(Worker *w, Conn *c, int side) noexcept nogil:
     cdef SSL_CTX *ctx
     cdef SSL *ssl
     cdef SSL_SESSION *session = NULL
+    cdef SSL_SESSION *copy
     if side == DOWN:
         ctx = w.identity.server
     else:
@@ -204,8 +257,14 @@ cdef bint start_tls(Worker *w, Conn *c, int side) noexcept nogil:
             SSL_SESSION_up_ref(session)
         pthread_mutex_unlock(&l.session_lock)
         if session != NULL:
-            SSL_set_session(ssl, session)
+            # A copy for each connection: when a TLS 1.3 handshake ends OpenSSL marks
+            # its session used up, and the connections starting meanwhile from the
+            # same one would fall back to full handshakes.
+            copy = SSL_SESSION_dup(session)
             SSL_SESSION_free(session)
+            if copy != NULL:
+                SSL_set_session(ssl, copy)
+                SSL_SESSION_free(copy)
     c.ends[side].ssl = ssl
     c.tls_side = side
     c.tls_phase = TLS_HANDSHAKE
@@ -316,6 +375,7 @@ cdef void handshake_done(Worker *w, Conn *c) noexcept nogil:
         return
     disarm(w, c, T_TLS)
     c.tls_phase = TLS_ON
+    SSL_free_buffers(ssl)  # the handshake's buffers, unless records wait in them
     w.stats[S_TLS_HANDSHAKES] += 1
     if SSL_session_reused(ssl):
         w.stats[S_TLS_RESUMED] += 1

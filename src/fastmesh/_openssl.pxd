@@ -217,12 +217,10 @@ cdef extern from *:
     """
     static const uint64_t fm_ssl_op_no_renegotiation = (uint64_t)1 << 30;
     static const uint64_t fm_ssl_op_no_compression = (uint64_t)1 << 17;
-    static const uint64_t fm_ssl_op_enable_ktls = (uint64_t)1 << 3;
     static const uint64_t fm_ssl_op_no_ticket = (uint64_t)1 << 14;
     static const uint64_t fm_ssl_op_cipher_server_preference = (uint64_t)1 << 22;
     """
     const uint64_t fm_ssl_op_no_renegotiation
     const uint64_t fm_ssl_op_no_compression
-    const uint64_t fm_ssl_op_enable_ktls
     const uint64_t fm_ssl_op_no_ticket
     const uint64_t fm_ssl_op_cipher_server_preference

@@ -78,7 +78,7 @@ cdef SSL_CTX *new_context(bint server, object cert_chain, object key, object roo
         raise MemoryError(openssl_errors())
     try:
         SSL_CTX_ctrl(ctx, SSL_CTRL_SET_MIN_PROTO_VERSION, TLS1_2_VERSION, NULL)
-        SSL_CTX_set_options(ctx, fm_ssl_op_no_renegotiation | fm_ssl_op_no_compression | fm_ssl_op_enable_ktls)
+        SSL_CTX_set_options(ctx, fm_ssl_op_no_renegotiation | fm_ssl_op_no_compression)
         if (SSL_CTX_set_ciphersuites(ctx, TLS13_CIPHERSUITES.encode()) != 1
                 or SSL_CTX_set_cipher_list(ctx, TLS12_CIPHERS.encode()) != 1):
             raise ValueError(openssl_errors())

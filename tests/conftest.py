@@ -59,6 +59,14 @@ def make_engine(engine_module: Any):
         engine.stop()
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
 def listening_socket(backlog: int = 512) -> socket.socket:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -353,3 +361,14 @@ def independent_frame(metadata: dict, node_id: str, type_url: str | None = None)
         envelope.type_url = type_url
     payload = envelope.SerializeToString(deterministic=True)
     return HEADER.pack(MAGIC, len(payload)) + payload
+
+
+# The two sidecars of the engine-level exchange and TLS tests: their node metadata, the
+# frames each sends, and a server-first app's greeting.
+CLIENT = {"NAME": "ratings-v2-1", "NAMESPACE": "default", "WORKLOAD_NAME": "ratings-v2",
+          "LABELS": {"app": "ratings", "version": "v2"}}
+SERVER = {"NAME": "mongodb-v1-0", "NAMESPACE": "default", "WORKLOAD_NAME": "mongodb-v1",
+          "LABELS": {"app": "mongodb", "version": "v1"}}
+CLIENT_FRAME = independent_frame(CLIENT, "sidecar~10.0.0.1~ratings-v2-1.default~default.svc.cluster.local")
+SERVER_FRAME = independent_frame(SERVER, "sidecar~10.0.0.2~mongodb-v1-0.default~default.svc.cluster.local")
+GREETING = b"220 server ready\r\n"

@@ -10,7 +10,10 @@ import time
 from typing import Any
 
 import pytest
-from conftest import assert_closed_by_relay, independent_frame, listening_socket, random_bytes, read_all, sha256
+from conftest import (
+    CLIENT, CLIENT_FRAME, GREETING, SERVER, SERVER_FRAME, assert_closed_by_relay, independent_frame,
+    listening_socket, random_bytes, read_all, sha256,
+)
 from frame_oracle import FrameReader, Outcome
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,13 +23,6 @@ from fastmesh.exchange import MAGIC, ExchangeSettings, decode_payload
 from fastmesh.reasons import CloseReason
 from fastmesh.routing import RouteTable
 
-CLIENT = {"NAME": "ratings-v2-1", "NAMESPACE": "default", "WORKLOAD_NAME": "ratings-v2",
-          "LABELS": {"app": "ratings", "version": "v2"}}
-SERVER = {"NAME": "mongodb-v1-0", "NAMESPACE": "default", "WORKLOAD_NAME": "mongodb-v1",
-          "LABELS": {"app": "mongodb", "version": "v1"}}
-CLIENT_FRAME = independent_frame(CLIENT, "sidecar~10.0.0.1~ratings-v2-1.default~default.svc.cluster.local")
-SERVER_FRAME = independent_frame(SERVER, "sidecar~10.0.0.2~mongodb-v1-0.default~default.svc.cluster.local")
-GREETING = b"220 server ready\r\n"
 
 
 class Side:

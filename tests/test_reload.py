@@ -9,11 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port
+from conftest import free_port, wait_until
 
 
 def tagging(tag: bytes):
@@ -74,13 +73,6 @@ def routed_subset(admin: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/config_dump", timeout=5) as response:
         (listener,) = json.load(response)["listeners"]
     return listener["clusters"][0]["name"].split("|")[2]
-
-
-def wait_until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_a_changed_config_reroutes_new_connections_and_keeps_open_ones(tmp_path: Path, upstream):

@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MeshCerts, independent_frame, listening_socket, random_bytes, read_all, sha256
+from conftest import (
+    CLIENT, CLIENT_FRAME, GREETING, SERVER, SERVER_FRAME, MeshCerts, listening_socket, random_bytes, read_all,
+    sha256,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from frame_oracle import FrameReader, Outcome
+from test_metrics_endpoint import hello_server
 
 from fastmesh import ca
 from fastmesh.exchange import ExchangeSettings, decode_payload
@@ -30,14 +34,7 @@ from fastmesh.reasons import CloseReason
 from fastmesh.routing import Cluster, RouteTable
 from fastmesh.tls import CLIENT_ALPN, ListenerTls
 
-CLIENT = {"NAME": "ratings-v2-1", "NAMESPACE": "default", "WORKLOAD_NAME": "ratings-v2",
-          "LABELS": {"app": "ratings", "version": "v2"}}
-SERVER = {"NAME": "mongodb-v1-0", "NAMESPACE": "default", "WORKLOAD_NAME": "mongodb-v1",
-          "LABELS": {"app": "mongodb", "version": "v1"}}
-CLIENT_FRAME = independent_frame(CLIENT, "sidecar~10.0.0.1~ratings-v2-1.default~default.svc.cluster.local")
-SERVER_FRAME = independent_frame(SERVER, "sidecar~10.0.0.2~mongodb-v1-0.default~default.svc.cluster.local")
 RATINGS, MONGODB = ("default", "bookinfo-ratings-v2"), ("default", "mongodb")
-GREETING = b"220 server ready\r\n"
 
 
 class App:
@@ -245,14 +242,8 @@ def test_the_peers_last_bytes_survive_our_close_notify(make_engine, upstream, me
     # close_notify toward the inbound sidecar while the answer may already wait, decrypted
     # or not, in our TLS buffers: TLS 1.3 closes one direction, and not one byte may be lost.
     def hello(conn: socket.socket) -> None:
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = conn.recv(64)
-            if not chunk:
-                return
-            line += chunk
-        conn.sendall(b"hello " + line)
-        read_all_bytes(conn)
+        hello_server(conn)
+        read_all_bytes(conn)  # and stay until the client's end of stream
 
     server = upstream(hello)
     inbound = Sidecar(make_engine, mesh_certs.identity(*MONGODB), RouteTable.single([server.address]),
@@ -603,42 +594,37 @@ def test_permissive_serves_tls_and_plaintext_on_one_port(make_engine, upstream, 
 # ---------------------------------------------------------------- DestinationRule TLS toward a server
 
 
-class TlsServer:
-    """A TLS server of the test's own (Python ssl): the upstream of SIMPLE and MUTUAL clusters."""
+def tls_server(upstream: Any, certs: Path, require_client: bool) -> Any:
+    """A TLS server of the test's own (Python ssl) on the upstream fixture: the upstream of
+    SIMPLE and MUTUAL clusters. Each connection's result is the client's certificate
+    (empty without one), or "refused"."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(certs / ca.CERT_CHAIN), str(certs / ca.KEY))
+    if require_client:
+        ctx.load_verify_locations(str(certs / ca.ROOT_CERT))
+        ctx.verify_mode = ssl.CERT_REQUIRED
 
-    def __init__(self, certs: Path, require_client: bool) -> None:
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(str(certs / ca.CERT_CHAIN), str(certs / ca.KEY))
-        if require_client:
-            self.ctx.load_verify_locations(str(certs / ca.ROOT_CERT))
-            self.ctx.verify_mode = ssl.CERT_REQUIRED
-        self.sock = listening_socket()
-        self.address = self.sock.getsockname()
-        self.clients: list[Any] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+    def serve(raw: socket.socket) -> Any:
+        try:
+            with ctx.wrap_socket(raw, server_side=True) as conn:
+                peer = conn.getpeercert()
+                conn.sendall(b"tls server says hi")
+                conn.unwrap()
+                return peer
+        except (ssl.SSLError, OSError):
+            return "refused"
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                with self.ctx.wrap_socket(raw, server_side=True) as conn:
-                    self.clients.append(conn.getpeercert())
-                    conn.sendall(b"tls server says hi")
-                    conn.unwrap()
-            except (ssl.SSLError, OSError):
-                self.clients.append("refused")
+    return upstream(serve)
 
 
 @pytest.mark.parametrize("mode", ["SIMPLE", "MUTUAL"])
-def test_a_destination_rule_originates_simple_and_mutual_tls_with_its_own_files(make_engine, mesh_certs, mode):
+def test_a_destination_rule_originates_simple_and_mutual_tls_with_its_own_files(make_engine, upstream, mesh_certs,
+                                                                               mode):
     from fastmesh.tls import ClientTls
 
     server_certs = mesh_certs.identity("external", "api")
     client_certs = mesh_certs.identity("default", "caller")
-    server = TlsServer(server_certs, require_client=mode == "MUTUAL")
+    server = tls_server(upstream, server_certs, require_client=mode == "MUTUAL")
     tls = ClientTls(mode, ca_certificates=str(server_certs / ca.ROOT_CERT),
                     client_certificate=str(client_certs / ca.CERT_CHAIN) if mode == "MUTUAL" else "",
                     private_key=str(client_certs / ca.KEY) if mode == "MUTUAL" else "",
@@ -652,14 +638,14 @@ def test_a_destination_rule_originates_simple_and_mutual_tls_with_its_own_files(
     (peer,) = (outbound.wait_closed(1), outbound.peers)[1].values()
     assert peer.principal == MeshCerts.spiffe("external", "api")
     if mode == "MUTUAL":
-        assert server.clients[0]["subjectAltName"] == (("URI", MeshCerts.spiffe("default", "caller")),)
+        assert server.wait(1)[0]["subjectAltName"] == (("URI", MeshCerts.spiffe("default", "caller")),)
 
 
-def test_a_server_outside_the_subject_alt_names_is_refused(make_engine, mesh_certs):
+def test_a_server_outside_the_subject_alt_names_is_refused(make_engine, upstream, mesh_certs):
     from fastmesh.tls import ClientTls
 
     server_certs = mesh_certs.identity("external", "api")
-    server = TlsServer(server_certs, require_client=False)
+    server = tls_server(upstream, server_certs, require_client=False)
     tls = ClientTls("SIMPLE", ca_certificates=str(server_certs / ca.ROOT_CERT),
                     subject_alt_names=("spiffe://cluster.local/ns/external/sa/someone-else",))
     outbound = outbound_side(make_engine, None, server.address, exchange=False,

@@ -10,15 +10,13 @@ import os
 import re
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-from conftest import MONGODB_V1, MeshCerts, one_listener
+from conftest import MONGODB_V1, one_listener, wait_until
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from test_tls_engine import App, client_context, tls_connect
@@ -161,13 +159,6 @@ def serial_seen(address: tuple[str, int], client: Path, roots: Path) -> int:
         return serial
 
 
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "not within the time"
-        time.sleep(0.1)
-
-
 def test_new_certificates_serve_new_handshakes_while_open_connections_go_on(sidecar, upstream, mesh_certs,
                                                                            tmp_path, caplog):
     certs = copy_identity(mesh_certs.identity("default", "mongodb"), tmp_path / "mounted")
@@ -180,7 +171,7 @@ def test_new_certificates_serve_new_handshakes_while_open_connections_go_on(side
     open_before.sendall(b"before ")
     ca.issue(mesh_certs.root, "default", "mongodb", certs)  # a new set in place, as Kubernetes rotates it
     watcher = inbound.sidecar.certificates
-    wait_for(lambda: watcher.rotations == 1)
+    wait_until(lambda: watcher.rotations == 1)
     second = serial_seen(inbound.listen, client, mesh_certs.root)
     assert second != first
     # A broken set (another root's certificate over our key): refused, the last good one serves on.
@@ -189,7 +180,7 @@ def test_new_certificates_serve_new_handshakes_while_open_connections_go_on(side
     ca.issue(foreign / "root", "default", "mongodb", foreign / "leaf")
     with caplog.at_level(logging.ERROR, logger="fastmesh.certs"):
         shutil.copy(foreign / "leaf" / "cert-chain.pem", certs / "cert-chain.pem")
-        wait_for(lambda: watcher.refused == 1)
+        wait_until(lambda: watcher.refused == 1)
     assert "new certificates not used, the ones in force" in caplog.text and "not the key of" in caplog.text
     assert serial_seen(inbound.listen, client, mesh_certs.root) == second
     open_before.sendall(b"and after")
@@ -319,7 +310,7 @@ def test_serve_strict_with_certs_refuses_plaintext_and_serves_mesh_clients(mesh_
              str(mesh_certs.identity("default", "mongodb")), "--peer-authentication", "STRICT"],
             stderr=subprocess.PIPE, text=True)
         try:
-            wait_for(lambda: subprocess.run(["ss", "-ltnH", f"sport = {listen[1]}"], capture_output=True,
+            wait_until(lambda: subprocess.run(["ss", "-ltnH", f"sport = {listen[1]}"], capture_output=True,
                                             text=True).stdout.strip() != "")  # listening: no probe connection
             with socket.create_connection(listen) as plain:
                 plain.sendall(b"plaintext\r\n")

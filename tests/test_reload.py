@@ -4,15 +4,20 @@ one in force keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import types
 import urllib.request
 from pathlib import Path
 
 from conftest import free_port, wait_until
+
+from fastmesh.reload import ConfigWatcher, stamps
 
 
 def tagging(tag: bytes):
@@ -73,6 +78,37 @@ def routed_subset(admin: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/config_dump", timeout=5) as response:
         (listener,) = json.load(response)["listeners"]
     return listener["clusters"][0]["name"].split("|")[2]
+
+
+def test_a_change_made_while_the_config_was_read_is_still_seen(tmp_path: Path):
+    # serve takes the files' stamps before it reads them, and the watcher starts from those:
+    # a file changed while the sidecar was starting (same size, same inode) is reloaded.
+    path = tmp_path / "mesh.yaml"
+    path.write_text("subset: v1\n")
+    read = stamps([str(path)])
+    first = path.stat().st_mtime_ns
+    path.write_text("subset: v2\n")
+    os.utime(path, ns=(first + 10**9, first + 10**9))  # a later mtime, whatever the clock's grain
+    built: list[str] = []
+
+    class Sidecar:
+        relay = types.SimpleNamespace(listeners={})
+
+        async def reload(self, config: str) -> None:
+            built.append(config)
+
+    watcher = ConfigWatcher([str(path)], Sidecar(), path.read_text, read, interval=0.01)
+
+    async def until_reloaded() -> None:
+        task = asyncio.create_task(watcher.run())
+        for _ in range(1000):
+            if watcher.reloads:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(until_reloaded())
+    assert built == ["subset: v2\n"]
 
 
 def test_a_changed_config_reroutes_new_connections_and_keeps_open_ones(tmp_path: Path, upstream):

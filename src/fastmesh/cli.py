@@ -254,8 +254,10 @@ def _config(args: argparse.Namespace) -> "SidecarConfig":
 
 async def serve(args: argparse.Namespace) -> int:
     from fastmesh.engine import IMPLEMENTATION
+    from fastmesh.reload import ConfigWatcher, stamps
     from fastmesh.sidecar import Sidecar
 
+    read = stamps(args.config) if args.config else []  # before the files are read: see ConfigWatcher
     try:
         sidecar = Sidecar(_config(args))
         await sidecar.start()
@@ -269,9 +271,7 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
     watching = None
     if args.config:
-        from fastmesh.reload import ConfigWatcher
-
-        watcher = ConfigWatcher(args.config, sidecar, lambda: _config(args))
+        watcher = ConfigWatcher(args.config, sidecar, lambda: _config(args), read)
         loop.add_signal_handler(signal.SIGHUP, watcher.request)
         watching = loop.create_task(watcher.run())
     log.info("ready: %s engine, %d worker(s)", IMPLEMENTATION, sidecar.config.workers)

@@ -18,6 +18,12 @@ log = logging.getLogger("fastmesh.reload")
 Stamp = tuple[int, int, int] | None
 
 
+def stamps(paths: list[str]) -> list[Stamp]:
+    """What the watcher compares: take them before reading the files, so that a change
+    made while they are read (or while the sidecar starts) is still a change."""
+    return [_stamp(p) for p in paths]
+
+
 def _stamp(path: str) -> Stamp:
     try:
         st = os.stat(path)  # follows symlinks, as a ConfigMap mount needs
@@ -28,14 +34,15 @@ def _stamp(path: str) -> Stamp:
 
 class ConfigWatcher:
     def __init__(self, paths: list[str], sidecar: Sidecar, build: Callable[[], SidecarConfig],
-                 interval: float = 1.0) -> None:
+                 read: list[Stamp], interval: float = 1.0) -> None:
+        """read: the files' stamps() from before the config in force was built from them."""
         self.paths = paths
         self.sidecar = sidecar
         self.build = build
         self.interval = interval
         self.reloads = 0  # applied
         self.rejected = 0  # configs that did not load
-        self._stamps = [_stamp(p) for p in paths]
+        self._stamps = read
         self._requested = asyncio.Event()
 
     def request(self) -> None:
@@ -50,9 +57,9 @@ class ConfigWatcher:
                 pass
             requested = self._requested.is_set()
             self._requested.clear()
-            stamps = [_stamp(p) for p in self.paths]
-            if requested or stamps != self._stamps:
-                self._stamps = stamps
+            now = stamps(self.paths)
+            if requested or now != self._stamps:
+                self._stamps = now
                 await self.reload("SIGHUP" if requested else "a config file changed")
 
     async def reload(self, why: str) -> bool:

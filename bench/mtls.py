@@ -1,4 +1,4 @@
-"""The mTLS rows (issue 11): sidecar pairs whose middle hop is mutual TLS, each
+"""The mTLS rows: sidecar pairs whose middle hop is mutual TLS, each
 relay set up as its users would set it up for a mesh. A mesh root and one
 identity per side are made with `fastmesh ca`, in Istio's file-mounted layout,
 and every relay reads the same files.
@@ -105,8 +105,8 @@ def nginx_directives(side: str, certs: MeshCerts) -> str:
     """nginx stream's TLS: the server side verifies the client's chain
     (ssl_verify_client on). The client side cannot verify the server: nginx checks
     a certificate against proxy_ssl_name, a host name, and mesh certificates carry
-    only a URI SAN, so it runs with proxy_ssl_verify off (as in the issue's
-    reference figures), which spares it one verification per handshake. nginx's
+    only a URI SAN, so it runs with proxy_ssl_verify off (as nginx users of a mesh
+    set it up), which spares it one verification per handshake. nginx's
     stream proxy has no client-side ALPN directive. Sessions resume by default
     (proxy_ssl_session_reuse on; session tickets on the server side)."""
     if not side:

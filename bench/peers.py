@@ -279,7 +279,7 @@ ROUTED = "fastmesh[routed]"
 
 def routed_spec() -> RelaySpec:
     """fastmesh configured by Istio's kinds (ServiceEntry, WorkloadEntry, DestinationRule with a
-    subset and LEAST_CONN, VirtualService tcp route): issue 5's routing-overhead bar."""
+    subset and LEAST_CONN, VirtualService tcp route): the routing-overhead bar."""
     return RelaySpec(ROUTED, "routed")
 
 
@@ -337,7 +337,7 @@ def _fastmesh_pair(name: str, outbound: list[str], inbound: list[str], tls: bool
 def sidecar_pairs() -> list[RelaySpec]:
     """Two fastmesh sidecars in a row (ratings-v2's outbound, then the database's
     inbound), with the peer metadata exchange (fastmesh's plaintext variant) on
-    and off: issue 4's bars."""
+    and off: the exchange-cost bars."""
     return [
         _fastmesh_pair("pair[exchange]", ["--mesh-peer", "--plaintext-exchange"], ["--plaintext-exchange"]),
         _fastmesh_pair("pair[no-exchange]", ["--no-exchange"], ["--no-exchange"]),
@@ -345,7 +345,7 @@ def sidecar_pairs() -> list[RelaySpec]:
 
 
 def mtls_pairs() -> list[RelaySpec]:
-    """Pairs whose middle hop is mutual TLS (issue 11): fastmesh with the exchange
+    """Pairs whose middle hop is mutual TLS: fastmesh with the exchange
     negotiated by ALPN (Istio's way between sidecars) and without it, HAProxy and
     nginx stream set up as their users would for a mesh (mtls.py), and the
     plaintext fastmesh pair for reference."""

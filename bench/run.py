@@ -64,7 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="add backlog=N to socat's listener (default: socat's own, 5; see README)")
     p.add_argument("--skip", default="", help=f"comma list of measurements to leave out, from {','.join(UNITS)}")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="output directory (default bench/results)")
+    p.add_argument("--record", metavar="NAME",
+                   help="also keep this run as DATE-COMMIT-NAME.json and .md in the output directory, to be "
+                        "committed with the figures taken from it (refused on a working tree with changes)")
     a = p.parse_args(argv)
+    if a.record:
+        a.record = report.record_stem(a.record)  # before the run: a dirty tree is refused at once
     quick = dict(seconds=2, requests=20000, reconnect_requests=5000, idle_connections=5000, repeat=1)
     full = dict(seconds=5, requests=100000, reconnect_requests=10000, idle_connections=5000, repeat=3)
     for k, v in (quick if a.quick else full).items():
@@ -283,6 +288,8 @@ def main(argv=None) -> int:
     machine["loadavg_end"] = _read("/proc/loadavg")
     doc = {
         "started": started.strftime("%Y-%m-%d %H:%M:%SZ"),
+        "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": report.source_commit(),
         "duration_seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
         "interrupted": interrupted,
         "machine": machine,
@@ -304,10 +311,11 @@ def main(argv=None) -> int:
         "notes": notes,
         "errors": errors,
     }
-    md = report.write(doc, a.out)
+    md = report.write(doc, a.out, a.record)
     print()
     print(md)
-    print(f"\nwrote {a.out / 'latest.json'}, latest.md, latest.png after {doc['duration_seconds']:.0f} s")
+    kept = f", {a.record}.json and .md" if a.record else ""
+    print(f"\nwrote {a.out / 'latest.json'}, latest.md, latest.png{kept} after {doc['duration_seconds']:.0f} s")
     return 130 if interrupted else 0
 
 

@@ -28,6 +28,8 @@ from fastmesh.routing import OUTBOUND
 from fastmesh.settings import ListenerConfig, SidecarConfig
 from fastmesh.sidecar import BackgroundSidecar
 
+import report  # bench/report.py: this script's directory is on sys.path
+
 BENCH = Path(__file__).resolve().parent
 
 
@@ -64,7 +66,10 @@ def main() -> int:
     parser.add_argument("--scrapes", type=int, default=30)
     parser.add_argument("--budget-ms", type=float, default=50.0)
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "scrape.json")
+    parser.add_argument("--record", metavar="NAME",
+                        help="also keep the result as DATE-COMMIT-NAME.json beside --out, to be committed")
     args = parser.parse_args()
+    record = report.record_stem(args.record) if args.record else None
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -115,6 +120,7 @@ def main() -> int:
             running.stop()
 
     result = {
+        "command": "python bench/scrape.py " + " ".join(sys.argv[1:]), "commit": report.source_commit(),
         "connections": args.connections, "active_connections": active,
         "label_sets": label_sets, "scrapes": args.scrapes,
         "body_bytes": size, "ms_min": round(min(times), 2), "ms_median": round(statistics.median(times), 2),
@@ -123,6 +129,8 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if record:
+        (args.out.parent / f"{record}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"{'PASS' if result['pass'] else 'FAIL'}: median scrape {result['ms_median']} ms "
           f"with {active} open connections across {result['label_sets']} label sets (budget {args.budget_ms} ms)")

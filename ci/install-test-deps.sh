@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(iperf3 redis-server redis-tools prometheus mariadb-server iptables iproute2 openssl)
+DEBIAN_PACKAGES=(iperf3 redis-server redis-tools prometheus mariadb-server iptables iproute2 openssl curl)
 
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do

@@ -4,10 +4,15 @@ helpers that read an engine's batches until the expected connections closed."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +85,61 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """start(targets) -> base URL of a Prometheus scraping those targets every second."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed: run `bash ci/install-test-deps.sh` (README)")
+    processes = []
+
+    def start(targets: list[tuple[str, int]], config: str | None = None) -> str:
+        """config: a whole prometheus.yml to use instead of the one job scraping `targets`."""
+        port = free_port()
+        (tmp_path / "prometheus.yml").write_text(config or (
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: fastmesh\n    metrics_path: /stats/prometheus\n"
+            "    static_configs:\n      - targets: [%s]\n" % ", ".join('"%s:%d"' % t for t in targets)
+        ))
+        log = (tmp_path / "prometheus.log").open("w")
+        process = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
+            try:
+                with urllib.request.urlopen(base + "/-/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return base
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("prometheus did not become ready:\n" + (tmp_path / "prometheus.log").read_text())
+
+    yield start
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def query(base: str, promql: str) -> list[dict]:
+    """The result of an instant query to the Prometheus at `base`."""
+    url = base + "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        answer = json.load(response)
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
 
 
 class Upstream:

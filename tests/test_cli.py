@@ -3,6 +3,8 @@ signals, a dead upstream, and bad command lines."""
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import re
 import signal
@@ -19,6 +21,7 @@ import pytest
 
 from conftest import EXPECTED_IMPLEMENTATION, assert_closed_by_relay, free_port, random_bytes, read_all, sha256
 from fastmesh.admin import MAX_HTTP_CONNECTIONS
+from fastmesh.cli import build_parser
 
 MiB = 1 << 20
 
@@ -309,7 +312,8 @@ def test_two_serve_processes_learn_each_others_identity(serve, upstream, mesh_ce
         if transport == "mtls":
             assert 'source_principal="spiffe://cluster.local/ns/default/sa/bookinfo-ratings-v2"' in opened[0]
             assert 'destination_principal="spiffe://cluster.local/ns/default/sa/mongodb"' in opened[0]
-        assert proxy.stats()["exchange"] == {"exchange_peers_found": 1, "exchange_payloads_invalid": 0}
+        events = proxy.stats()["metadata_exchange"]
+        assert (events["peer_found"], events["header_not_found"], events["alpn_protocol_found"]) == (1, 0, 1)
     assert json.loads(outbound.get("/config_dump")[1])["listeners"][0]["exchange"]["role"] == "outbound"
     if transport == "mtls":
         assert json.loads(inbound.get("/config_dump")[1])["identity"]["spiffe_id"] == \
@@ -350,6 +354,17 @@ def test_bad_command_lines_get_precise_errors(args, message):
     assert message in result.stderr
 
 
+def test_two_settings_on_one_address_are_refused_before_binding_naming_both():
+    port = free_port()
+    result = run_cli("serve", "--listen", "127.0.0.1:%d" % port, "--upstream", "127.0.0.1:1",
+                     "--admin", "127.0.0.1:%d" % port, "--metrics", "0.0.0.0:%d" % port)
+    assert result.returncode == 1
+    errors = [line.split(" ERROR fastmesh: ", 1)[1] for line in result.stderr.splitlines() if " ERROR " in line]
+    assert errors == [f"--metrics: 0.0.0.0:{port} overlaps 127.0.0.1:{port}, --listen's address: only one of them "
+                      "can listen",
+                      f"--admin: 127.0.0.1:{port} is also --listen's address: only one of them can listen"]
+
+
 def test_a_busy_listen_address_is_a_clear_error():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -375,3 +390,51 @@ def test_help_names_every_serve_option():
                    "--mesh-peer", "--no-exchange", "--exchange-max-payload", "--exchange-timeout",
                    "--exchange-detect-timeout"):
         assert option in result.stdout
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_usage() -> dict[str, set[str]]:
+    """The options the README's usage block ("Using it") shows for each command: "" for
+    fastmesh itself, "ca init" for a subcommand's; a command's indented lines continue it."""
+    block = README.read_text().split("\n## Using it\n", 1)[1].split("```\n", 2)[1]
+    shown: dict[str, set[str]] = {}
+    command = None
+    for line in block.splitlines():
+        line = line.split("  #", 1)[0]  # a comment
+        if line.startswith("python -m fastmesh"):
+            line = line.removeprefix("python -m fastmesh")
+            command = " ".join(itertools.takewhile(lambda word: re.fullmatch("[a-z]+", word), line.split()))
+            shown.setdefault(command, set())
+        assert command is not None and (line.startswith(" ") or not line), line
+        shown[command] |= set(re.findall(r"(?<![\w-])--?[a-z][\w-]*", line))
+    return shown
+
+
+def parser_usage() -> dict[str, tuple[list[set[str]], bool]]:
+    """Each command argparse knows, walking every level of subcommands: its options (the
+    option strings of each argument, --help left out) and whether it is a leaf."""
+    found: dict[str, tuple[list[set[str]], bool]] = {}
+
+    def walk(parser: argparse.ArgumentParser, command: str) -> None:
+        subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        found[command] = ([set(a.option_strings) for a in parser._actions
+                           if a.option_strings and not isinstance(a, argparse._HelpAction)], not subcommands)
+        for action in subcommands:
+            for name, subparser in action.choices.items():
+                walk(subparser, f"{command} {name}".strip())
+
+    walk(build_parser(), "")
+    return found
+
+
+def test_the_readmes_usage_block_shows_every_command_and_option_argparse_knows():
+    shown, known = readme_usage(), parser_usage()
+    commands = {command for command, (options, leaf) in known.items() if options or leaf}
+    assert sorted(shown) == sorted(commands)
+    for command in sorted(commands):
+        options = known[command][0]
+        missing = sorted(min(strings) for strings in options if not strings & shown[command])
+        unknown = sorted(shown[command] - set().union(*options))
+        assert (command, missing, unknown) == (command, [], [])

@@ -4,15 +4,19 @@ own precise error, and a sidecar built from Istio's kinds routes as they say."""
 from __future__ import annotations
 
 import collections
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port, wait_until
 from fastmesh.config import ConfigError, load_documents, plan
 from fastmesh.routing import RouteTable
 
@@ -27,6 +31,11 @@ def write(tmp_path: Path, text: str, name: str = "mesh.yaml") -> Path:
     return path
 
 
+def fastmesh(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastmesh", *args], capture_output=True, text=True, timeout=60,
+                          cwd=cwd)
+
+
 def problems(tmp_path: Path, text: str) -> str:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
@@ -39,10 +48,6 @@ def test_istios_samples_load_unchanged():
     assert collections.Counter(d.kind for d in documents) == {"DestinationRule": 9, "VirtualService": 2, "Gateway": 1}
     ratings = next(d.spec for d in documents if d.kind == "DestinationRule" and d.name == "ratings")
     assert [s.name for s in ratings.subsets] == ["v1", "v2", "v2-mysql", "v2-mysql-vm"]
-    result = subprocess.run([sys.executable, "-m", "fastmesh", "check",
-                             *[arg for path in SAMPLES for arg in ("-c", str(path))]],
-                            capture_output=True, text=True, timeout=60)
-    assert (result.returncode, result.stdout) == (0, "12 document(s) OK\n")
 
 
 DR = """\
@@ -122,6 +127,14 @@ spec:
      "document 1 (VirtualService db): a tcp route with several destinations needs weights adding up to 100, "
      "got [50, 40]"),
     (DR + "  host: db\n  subsets: {}\n", "(DestinationRule db): spec.subsets: Input should be a valid list"),
+    # A problem two documents share is named by the one that says it, then the other.
+    (SIDECAR + "  outbound: [{port: 1, host: db}]\n---\n" + DR
+     + "  host: db\n  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n",
+     "document 1 (DestinationRule db): the DestinationRule for db.default.svc.cluster.local says ISTIO_MUTUAL: the "
+     "Sidecar needs certs (a directory with cert-chain.pem, key.pem, root-cert.pem), "),
+    (SIDECAR + "  inbound: [{port: 1, targetPort: 2}]\n---\napiVersion: security.istio.io/v1beta1\n"
+     "kind: PeerAuthentication\nmetadata: {name: default}\nspec: {mtls: {mode: STRICT}}\n",
+     "document 1 (PeerAuthentication default): a PeerAuthentication says STRICT for port 2: the Sidecar needs certs"),
     (SIDECAR + "  inbound: [{port: 1, targetPort: 2}]\n---\n" + SIDECAR + "  inbound: [{port: 3, targetPort: 4}]\n",
      "expected exactly one fastmesh.io/v1alpha1 Sidecar document to serve, got 2"),
 ])
@@ -275,9 +288,9 @@ def test_no_matching_tcp_route_shows_as_response_flag_nr(tmp_path, sidecar, upst
         route: [{destination: {host: db, subset: v1}}]
     """)
     built = plan(load_documents([path]))
-    assert built.warnings == [f"{path}: document 3 (Sidecar ratings-v2): spec.outbound[0]: a VirtualService names "
-                              "db.default.svc.cluster.local but none of its tcp routes matches port 7000: "
-                              "connections will be closed with NR"]
+    assert built.warnings == [f"{path}: document 5 (VirtualService db): spec.tcp: none of its routes matches port "
+                              f"7000 of db.default.svc.cluster.local (the port of {path}: document 3 (Sidecar "
+                              "ratings-v2): spec.outbound[0]): connections will be closed with NR"]
     running = sidecar(built.sidecar)
     with socket.create_connection(running.listen) as client:
         client.settimeout(10)
@@ -290,6 +303,106 @@ def test_the_readmes_check_example_is_what_check_prints():
     readme = (ROOT / "README.md").read_text()
     block = readme.split("$ python -m fastmesh check -c rules.yaml\n", 1)[1].split("```", 1)[0]
     expected = "".join(line.strip() + "\n" for line in block.splitlines() if line.strip())
-    result = subprocess.run([sys.executable, "-m", "fastmesh", "check", "-c", "rules.yaml"], capture_output=True,
-                            text=True, timeout=60, cwd=ROOT / "tests" / "fixtures")
+    result = fastmesh("check", "-c", "rules.yaml", cwd=ROOT / "tests" / "fixtures")
     assert (result.returncode, result.stderr) == (1, expected)
+
+
+def sidecar_file(tmp_path: Path, spec: str) -> Path:
+    """A file with one fastmesh Sidecar document (named app) whose spec is `spec`."""
+    return write(tmp_path, SIDECAR + textwrap.indent(textwrap.dedent(spec), "  "), "sidecar.yaml")
+
+
+def serve_refuses(paths: list[Path]) -> list[str]:
+    """The errors `serve -c PATHS` logs as it exits 1 without serving."""
+    result = fastmesh("serve", *[arg for path in paths for arg in ("-c", str(path))])
+    assert result.returncode == 1, result.stderr
+    return [line.split(" ERROR fastmesh: ", 1)[1] for line in result.stderr.splitlines() if " ERROR fastmesh: " in line]
+
+
+@pytest.mark.parametrize("case", ["no-sidecar", "same-address", "overlapping-address", "no-certificates"])
+def test_check_refuses_what_serve_refuses_with_the_same_message(tmp_path, case):
+    port = free_port()
+    sidecar = f"{tmp_path / 'sidecar.yaml'}: document 0 (Sidecar app)"
+    if case == "no-sidecar":  # Istio's samples alone: valid documents, but nothing says what to serve
+        paths = SAMPLES
+        expected = ["expected exactly one fastmesh.io/v1alpha1 Sidecar document to serve, got 0 (none found)"]
+    elif case == "same-address":
+        paths = [sidecar_file(tmp_path, f"inbound: [{{port: {port}, bind: 127.0.0.1, targetPort: 1}}]\n"
+                                        f"metrics: 127.0.0.1:{port}\n")]
+        expected = [f"{sidecar}: spec.metrics: 127.0.0.1:{port} is also spec.inbound[0]'s address: "
+                    "only one of them can listen"]
+    elif case == "overlapping-address":
+        paths = [sidecar_file(tmp_path, f"outbound: [{{port: {port}, bind: 0.0.0.0, host: db}}]\n"
+                                        f"metrics: null\nadmin: 127.0.0.1:{port}\n")]
+        expected = [f"{sidecar}: spec.admin: 127.0.0.1:{port} overlaps 0.0.0.0:{port}, spec.outbound[0]'s address: "
+                    "only one of them can listen"]
+    else:
+        (tmp_path / "certs").mkdir()
+        paths = [sidecar_file(tmp_path, f"inbound: [{{port: {port}, targetPort: 1}}]\nmetrics: null\nadmin: null\n"
+                                        f"certs: {tmp_path / 'certs'}\n")]
+        expected = [f"{sidecar}: spec.certs: {tmp_path / 'certs' / 'cert-chain.pem'}: no such file"]
+    checked = fastmesh("check", *[arg for path in paths for arg in ("-c", str(path))])
+    assert (checked.returncode, checked.stdout, checked.stderr) == (1, "", "".join(f"error: {e}\n" for e in expected))
+    assert serve_refuses(paths) == expected
+
+
+def bookinfo_copy(tmp_path: Path) -> list[str]:
+    """The Bookinfo task's config for ratings-v2's sidecar, copied to tmp_path (names relative to it)."""
+    files = ["mesh.yaml", "destination-rule-mongodb.yaml", "virtual-service-mongodb.yaml", "ratings-v2-sidecar.yaml"]
+    for name in files:
+        shutil.copy(BOOKINFO / name, tmp_path / name)
+    return files
+
+
+def test_a_set_check_passes_is_served_as_check_describes_it(tmp_path):
+    files = bookinfo_copy(tmp_path)
+    listen, metrics, admin = free_port(), free_port(), free_port()
+    sidecar = tmp_path / "ratings-v2-sidecar.yaml"
+    moved = {"port: 15001": f"port: {listen}", "127.0.0.1:15090": f"127.0.0.1:{metrics}",
+             "127.0.0.1:15000": f"127.0.0.1:{admin}"}
+    text = sidecar.read_text()
+    for fixed, free in moved.items():
+        text = text.replace(fixed, free)
+    sidecar.write_text(text)
+    args = [arg for name in files for arg in ("-c", name)]
+    checked = fastmesh("check", *args, cwd=tmp_path)
+    assert (checked.returncode, checked.stderr) == (0, "")
+    assert checked.stdout.splitlines() == [
+        "OK: serve would run",
+        f"outbound 127.0.0.1:{listen} for mongodb.default.svc.cluster.local:",
+        "  weight 100: outbound|27017|v1|mongodb.default.svc.cluster.local [LEAST_CONN] -> 127.0.0.1:15006 (mesh); "
+        "tls DISABLE",
+        f"metrics: http://127.0.0.1:{metrics}/stats/prometheus",
+        f"admin: http://127.0.0.1:{admin}/",
+        "health: off",
+        "identity: none (no certs): no mTLS",
+        "exchange: over mTLS and plaintext (fastmesh's own variant)",
+    ]
+    process = subprocess.Popen([sys.executable, "-m", "fastmesh", "serve", *args], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def dump() -> str:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/config_dump", timeout=5) as response:
+                    return response.read().decode()
+            except OSError:
+                assert process.poll() is None, "serve exited"
+                return ""
+
+        wait_until(lambda: f'"address": "127.0.0.1:{listen}"' in dump())
+        assert '"metrics": "127.0.0.1:%d"' % metrics in dump()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+
+
+def test_check_names_the_virtual_service_whose_route_is_broken_not_the_sidecar(tmp_path):
+    files = bookinfo_copy(tmp_path)
+    service = tmp_path / "virtual-service-mongodb.yaml"
+    service.write_text(service.read_text().replace("        host: mongodb\n", "        host: mongo\n"))
+    checked = fastmesh("check", *[arg for name in files for arg in ("-c", name)], cwd=tmp_path)
+    assert (checked.returncode, checked.stderr) == (0, (
+        "warning: virtual-service-mongodb.yaml: document 0 (VirtualService mongodb): spec.tcp[0].route[0].destination: "
+        "no ServiceEntry defines mongo.default.svc.cluster.local: its connections will fail with UH\n"))
+    assert "  weight 100: outbound|27017|v1|mongo.default.svc.cluster.local [ROUND_ROBIN] -> no endpoint (UH); " \
+           "tls DISABLE\n" in checked.stdout

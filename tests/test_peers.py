@@ -9,7 +9,7 @@ from conftest import MONGODB_SERVICE, MONGODB_V1, RATINGS_V2, closed, independen
 
 from fastmesh.exchange import HEADER, encode_frame
 from fastmesh.identity import Workload
-from fastmesh.peers import UNKNOWN_PEER, PeerDirectory, PeerInfo
+from fastmesh.peers import ENGINE_EVENT_KEYS, UNKNOWN_PEER, PeerDirectory, PeerInfo
 from fastmesh.records import Batch, Peer
 from fastmesh.routing import INBOUND
 from fastmesh.telemetry import ListenerTelemetry, TcpTelemetry
@@ -42,11 +42,17 @@ def test_a_peer_known_by_its_certificate_alone_has_its_namespace_from_the_san():
     assert peers.peer_of(11).workload.namespace == "default"  # the exchange says better
 
 
+def decoded(peers: PeerDirectory) -> tuple[int, int]:
+    """The two events the directory counts itself: (peer_found, header_not_found)."""
+    events = peers.events(dict.fromkeys(ENGINE_EVENT_KEYS, 0))
+    return events["peer_found"], events["header_not_found"]
+
+
 def test_a_peer_that_sent_no_frame_is_unknown():
     peers = directory()
     peers.on_batch(Batch([opened(10, INBOUND_LISTENER, identifies_peer=True)], [], [], [Peer(10, None)]))
     assert peers.peer_of(10) == UNKNOWN_PEER
-    assert peers.counters() == {"exchange_peers_found": 0, "exchange_payloads_invalid": 0}
+    assert decoded(peers) == (0, 0)
 
 
 def test_a_payload_is_decoded_once_however_many_connections_carry_it(monkeypatch):
@@ -60,7 +66,7 @@ def test_a_payload_is_decoded_once_however_many_connections_carry_it(monkeypatch
                          [Peer(i, RATINGS_PAYLOAD) for i in range(100)]))
     assert len(calls) == 1
     assert {peers.peer_of(i).workload.workload for i in range(100)} == {"ratings-v2"}
-    assert peers.counters()["exchange_peers_found"] == 100
+    assert decoded(peers) == (100, 0)
 
 
 def test_a_payload_that_does_not_decode_is_an_unknown_peer_counted_and_logged_once(caplog):
@@ -70,7 +76,7 @@ def test_a_payload_that_does_not_decode_is_an_unknown_peer_counted_and_logged_on
     with caplog.at_level(logging.WARNING, logger="fastmesh.exchange"):
         peers.on_batch(Batch([], [], [], [Peer(1, garbage), Peer(2, garbage), Peer(3, wrong_type[HEADER.size:])]))
     assert [peers.peer_of(i) for i in (1, 2, 3)] == [UNKNOWN_PEER] * 3
-    assert peers.counters()["exchange_payloads_invalid"] == 3
+    assert decoded(peers) == (0, 3)
     assert len(caplog.records) == 2  # once per distinct payload
     assert "not a google.protobuf.Any" in caplog.records[0].getMessage()
     assert "google.protobuf.Empty" in caplog.records[1].getMessage()

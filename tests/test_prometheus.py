@@ -4,75 +4,17 @@ istio_tcp_connections_opened_total and Execute" step, done for real."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import time
-import urllib.parse
-import urllib.request
 
 import pytest
 
-from conftest import MONGODB_V1, RATINGS_V2, free_port
+from conftest import MONGODB_V1, RATINGS_V2, query
 from test_metrics_endpoint import config, hello_server, send_world
 from fastmesh.routing import INBOUND, OUTBOUND
 
 pytestmark = pytest.mark.bench_tools
 
 CONNECTIONS = 7
-
-
-@pytest.fixture
-def prometheus(tmp_path):
-    """start(targets) -> base URL of a Prometheus scraping those targets every second."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus is not installed: run `bash ci/install-test-deps.sh` (README)")
-    processes = []
-
-    def start(targets: list[tuple[str, int]]) -> str:
-        port = free_port()
-        (tmp_path / "prometheus.yml").write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: fastmesh\n    metrics_path: /stats/prometheus\n"
-            "    static_configs:\n      - targets: [%s]\n" % ", ".join('"%s:%d"' % t for t in targets)
-        )
-        log = (tmp_path / "prometheus.log").open("w")
-        process = subprocess.Popen(
-            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-        processes.append(process)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
-            try:
-                with urllib.request.urlopen(base + "/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return base
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("prometheus did not become ready:\n" + (tmp_path / "prometheus.log").read_text())
-
-    yield start
-    for process in processes:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def query(base: str, promql: str) -> list[dict]:
-    url = base + "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    with urllib.request.urlopen(url, timeout=10) as response:
-        answer = json.load(response)
-    assert answer["status"] == "success", answer
-    return answer["data"]["result"]
 
 
 def by_reporter(result: list[dict]) -> dict[str, float]:

@@ -5,6 +5,7 @@ one in force keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -111,15 +112,26 @@ def test_a_change_made_while_the_config_was_read_is_still_seen(tmp_path: Path):
     assert built == ["subset: v2\n"]
 
 
+@contextlib.contextmanager
+def serving(log: Path, *paths: Path):
+    """`serve -c` each of paths, its output in `log`; stopped with SIGTERM, which must exit 0."""
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "fastmesh", "serve",
+                                    *[arg for path in paths for arg in ("-c", str(path))]],
+                                   stdout=output, stderr=subprocess.STDOUT)
+        try:
+            yield process
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+
+
 def test_a_changed_config_reroutes_new_connections_and_keeps_open_ones(tmp_path: Path, upstream):
     v1, v2 = upstream(tagging(b"v1:")), upstream(tagging(b"v2:"))
     listen, admin = free_port(), free_port()
     path = tmp_path / "mesh.yaml"
     path.write_text(config(listen, admin, [v1, v2], "v1"))
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "fastmesh", "serve", "-c", str(path)],
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with serving(tmp_path / "serve.log", path) as process:
         wait_until(lambda: _answers(listen))
         assert ask(listen) == b"v1:?"
         held = socket.create_connection(("127.0.0.1", listen), timeout=10)
@@ -144,10 +156,32 @@ def test_a_changed_config_reroutes_new_connections_and_keeps_open_ones(tmp_path:
         held.sendall(b"c")
         assert held.recv(16) == b"v1:c"
         held.close()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
-        log.close()
+
+
+def test_a_reload_warning_names_the_file_and_document_that_was_edited(tmp_path: Path, upstream):
+    # One file per document, as `kubectl apply -f` users keep them: an edit to the
+    # VirtualService that routes to a subset no DestinationRule defines is reported
+    # against the VirtualService's file, not the Sidecar whose listener uses it.
+    backends = [upstream(tagging(b"v1:")), upstream(tagging(b"v2:"))]
+    listen, admin = free_port(), free_port()
+    names = ["service-entry.yaml", "destination-rule.yaml", "virtual-service.yaml", "sidecar.yaml"]
+    paths = [tmp_path / name for name in names]
+    for path, document in zip(paths, config(listen, admin, backends, "v1").split("---\n")):
+        path.write_text(document)
+    log = tmp_path / "serve.log"
+    with serving(log, *paths):
+        wait_until(lambda: _answers(listen))
+        edited = config(listen, admin, backends, "v3").split("---\n")
+        assert [n for n, path, document in zip(names, paths, edited) if path.read_text() != document] == [
+            "virtual-service.yaml"]
+        paths[2].write_text(edited[2])
+        wait_until(lambda: "config reloaded (a config file changed)" in log.read_text())
+        warnings = [line.split(" WARNING fastmesh: ", 1)[1] for line in log.read_text().splitlines()
+                    if " WARNING fastmesh: " in line]
+        assert warnings == [f"{paths[2]}: document 0 (VirtualService db): spec.tcp[0].route[0].destination: subset "
+                            "'v3' of db.default.svc.cluster.local is not defined by any DestinationRule: its "
+                            "connections will fail with UH"]
+        assert routed_subset(admin) == "v3"  # a warning, not a refusal: Istio would apply it too
 
 
 def _answers(port: int) -> bool:

@@ -4,8 +4,10 @@ periodic and close-time reporting, response flags, node metadata files."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -289,3 +291,9 @@ def test_unreadable_and_malformed_metadata_files(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(MetadataError, match="bad.json: not valid JSON"):
         load_node_metadata(tmp_path / "bad.json")
+
+
+def test_the_readmes_label_list_is_the_exported_one_in_order():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    bullet = readme.split("- the four `istio_tcp_*` counters", 1)[1].split("\n- ", 1)[0]
+    assert tuple(re.findall(r"`([a-z_]+)`", bullet)) == TCP_LABELS

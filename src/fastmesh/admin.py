@@ -1,7 +1,8 @@
 """The HTTP side of a sidecar, served by aiohttp on the control loop: the admin
 endpoint (Envoy's port 15000 by default: readiness, engine health, open
-connections, the effective configuration), and the capped server that carries it
-and the metrics endpoint."""
+connections, the effective configuration), the health endpoint a kubelet probes
+(Istio's /healthz/ready), and the capped server that carries them and the metrics
+endpoint."""
 
 from __future__ import annotations
 
@@ -12,24 +13,35 @@ from typing import Any, Callable
 from aiohttp import web
 
 from fastmesh.addr import Address
+from fastmesh.peers import ENGINE_EVENT_KEYS, PeerDirectory
 from fastmesh.relay import Relay
 
 log = logging.getLogger("fastmesh.admin")
 
 
+def serving(relay: Relay) -> bool:
+    """Ready for traffic: the listeners are up and the engine runs. False before start
+    and from the moment draining begins (the listeners close first)."""
+    return bool(relay.listeners) and relay.running
+
+
 def make_app(relay: Relay, config: Callable[[], dict[str, Any]],
-             exchange_counters: Callable[[], dict[str, int]] | None = None,
+             peers: PeerDirectory | None = None,
              http_refused: Callable[[], dict[str, int]] | None = None) -> web.Application:
     async def ready(_: web.Request) -> web.Response:
         # Envoy answers LIVE once its listeners are up; fastmesh binds them before this app starts.
-        if relay.listeners and relay.running:
+        if serving(relay):
             return web.Response(text="LIVE\n")
         return web.Response(status=503, text="NOT READY\n")
 
     async def stats(_: web.Request) -> web.Response:
-        body = {"implementation": relay.implementation, "engine": relay.stats(), "totals": relay.counters()}
-        if exchange_counters is not None:
-            body["exchange"] = exchange_counters()
+        engine = relay.stats()
+        body: dict[str, Any] = {"implementation": relay.implementation, "totals": relay.counters()}
+        if peers is not None:
+            # The exchange's events once, by the names the metric gives them.
+            body["metadata_exchange"] = peers.events(engine)
+            engine = {key: value for key, value in engine.items() if key not in ENGINE_EVENT_KEYS}
+        body["engine"] = engine
         if http_refused is not None:
             body["http_connections_refused"] = http_refused()
         return web.json_response(body)
@@ -47,6 +59,20 @@ def make_app(relay: Relay, config: Callable[[], dict[str, Any]],
     app.router.add_get("/stats", stats)
     app.router.add_get("/connections", connections)
     app.router.add_get("/config_dump", config_dump)
+    return app
+
+
+def make_health_app(relay: Relay) -> web.Application:
+    """Istio's health port (15021): GET /healthz/ready, 200 when admin's /ready says LIVE,
+    503 otherwise. A port of its own because a kubelet probes the pod's IP while the admin
+    port stays on 127.0.0.1 (the Kubernetes manifests serve it on 0.0.0.0:15021)."""
+    async def healthz_ready(_: web.Request) -> web.Response:
+        if serving(relay):
+            return web.Response()
+        return web.Response(status=503, text="not ready: no listener accepting\n")
+
+    app = web.Application()
+    app.router.add_get("/healthz/ready", healthz_ready)
     return app
 
 

@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin", type=_address, default=_address(DEFAULTS.admin), metavar="HOST:PORT",
                        help=f"admin endpoint: /ready, /stats, /config_dump (default {DEFAULTS.admin})")
     serve.add_argument("--no-admin", action="store_true", help="do not serve the admin endpoint")
+    serve.add_argument("--health", type=_address, metavar="HOST:PORT",
+                       default=_address(DEFAULTS.health) if DEFAULTS.health else None,
+                       help="health endpoint for a kubelet's probes: /healthz/ready, 200 once listening, 503 "
+                            "while draining (Istio's is 0.0.0.0:15021; default: not served)")
     serve.add_argument("--connect-timeout", type=_duration, default=DEFAULTS.connect_timeout, metavar="DURATION",
                        help="upstream connect timeout, e.g. 500ms, 5s "
                             f"(default {format_duration(DEFAULTS.connect_timeout)})")
@@ -178,9 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        help="validate config files without serving",
-        description="Read config files as `serve -c` would, report every problem (file, document, field, what "
-                    "was expected) and what each listener would do.",
+        help="validate config files as serve -c does, without serving",
+        description="Run the checks `serve -c` runs before it binds anything, the same function: report every "
+                    "problem (file, document, field, what was expected) as `serve` would refuse it, or else what "
+                    "`serve` would run: each listener's address, direction, routes and TLS, the metrics, admin "
+                    "and health addresses, the identity and the exchange.",
     )
     check.add_argument("-c", "--config", action="append", required=True, metavar="FILE", help="YAML file (repeatable)")
 
@@ -190,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a database (MariaDB or Redis if installed, else an embedded service), its inbound "
                     "sidecar and ratings-v2's outbound sidecar from the Istio files in fastmesh/bookinfo/, send "
                     "traffic, show both reporters' istio_tcp_* series, and clean up. Uses ports 15000, 15001, "
-                    "15006, 15010, 15090, 15091 and 27018 on 127.0.0.1.",
+                    "15006, 15010, 15090, 15091, 27018 (and 9090 for --prometheus) on 127.0.0.1; one that is "
+                    "taken is replaced by a free port, and the message says which.",
     )
     demo.add_argument("--requests", type=_positive_int, default=10, metavar="N",
                       help="database queries ratings-v2 sends, one connection each (default 10)")
@@ -203,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the task's mutual-TLS branch: an ISTIO_MUTUAL DestinationRule and a workload identity "
                            "for each sidecar (made with `fastmesh ca` in a temporary directory); shows both "
                            "principals")
+    demo.add_argument("--keep", action="store_true",
+                      help="leave the sidecars, the database (and Prometheus) running after the answers, print "
+                           "where to look, and stop them all and remove their files on Ctrl-C or SIGTERM")
+    demo.add_argument("--port-base", type=_positive_int, metavar="N",
+                      help="use ports N, N+1, ... instead, in the order above (Prometheus's last); refuse to "
+                           "start if one is taken")
 
     metrics = commands.add_parser(
         "metrics",
@@ -214,17 +227,43 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--watch", nargs="?", type=_duration, const=2.0, default=None, metavar="DURATION",
                          help="refresh every DURATION (default 2s) until Ctrl-C")
     metrics.add_argument("--all-labels", action="store_true", help="a column for every label, not just the key ones")
+
+    query = commands.add_parser(
+        "query",
+        help="ask Prometheus a PromQL query; print the series as its console lists them",
+        description="Ask a Prometheus server an instant query and print one line per series, "
+                    'name{label="value",...} value, in Prometheus\'s label order. With --wait, ask again until '
+                    "every --expect is matched by some series; exit 1 naming what is missing if it never is.",
+    )
+    query.add_argument("expr", metavar="EXPR", help="PromQL, e.g. istio_tcp_connections_opened_total")
+    query.add_argument("--prometheus", default="http://127.0.0.1:9090", metavar="URL",
+                       help="the Prometheus server (default http://127.0.0.1:9090)")
+    query.add_argument("--wait", type=_duration, default=0.0, metavar="DURATION",
+                       help="keep asking for up to DURATION, e.g. 60s, until the answer has what --expect names "
+                            "(or, without --expect, any series); default: ask once")
+    query.add_argument("--expect", action="append", default=[], type=_expectation, metavar="LABEL=VALUE",
+                       help="some series must have this label value, e.g. reporter=destination; repeatable")
     return parser
 
 
-def _config(args: argparse.Namespace) -> "SidecarConfig":
+def _expectation(text: str) -> Any:
+    from fastmesh.promql import Expectation
+
+    try:
+        return Expectation.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _config(args: argparse.Namespace, starting: bool = True) -> "SidecarConfig":
+    """The config `serve` starts with, checked by fastmesh.preflight as `check` checks it
+    (starting=False: what a live reload applies)."""
+    from fastmesh import preflight
     from fastmesh.identity import NodeMetadata, load_node_metadata
     from fastmesh.settings import ExchangeConfig, ListenerConfig, SidecarConfig
 
     if args.config:
-        from fastmesh.config import load_documents, plan
-
-        built = plan(load_documents(args.config))
+        built = (preflight.from_files if starting else preflight.reloaded)(args.config)
         for warning in built.warnings:
             log.warning("%s", warning)
         return built.sidecar
@@ -233,7 +272,7 @@ def _config(args: argparse.Namespace) -> "SidecarConfig":
         raise ValueError("--mesh-peer is for outbound listeners: an inbound one detects mesh clients itself")
     listener = ListenerConfig.to_upstreams(args.listen, args.upstream, args.direction, args.destination_service,
                                            args.mesh_peer, args.connect_timeout)
-    return SidecarConfig(
+    config = SidecarConfig(
         listeners=[listener],
         workers=args.workers,
         drain_timeout=args.drain_timeout,
@@ -242,6 +281,7 @@ def _config(args: argparse.Namespace) -> "SidecarConfig":
         splice=not args.no_splice,
         admin=None if args.no_admin else args.admin,
         metrics=None if args.no_metrics else args.metrics,
+        health=args.health,
         node_metadata=load_node_metadata(args.node_metadata) if args.node_metadata else NodeMetadata(),
         reporting_duration=args.reporting_duration,
         exchange=ExchangeConfig(not args.no_exchange, args.plaintext_exchange, args.exchange_max_payload,
@@ -250,6 +290,8 @@ def _config(args: argparse.Namespace) -> "SidecarConfig":
         peer_authentication=args.peer_authentication,
         tls_handshake_timeout=args.tls_handshake_timeout,
     )
+    preflight.check_flags(config)
+    return config
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -262,7 +304,8 @@ async def serve(args: argparse.Namespace) -> int:
         sidecar = Sidecar(_config(args))
         await sidecar.start()
     except (OSError, ValueError) as exc:
-        log.error("%s", exc)
+        for problem in str(exc).splitlines():  # a ConfigError's, one per line as `check` prints them
+            log.error("%s", problem)
         return 1
 
     stop = asyncio.Event()
@@ -271,7 +314,7 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
     watching = None
     if args.config:
-        watcher = ConfigWatcher(args.config, sidecar, lambda: _config(args), read)
+        watcher = ConfigWatcher(args.config, sidecar, lambda: _config(args, starting=False), read)
         loop.add_signal_handler(signal.SIGHUP, watcher.request)
         watching = loop.create_task(watcher.run())
     log.info("ready: %s engine, %d worker(s)", IMPLEMENTATION, sidecar.config.workers)
@@ -290,33 +333,10 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def check(paths: list[str]) -> int:
-    """`fastmesh check`: problems to stderr (exit 1), else a summary of each listener (exit 0)."""
-    from fastmesh.config import ConfigError, load_documents, plan
-    from fastmesh.config.istio_api import Sidecar
+    """`fastmesh check`: serve's own validation (fastmesh.check)."""
+    from fastmesh import check as checking
 
-    try:
-        documents = load_documents(paths)
-        built = plan(documents, resolve=False) if any(isinstance(d.spec, Sidecar) for d in documents) else None
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 1
-    print(f"{len(documents)} document(s) OK")
-    if built is None:
-        return 0
-    for warning in built.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    for listener in built.sidecar.listeners:
-        routes = listener.routes
-        print(f"{listener.direction} {listener.listen}:")
-        if not routes.routes:
-            print("  no route (NR)")
-        for index, weight in routes.routes:
-            cluster = routes.clusters[index]
-            endpoints = ", ".join(f"{h}:{p}{' (mesh)' if cluster.is_mesh_peer(i) else ''}"
-                                  for i, (h, p) in enumerate(cluster.endpoints)) or "no endpoint (UH)"
-            print(f"  weight {weight}: {cluster.name} [{cluster.lb}] -> {endpoints}")
-    return 0
+    return checking.run(paths)
 
 
 def run_ca(args: argparse.Namespace) -> int:
@@ -373,13 +393,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             logging.getLogger("fastmesh").setLevel(logging.WARNING)  # the demo reports its own progress
-            return run(demo.run, args.requests, args.prometheus, args.database, sys.stdout, progress, args.mtls)
+            options = demo.Options(args.requests, args.prometheus, args.database, args.mtls, args.keep,
+                                   args.port_base)
+            return run(demo.run, options, sys.stdout, progress)
         except (demo.DemoError, demo.ca.CaError, OSError, subprocess.CalledProcessError) as exc:
             log.error("demo: %s", exc)
             return 1
         except KeyboardInterrupt:
             progress("interrupted: everything the demo started is stopped")
             return 130
+        except asyncio.CancelledError:  # SIGTERM before --keep's wait
+            progress("terminated: everything the demo started is stopped")
+            return 128 + signal.SIGTERM
     if args.command == "ca":
         return run_ca(args)
     if args.command == "check":
@@ -388,4 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fastmesh import metrics_view
 
         return metrics_view.run(args.url, args.watch, args.all_labels)
+    if args.command == "query":
+        from fastmesh import promql
+
+        return promql.run(args.prometheus, args.expr, args.wait, args.expect)
     raise AssertionError(args.command)

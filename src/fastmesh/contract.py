@@ -37,8 +37,8 @@ COUNTERS = (
     ("no_healthy_upstream", "counter", "the routed cluster had no endpoint (UH)"),
     ("upstream_overflows", "counter", "the routed cluster was at its maxConnections (UO)"),
     # the peer metadata exchange (Istio's metadata_exchange stats where the meaning is the same)
-    ("exchange_enabled", "counter", "connections that exchange (alpn_protocol_found)"),
-    ("exchange_disabled", "counter", "connections on an exchanging listener that do not (alpn_protocol_not_found)"),
+    ("exchange_enabled", "counter", "connections the exchange was attempted on (alpn_protocol_found)"),
+    ("exchange_disabled", "counter", "connections not tried on, of an exchanging listener (alpn_protocol_not_found)"),
     ("exchange_frames_sent", "counter", "our frame written (metadata_added)"),
     ("exchange_frames_received", "counter", "a peer frame read off the stream"),
     ("exchange_no_frame", "counter", "the peer's first bytes were not a frame (initial_header_not_found)"),

@@ -21,6 +21,9 @@ class Defaults:
     # the control plane's endpoints
     admin: str = "127.0.0.1:15000"  # Envoy's admin port
     metrics: str = "0.0.0.0:15090"  # Envoy's Prometheus port
+    # Istio's health port is 0.0.0.0:15021; off unless asked for, since two sidecars on one
+    # machine (tests, the walkthroughs) would both want it. The Kubernetes manifests set it.
+    health: str | None = None
     # telemetry
     reporting_duration: float = 15.0  # Istio's tcpReportingDuration
     collect_interval: float = 1.0  # how often the engine's batch is read

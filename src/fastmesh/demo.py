@@ -1,36 +1,36 @@
 """`python -m fastmesh demo`: Istio's "Collecting Metrics for TCP Services" task
 on this machine. ratings-v2 talks to its database over TCP through its own
 outbound sidecar and the database's inbound sidecar, configured by the Istio
-files in fastmesh/bookinfo/; with --mtls, along the task's mutual-TLS branch
-(an ISTIO_MUTUAL DestinationRule and a workload identity for each side). Then
-both reporters' istio_tcp_* series are shown as a table, and the task's two
-queries are answered series by series, as Prometheus's console lists them.
-Everything started is stopped at the end or on Ctrl-C (the task's Cleanup step)."""
+files in fastmesh/bookinfo/ (on the ports demo_ports chose); with --mtls, along
+the task's mutual-TLS branch (an ISTIO_MUTUAL DestinationRule and a workload
+identity for each side). Then both reporters' istio_tcp_* series are shown as a
+table, and the task's two queries are answered series by series, as Prometheus's
+console lists them. Everything started is stopped, and every file made removed,
+at the end, on Ctrl-C or on SIGTERM (the task's Cleanup step); with --keep, the
+end is the user's Ctrl-C, so that the task's steps can be followed meanwhile."""
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import dataclasses
-import json
-import shutil
-import socket
-import subprocess
+import signal
 import tempfile
 import time
 import urllib.parse
-import urllib.request
 from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
-from fastmesh import ca, metrics_view
+from fastmesh import ca, demo_ports, metrics_view, promql
 from fastmesh.addr import Address
 from fastmesh.config import load_documents, plan
 from fastmesh.config.istio_api import Sidecar as SidecarSpec
 from fastmesh.config.loader import Document
+from fastmesh.demo_servers import Database, DemoError, choose_database, start_prometheus
 from fastmesh.settings import SidecarConfig
 from fastmesh.sidecar import Sidecar
+
+__all__ = ["DemoError", "Options", "run"]
 
 CONFIG = Path(__file__).resolve().parent / "bookinfo"
 MESH_FILES = ("mesh.yaml", "destination-rule-mongodb.yaml", "virtual-service-mongodb.yaml")
@@ -40,184 +40,67 @@ MTLS_RULE = "destination-rule-mongodb-mtls.yaml"  # the task's branch "If you en
 IDENTITIES = {"ratings-v2": ("default", "bookinfo-ratings-v2"), "mongodb-v1": ("default", "default")}
 # The task's queries: "istio_tcp_connections_opened_total" and "..._closed_total".
 QUERIES = ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total")
-DATABASE_PORT = 27018  # where mongodb-v1-sidecar.yaml hands connections
-CLIENT_PORT = 15001  # where ratings-v2-sidecar.yaml accepts the app's connections
+REPORTERS = (("ratings-v2", "source"), ("mongodb-v1", "destination"))
 
 
-class DemoError(RuntimeError):
-    """Something the demo needs is missing or busy; the message says what to do."""
+@dataclasses.dataclass(frozen=True)
+class Options:
+    requests: int = 10
+    prometheus: bool = False
+    database: str = "auto"
+    mtls: bool = False
+    keep: bool = False  # leave everything running until Ctrl-C or SIGTERM
+    port_base: int | None = None
 
 
-class Database(abc.ABC):
-    """The database behind the inbound sidecar, and a client for ratings-v2's queries."""
+class _Signals:
+    """Ctrl-C and SIGTERM. While the demo works, SIGTERM cancels it as asyncio's own Ctrl-C
+    handling does, so that its exit stacks stop everything; while --keep waits, either one
+    ends the wait, which is the demo's normal end."""
 
-    name = ""
+    def __enter__(self) -> _Signals:
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.loop.add_signal_handler(signal.SIGTERM, self.task.cancel)
+        return self
 
-    @abc.abstractmethod
-    def start(self, stack: ExitStack, workdir: Path) -> None:
-        """Start it on DATABASE_PORT with two ratings; `stack` stops it."""
+    def __exit__(self, *exc: object) -> None:
+        self.loop.remove_signal_handler(signal.SIGTERM)
 
-    @abc.abstractmethod
-    def query(self, port: int, review: int) -> str:
-        """One connection to `port` asking for a review's rating; the rating."""
+    async def wait(self) -> str:
+        """Until Ctrl-C or SIGTERM; the signal's name."""
+        stopped: asyncio.Future[int] = self.loop.create_future()
 
+        def stop(signum: int) -> None:
+            if not stopped.done():
+                stopped.set_result(signum)
 
-def _wait_listening(port: int, process: subprocess.Popen | None, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            detail = log.read_text()[-1500:] if log and log.exists() else ""
-            raise DemoError(f"{what} exited with status {process.returncode}\n{detail}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise DemoError(f"{what} did not listen on 127.0.0.1:{port} within 30 s")
-
-
-def _process(stack: ExitStack, argv: list[str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def stop() -> None:
-        process.terminate()
+        previous = signal.getsignal(signal.SIGINT)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(signum, stop, signum)
         try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    stack.callback(stop)
-    return process
+            return signal.Signals(await stopped).name
+        finally:
+            self.loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, previous)
+            self.loop.add_signal_handler(signal.SIGTERM, self.task.cancel)
 
 
-class MariaDB(Database):
-    """Bookinfo's ratings-v2-mysql path: a ratings table, queried per review."""
-
-    name = "MariaDB (Bookinfo's ratings-v2-mysql path)"
-
-    def start(self, stack: ExitStack, workdir: Path) -> None:
-        datadir = workdir / "mariadb"
-        subprocess.run([shutil.which("mariadb-install-db") or "mariadb-install-db", "--no-defaults",
-                        f"--datadir={datadir}", "--user=root", "--auth-root-authentication-method=normal",
-                        "--skip-test-db"], check=True, capture_output=True, timeout=120)
-        log = workdir / "mariadbd.log"
-        process = _process(stack, [shutil.which("mariadbd") or "mariadbd", "--no-defaults", f"--datadir={datadir}",
-                                   "--user=root", f"--port={DATABASE_PORT}", "--bind-address=127.0.0.1",
-                                   f"--socket={datadir}/mariadb.sock", "--skip-log-bin", "--skip-name-resolve",
-                                   "--innodb-buffer-pool-size=16M"], log)
-        _wait_listening(DATABASE_PORT, process, "mariadbd", log)
-        # The data, loaded straight into the database (not through the mesh), as Bookinfo's image does.
-        self._sql(DATABASE_PORT, "CREATE DATABASE test; "
-                                 "CREATE TABLE test.ratings (ReviewID INT PRIMARY KEY, Rating INT); "
-                                 "INSERT INTO test.ratings VALUES (1, 5), (2, 4)")
-
-    def _sql(self, port: int, statements: str) -> str:
-        result = subprocess.run([shutil.which("mariadb") or "mariadb", "-h", "127.0.0.1", "-P", str(port), "-u",
-                                 "root", "-N", "-e", statements], capture_output=True, text=True, timeout=30)
-        if result.returncode != 0:
-            raise DemoError(f"mariadb client: {result.stderr.strip()}")
-        return result.stdout.strip()
-
-    def query(self, port: int, review: int) -> str:
-        return self._sql(port, f"SELECT Rating FROM test.ratings WHERE ReviewID = {review}")
+async def _blocking(function: Callable[..., Any], *args: Any) -> Any:
+    """function(*args) in a thread. A cancellation (Ctrl-C, SIGTERM) waits for it to return,
+    so that whatever it started is on its exit stack before the stack unwinds."""
+    call = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        await asyncio.wait([call])
+        raise
 
 
-class Redis(Database):
-    name = "Redis"
-
-    def start(self, stack: ExitStack, workdir: Path) -> None:
-        log = workdir / "redis.log"
-        process = _process(stack, [shutil.which("redis-server") or "redis-server", "--port", str(DATABASE_PORT),
-                                   "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                           log)
-        _wait_listening(DATABASE_PORT, process, "redis-server", log)
-        with socket.create_connection(("127.0.0.1", DATABASE_PORT)) as conn:
-            conn.sendall(b"SET rating:1 5\r\nSET rating:2 4\r\n")
-            conn.recv(64)
-
-    def query(self, port: int, review: int) -> str:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-            conn.sendall(b"GET rating:%d\r\n" % review)
-            return conn.recv(64).decode().split("\r\n")[1]
-
-
-class Embedded(Database):
-    """A tiny ratings service in this process: `GET <review>` answers the rating."""
-
-    name = "an embedded TCP ratings service (no MariaDB or Redis installed)"
-    ratings = {1: 5, 2: 4}
-
-    def start(self, stack: ExitStack, workdir: Path) -> None:
-        import threading
-
-        server = socket.create_server(("127.0.0.1", DATABASE_PORT))
-
-        def serve() -> None:
-            while True:
-                try:
-                    conn, _ = server.accept()
-                except OSError:
-                    return
-                with conn:
-                    request = conn.recv(64).decode().split()
-                    rating = self.ratings.get(int(request[1]), 0) if len(request) == 2 else 0
-                    conn.sendall(b"%d\n" % rating)
-
-        threading.Thread(target=serve, daemon=True).start()
-        stack.callback(server.close)
-
-    def query(self, port: int, review: int) -> str:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-            conn.sendall(b"GET %d\n" % review)
-            return conn.recv(64).decode().strip()
-
-
-DATABASES = {"mariadb": MariaDB, "redis": Redis, "embedded": Embedded}
-_NEEDS = {"mariadb": ("mariadbd", "mariadb-install-db", "mariadb"), "redis": ("redis-server",), "embedded": ()}
-
-
-def choose_database(wanted: str = "auto") -> Database:
-    """The one asked for, or the first installed of MariaDB, Redis, the embedded service."""
-    for name in (DATABASES if wanted == "auto" else (wanted,)):
-        missing = [tool for tool in _NEEDS[name] if shutil.which(tool) is None]
-        if not missing:
-            return DATABASES[name]()
-        if wanted != "auto":
-            raise DemoError(f"--database {name} needs {', '.join(missing)} (Debian: apt-get install "
-                            f"{'mariadb-server mariadb-client' if name == 'mariadb' else 'redis-server'})")
-    return Embedded()
-
-
-def _prometheus(stack: ExitStack, workdir: Path, targets: list[Address]) -> int:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        raise DemoError("--prometheus needs the prometheus server (Debian: apt-get install prometheus)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = workdir / "prometheus.yml"
-    config.write_text(json.dumps({
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": "fastmesh", "metrics_path": "/stats/prometheus",
-                            "static_configs": [{"targets": [str(t) for t in targets]}]}],
-    }))
-    log = workdir / "prometheus.log"
-    process = _process(stack, [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-                               f"--web.listen-address=127.0.0.1:{port}"], log)
-    _wait_listening(port, process, "prometheus", log)
-    return port
-
-
-def promql(port: int, query: str) -> list[dict]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.load(response)["data"]["result"]
-
-
-def sidecar_configs(mtls: bool, workdir: Path, progress: Callable[[str], None]) -> dict[str, SidecarConfig]:
-    """ratings-v2's and the database's sidecars from the Istio files; with mtls, the
-    ISTIO_MUTUAL rule instead of the plaintext one, and an identity for each (made by
+def sidecar_configs(mtls: bool, workdir: Path, ports: dict[str, int],
+                    progress: Callable[[str], None]) -> dict[str, SidecarConfig]:
+    """ratings-v2's and the database's sidecars from the Istio files, on `ports`; with mtls,
+    the ISTIO_MUTUAL rule instead of the plaintext one, and an identity for each (made by
     `fastmesh ca` in workdir) in place of the plaintext exchange."""
     rules = [MTLS_RULE if mtls and name == "destination-rule-mongodb.yaml" else name for name in MESH_FILES]
     files = {"ratings-v2": [*rules, "ratings-v2-sidecar.yaml"], "mongodb-v1": ["mongodb-v1-sidecar.yaml"]}
@@ -226,7 +109,7 @@ def sidecar_configs(mtls: bool, workdir: Path, progress: Callable[[str], None]) 
         ca.init(root)
     configs = {}
     for name, names in files.items():
-        documents = load_documents([CONFIG / f for f in names])
+        documents = [demo_ports.moved(d, ports) for d in load_documents([CONFIG / f for f in names])]
         if mtls:
             namespace, account = IDENTITIES[name]
             progress(f"{name}: identity {ca.issue(root, namespace, account, workdir / name)}")
@@ -244,51 +127,76 @@ def _with_identity(document: Document, certs: Path) -> Document:
     return dataclasses.replace(document, spec=spec.model_copy(update={"certs": str(certs), "exchange": exchange}))
 
 
-async def run(requests: int, with_prometheus: bool, database_name: str, out: TextIO,
-              progress: Callable[[str], None], mtls: bool = False) -> int:
-    database = choose_database(database_name)
-    with tempfile.TemporaryDirectory(prefix="fastmesh-demo-") as tmp, ExitStack() as processes:
+def _choose_ports(options: Options, progress: Callable[[str], None]) -> dict[str, int]:
+    try:
+        ports = demo_ports.choose(options.port_base, options.prometheus, progress)
+    except demo_ports.PortInUse as exc:
+        raise DemoError(str(exc)) from None
+    source = "ports" if options.port_base is None else f"ports from --port-base {options.port_base}"
+    progress(f"{source}: {demo_ports.describe(ports)}")
+    return ports
+
+
+async def run(options: Options, out: TextIO, progress: Callable[[str], None]) -> int:
+    database, why = choose_database(options.database)
+    ports = _choose_ports(options, progress)
+    with _Signals() as signals, tempfile.TemporaryDirectory(prefix="fastmesh-demo-") as tmp, \
+            ExitStack() as processes:
         workdir = Path(tmp)
-        if mtls:
+        progress(f"working directory: {workdir} (removed at the end)")
+        if options.mtls:
             progress(f"mutual TLS: {MTLS_RULE} (ISTIO_MUTUAL), a mesh root from `fastmesh ca init`")
-        configs = sidecar_configs(mtls, workdir, progress)
+        configs = sidecar_configs(options.mtls, workdir, ports, progress)
         async with AsyncExitStack() as sidecars:
-            progress(f"database: {database.name}, on 127.0.0.1:{DATABASE_PORT}")
-            await asyncio.to_thread(database.start, processes, workdir)
+            progress(f"database: {database.name} on 127.0.0.1:{ports['database']} ({why})")
+            await _blocking(database.start, processes, workdir, ports["database"])
             for name in ("mongodb-v1", "ratings-v2"):
                 sidecar = Sidecar(configs[name])
                 await sidecar.start()
                 sidecars.push_async_callback(sidecar.stop, 0.0)
                 listen = ", ".join(str(listener.address) for listener in sidecar.relay.listeners.values())
-                progress(f"{name} sidecar: listening on {listen}, metrics on {sidecar.metrics_address}")
-            metrics = [configs["ratings-v2"].metrics, configs["mongodb-v1"].metrics]
-            prometheus = None
-            if with_prometheus:
-                prometheus = await asyncio.to_thread(_prometheus, processes, workdir, [m for m in metrics if m])
-                progress(f"prometheus: http://127.0.0.1:{prometheus}, scraping both sidecars every second")
-            progress(f"ratings-v2 sends {requests} queries to its database through 127.0.0.1:{CLIENT_PORT}")
-            for i in range(requests):
-                answer = await asyncio.to_thread(database.query, CLIENT_PORT, 1 + i % 2)
-                if i < 2:
-                    progress(f"  review {1 + i % 2}: rating {answer}")
+                progress(f"{name} sidecar: listening on {listen}, metrics on {sidecar.metrics_address}, "
+                         f"admin on {sidecar.admin_address}")
+            metrics = {name: configs[name].metrics for name, _ in REPORTERS}
+            if options.prometheus:
+                await _blocking(start_prometheus, processes, workdir, ports["prometheus"], list(metrics.values()))
+                progress(f"prometheus: http://127.0.0.1:{ports['prometheus']}, scraping both sidecars every second")
+            await _send(database, ports["client"], options.requests, progress)
             progress("waiting for the sidecars to report (tcpReportingDuration 1s)")
             await asyncio.sleep(2.5)
-            texts = []
-            for name, address in (("ratings-v2's sidecar (reporter=source)", metrics[0]),
-                                  ("mongodb-v1's sidecar (reporter=destination)", metrics[1])):
-                url = f"http://{address}/stats/prometheus"
-                texts.append(await asyncio.to_thread(metrics_view.fetch, url))
-                header, rows = metrics_view.tcp_rows(texts[-1], all_labels=mtls)
-                if mtls:  # the principals and the security policy are what this branch shows
-                    header, rows = _columns(header, rows, ("REPORTER", "SOURCE_PRINCIPAL", "DESTINATION_PRINCIPAL",
-                                                           "CONNECTION_SECURITY_POLICY", "OPENED", "CLOSED"))
-                out.write(f"\n{name}: {url}\n{metrics_view.format_table(header, rows)}")
-            if prometheus is not None:
-                await _answer_from_prometheus(prometheus, out, progress)
+            texts = [await _show_sidecar(name, reporter, metrics[name], options.mtls, out)
+                     for name, reporter in REPORTERS]
+            if options.prometheus:
+                await _answer_from_prometheus(ports["prometheus"], texts, out, progress)
             else:
                 _answer_from_sidecars(texts, out)
-            progress("cleaning up: sidecars, database" + (", prometheus" if prometheus else ""))
+            if options.keep:
+                _how_to_look(out, ports, metrics, database, workdir)
+                progress(f"{await signals.wait()}: stopping")
+            progress("cleaning up: sidecars, database" + (", prometheus" if options.prometheus else ""))
+    progress(f"everything the demo started is stopped; {tmp} is removed")
     return 0
+
+
+async def _send(database: Database, port: int, requests: int, progress: Callable[[str], None]) -> None:
+    """ratings-v2's queries, one connection each, alternating between the two reviews."""
+    progress(f"ratings-v2 sends {requests} queries to its database through 127.0.0.1:{port}")
+    for i in range(requests):
+        review = 1 + i % 2
+        rating = await _blocking(database.query, port, review)
+        progress(f"  request {i + 1} of {requests}: review {review}, rating {rating}")
+
+
+async def _show_sidecar(name: str, reporter: str, address: Address, mtls: bool, out: TextIO) -> str:
+    """One sidecar's istio_tcp_* series as a table; its exposition text."""
+    url = f"http://{address}/stats/prometheus"
+    text = await _blocking(metrics_view.fetch, url)
+    header, rows = metrics_view.tcp_rows(text, all_labels=mtls)
+    if mtls:  # the principals and the security policy are what this branch shows
+        header, rows = _columns(header, rows, ("REPORTER", "SOURCE_PRINCIPAL", "DESTINATION_PRINCIPAL",
+                                               "CONNECTION_SECURITY_POLICY", "OPENED", "CLOSED"))
+    out.write(f"\n{name}'s sidecar (reporter={reporter}): {url}\n{metrics_view.format_table(header, rows)}")
+    return text
 
 
 def _columns(header: list[str], rows: list[list[str]], keep: tuple[str, ...]) -> tuple[list[str], list[list[str]]]:
@@ -306,15 +214,51 @@ def _answer_from_sidecars(texts: list[str], out: TextIO) -> None:
                 out.write(metrics_view.console_line(query, labels, value) + "\n")
 
 
-async def _answer_from_prometheus(port: int, out: TextIO, progress: Callable[[str], None]) -> None:
+def _totals(series: list[tuple[dict[str, str], float]]) -> dict[str, float]:
+    """A query's answer summed by reporter."""
+    totals: dict[str, float] = {}
+    for labels, value in series:
+        totals[labels.get("reporter", "")] = totals.get(labels.get("reporter", ""), 0) + value
+    return totals
+
+
+async def _answer_from_prometheus(port: int, texts: list[str], out: TextIO, progress: Callable[[str], None]) -> None:
+    """The task's two queries, asked of Prometheus once its scrapes have caught up with
+    what the sidecars reported (`texts`)."""
     progress("asking Prometheus the task's queries (it needs a few scrapes)")
+    expected = {query: _totals([pair for text in texts for pair in metrics_view.samples(text, query)])
+                for query in QUERIES}
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        result = await asyncio.to_thread(promql, port, QUERIES[0])
-        if len({r["metric"].get("reporter") for r in result}) == 2:
+    while True:
+        answers = {query: await _blocking(promql.instant_query, f"http://127.0.0.1:{port}", query)
+                   for query in QUERIES}
+        scraped = {query: _totals([(s["metric"], float(s["value"][1])) for s in answers[query][1]])
+                   for query in QUERIES}
+        if scraped == expected:
+            break
+        if time.monotonic() > deadline:
+            progress("Prometheus has not scraped the sidecars' last report within 60 s; its answer so far:")
             break
         await asyncio.sleep(1)
     for query in QUERIES:
         out.write(f"\n{query}  (Prometheus http://127.0.0.1:{port})\n")
-        for series in await asyncio.to_thread(promql, port, query):
-            out.write(metrics_view.console_line(query, series["metric"], float(series["value"][1])) + "\n")
+        out.writelines(line + "\n" for line in promql.console_lines(*answers[query]))
+
+
+def _how_to_look(out: TextIO, ports: dict[str, int], metrics: dict[str, Address], database: Database,
+                 workdir: Path) -> None:
+    """With --keep: where everything is, and the task's steps to follow while it runs."""
+    if "prometheus" in ports:
+        url = f"http://127.0.0.1:{ports['prometheus']}"
+        graph = f"{url}/graph?" + urllib.parse.urlencode({"g0.expr": QUERIES[0], "g0.tab": 0})
+        out.write(f"\nPrometheus: {url}\n"
+                  f"  the task's steps: open {url}/graph, select Graph, enter {QUERIES[0]}, click Execute;\n"
+                  f"  then the same with {QUERIES[1]}\n"
+                  f"  (or open {graph})\n")
+    else:
+        out.write("\nThe sidecars' metrics (--prometheus adds a Prometheus server scraping them):\n")
+        for name, _ in REPORTERS:
+            out.write(f"  {name}: python -m fastmesh metrics --url http://{metrics[name]}/stats/prometheus --watch\n")
+    out.write(f"More traffic through ratings-v2's sidecar: {database.example(ports['client'])}\n"
+              f"Everything keeps running until Ctrl-C (or SIGTERM), which stops it and removes {workdir}\n")
+    out.flush()

@@ -55,22 +55,6 @@ _HEALTH = (
      "tls_truncated", True),
 )
 
-# The peer metadata exchange, as one counter family by event: Istio's
-# metadata_exchange stat names where the meaning is the same, then fastmesh's own.
-_EXCHANGE_EVENTS = (
-    ("alpn_protocol_found", "exchange_enabled"),  # plaintext: the listener's rules said exchange
-    ("alpn_protocol_not_found", "exchange_disabled"),
-    ("metadata_added", "exchange_frames_sent"),
-    ("initial_header_not_found", "exchange_no_frame"),
-    ("header_not_found", "exchange_payloads_invalid"),
-    ("peer_found", "exchange_peers_found"),
-    ("frame_too_large", "exchange_frames_too_large"),
-    ("frame_truncated", "exchange_frames_truncated"),
-    ("frame_timed_out", "exchange_frames_timed_out"),
-    ("detect_timeout", "exchange_detect_timeouts"),
-)
-
-
 class HealthCollector:
     """A prometheus_client collector over the engine's health counters."""
 
@@ -84,11 +68,10 @@ class HealthCollector:
             kind = CounterMetricFamily if is_counter else GaugeMetricFamily
             yield kind(name, documentation, value=stats[key])
         if self.peers is not None:
-            stats.update(self.peers.counters())
             family = CounterMetricFamily("fastmesh_metadata_exchange", "Peer metadata exchange events",
                                          labels=["event"])
-            for event, key in _EXCHANGE_EVENTS:
-                family.add_metric([event], stats[key])
+            for event, count in self.peers.events(stats).items():
+                family.add_metric([event], count)
             yield family
         errors = CounterMetricFamily("fastmesh_tls_handshake_errors",
                                      "TLS handshakes refused or failed, by reason", labels=["reason"])

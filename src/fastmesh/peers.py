@@ -18,6 +18,23 @@ log = logging.getLogger("fastmesh.exchange")
 # Distinct payloads remembered; a mesh has few workloads, so this only bounds a hostile peer.
 _CACHE_LIMIT = 4096
 
+# The exchange's events under one set of names, the metric's and /stats's: Istio's
+# metadata_exchange stat names where the meaning is the same, then fastmesh's own.
+# Each is an engine stats key, or None for the two counted here, as payloads decode.
+EXCHANGE_EVENTS = (
+    ("alpn_protocol_found", "exchange_enabled"),
+    ("alpn_protocol_not_found", "exchange_disabled"),
+    ("metadata_added", "exchange_frames_sent"),
+    ("initial_header_not_found", "exchange_no_frame"),
+    ("header_not_found", None),
+    ("peer_found", None),
+    ("frame_too_large", "exchange_frames_too_large"),
+    ("frame_truncated", "exchange_frames_truncated"),
+    ("frame_timed_out", "exchange_frames_timed_out"),
+    ("detect_timeout", "exchange_detect_timeouts"),
+)
+ENGINE_EVENT_KEYS = frozenset(key for _, key in EXCHANGE_EVENTS if key is not None)
+
 
 class PeerInfo(NamedTuple):
     workload: Workload  # from the exchange; UNKNOWN_WORKLOAD without one
@@ -90,6 +107,7 @@ class PeerDirectory:
             return peer
         return None if conn_id in self._awaiting else UNKNOWN_PEER
 
-    def counters(self) -> dict[str, int]:
-        return {"exchange_peers_found": self.payloads_decoded,
-                "exchange_payloads_invalid": self.payloads_invalid}
+    def events(self, engine_stats: dict[str, int]) -> dict[str, int]:
+        """Every exchange event's count, by its name in EXCHANGE_EVENTS."""
+        here = {"header_not_found": self.payloads_invalid, "peer_found": self.payloads_decoded}
+        return {event: engine_stats[key] if key is not None else here[event] for event, key in EXCHANGE_EVENTS}

@@ -74,6 +74,8 @@ class SidecarConfig:
     splice: bool = DEFAULTS.splice
     admin: Address | None = field(default_factory=lambda: _address(DEFAULTS.admin))
     metrics: Address | None = field(default_factory=lambda: _address(DEFAULTS.metrics))
+    health: Address | None = field(  # /healthz/ready for a kubelet's probes
+        default_factory=lambda: None if DEFAULTS.health is None else _address(DEFAULTS.health))
     node_metadata: NodeMetadata = field(default_factory=NodeMetadata)
     reporting_duration: float = DEFAULTS.reporting_duration
     exchange: ExchangeConfig = ExchangeConfig()

@@ -1,6 +1,7 @@
 """One sidecar: a relay with its listener, the peer metadata exchange, Istio
-TCP telemetry reported every `reporting_duration`, the metrics port and the
-admin port, started and stopped together on the running event loop."""
+TCP telemetry reported every `reporting_duration`, the metrics port, the
+admin port and the health port, started and stopped together on the running
+event loop."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from fastmesh._version import __version__
 from fastmesh.addr import Address
-from fastmesh.admin import HttpEndpoint, make_app, serve_app
+from fastmesh.admin import HttpEndpoint, make_app, make_health_app, serve_app
 from fastmesh.certs import CertificateWatcher, MeshIdentity, load_identity
 from fastmesh.engine import IMPLEMENTATION
 from fastmesh.exchange import ExchangeSettings
@@ -47,10 +48,11 @@ class Sidecar:
             TcpTelemetry(peer_of=self.peers.peer_of) if config.metrics is not None else None)
         self.admin_address: Address | None = None
         self.metrics_address: Address | None = None
+        self.health_address: Address | None = None
         self.listener_configs: dict[int, ListenerConfig] = {}  # listener id -> the config it was opened with
         self.identity: MeshIdentity | None = None  # the certificates in force (--certs)
         self.certificates: CertificateWatcher | None = None
-        self._http: list[HttpEndpoint] = []  # metrics, then admin
+        self._http: list[HttpEndpoint] = []  # metrics, admin, health
         self._tasks: list[asyncio.Task[None]] = []  # the periodic report, the certificate watcher
 
     def _on_batch(self, batch: Batch) -> None:
@@ -102,11 +104,12 @@ class Sidecar:
     async def reload(self, config: SidecarConfig) -> None:
         """Apply a new config without dropping open connections: listeners on the same
         address get the new routes, identity and exchange for their new connections, new
-        addresses are opened, missing ones stop accepting. The metrics and admin ports,
+        addresses are opened, missing ones stop accepting. The metrics, admin and health ports,
         workers and engine options stay as they were started (a restart changes them)."""
         accepting = {self.listener_configs[lid].listen: lid for lid in self.relay.listeners}
         self.config = config.replace(
             workers=self.config.workers, admin=self.config.admin, metrics=self.config.metrics,
+            health=self.config.health,
             pipe_size=self.config.pipe_size, max_pipes=self.config.max_pipes, splice=self.config.splice,
             certs=self.config.certs)
         for listener_config in config.listeners:
@@ -138,11 +141,16 @@ class Sidecar:
                 log.info("metrics on http://%s/stats/prometheus", self.metrics_address)
                 self._tasks.append(asyncio.get_running_loop().create_task(self._report_forever()))
             if config.admin is not None:
-                http = await serve_app(make_app(self.relay, self.config_dump, self.peers.counters,
+                http = await serve_app(make_app(self.relay, self.config_dump, self.peers,
                                                 self.http_refused), config.admin)
                 self._http.append(http)
                 self.admin_address = http.address
                 log.info("admin on http://%s/", self.admin_address)
+            if config.health is not None:
+                http = await serve_app(make_health_app(self.relay), config.health)
+                self._http.append(http)
+                self.health_address = http.address
+                log.info("health on http://%s/healthz/ready", self.health_address)
         except BaseException:
             await self.stop(drain_timeout=0)
             raise
@@ -203,7 +211,7 @@ class Sidecar:
         }
 
     def http_refused(self) -> dict[str, int]:
-        """Connections turned away by the metrics and admin endpoints, by address."""
+        """Connections turned away by the metrics, admin and health endpoints, by address."""
         return {str(http.address): http.refused for http in self._http}
 
     def config_dump(self) -> dict[str, Any]:
@@ -231,6 +239,7 @@ class Sidecar:
             },
             "drain_timeout_seconds": config.drain_timeout,
             "admin": str(self.admin_address) if self.admin_address else None,
+            "health": f"http://{self.health_address}/healthz/ready" if self.health_address else None,
         }
 
 

@@ -240,6 +240,7 @@ class Sidecar(Model):
     tcp_reporting_duration: Duration = DEFAULTS.reporting_duration
     metrics: Optional[str] = DEFAULTS.metrics
     admin: Optional[str] = DEFAULTS.admin
+    health: Optional[str] = DEFAULTS.health  # Istio's 0.0.0.0:15021, /healthz/ready
     exchange: ExchangeOptions = ExchangeOptions()
     connect_timeout: Duration = DEFAULTS.connect_timeout  # a DestinationRule's connectTimeout overrides it
     workers: int = Field(default=DEFAULTS.workers, ge=1, le=MAX_WORKERS)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from fastmesh.addr import Address, parse_address, resolve
+from fastmesh.bindings import conflicts
 from fastmesh.config.istio_api import (
     DestinationRule, PeerAuthentication, ServiceEntry, Sidecar, TrafficPolicy, VirtualService, WorkloadEntry,
 )
@@ -76,10 +77,10 @@ class _Registry:
                 return document, entry
         return None
 
-    def rule(self, host: str) -> DestinationRule | None:
+    def rule(self, host: str) -> tuple[Document, DestinationRule] | None:
         for document, rule in self.rules:
             if fqdn(rule.host, document.namespace) == host:
-                return rule
+                return document, rule
         return None
 
     def endpoints(self, document: Document, entry: ServiceEntry) -> list[WorkloadEntry]:
@@ -138,8 +139,11 @@ class _Builder:
         self.connect_timeout = self.spec.connect_timeout
 
     def cluster(self, host: str, subset: str | None, port: int, where: str) -> Cluster:
+        """where: the setting that names host, subset and port (a VirtualService's destination,
+        or the Sidecar's listener when no VirtualService routes it), which warnings name."""
         name = f"outbound|{port}|{subset or ''}|{host}"
-        rule = self.registry.rule(host)
+        found = self.registry.rule(host)
+        rule = found[1] if found is not None else None
         policy = _policy(rule, subset, port)
         lb = _LB[policy.get("lb", "ROUND_ROBIN")]
         # PASSTHROUGH sends each connection to the client's original destination (iptables REDIRECT
@@ -147,7 +151,7 @@ class _Builder:
         endpoints = [] if lb == "PASSTHROUGH" else self.endpoints(host, rule, subset, port, where)
         max_connections = policy.get("max_connections", 0)
         connect_timeout = policy.get("connect_timeout", self.connect_timeout)
-        tls = self.client_tls(policy.get("tls"), host, subset, port, where)
+        tls = self.client_tls(policy.get("tls"), host, subset, port, found[0].source if found else where)
         try:
             return Cluster(name, host, tuple(e for e, _ in endpoints), tuple(m for _, m in endpoints), lb,
                            max_connections, connect_timeout, tls)
@@ -158,12 +162,14 @@ class _Builder:
     def client_tls(self, tls: Any, host: str, subset: str | None, port: int, where: str) -> ClientTls | None:
         """A DestinationRule's tls for a cluster, as Istio reads it: ISTIO_MUTUAL with the
         mesh identity, Istio's SNI and the service's SANs; SIMPLE and MUTUAL with the files
-        named; DISABLE plaintext. None: auto mTLS by the endpoints' tlsMode label."""
+        named; DISABLE plaintext. None: auto mTLS by the endpoints' tlsMode label.
+        where: the DestinationRule's document."""
         if tls is None:
             return None
         if tls.mode == ISTIO_MUTUAL and self.spec.certs is None:
             self.problems.append(f"{where}: the DestinationRule for {host} says ISTIO_MUTUAL: the Sidecar "
-                                 "needs certs (a directory with cert-chain.pem, key.pem, root-cert.pem)")
+                                 f"needs certs (a directory with cert-chain.pem, key.pem, root-cert.pem), "
+                                 f"{self.doc.source} has none")
         sans = tuple(tls.subject_alt_names)
         if tls.mode == ISTIO_MUTUAL and not sans:
             found = self.registry.service(host)
@@ -233,7 +239,8 @@ class _Builder:
         where = f"{self.doc.source}: spec.outbound[{index}]"
         host = fqdn(listener.host, self.namespace)
         port = listener.service_port or listener.port
-        routes: list[tuple[Any, int, str]] | None = None  # (destination, weight, namespace)
+        # (destination, weight, namespace, where it is named); destination None: the host itself
+        routes: list[tuple[Any, int, str, str]] | None = None
         for document, service in self.registry.routes:
             if service.gateways and MESH_GATEWAY not in service.gateways:
                 continue  # bound to gateways only: not a sidecar's route
@@ -242,25 +249,25 @@ class _Builder:
             if not service.tcp:
                 continue  # http/tls routes only: TCP traffic to the host goes straight to it, as in Istio
             routes = []
-            for route in service.tcp:
+            for number, route in enumerate(service.tcp):
                 if not route.match or any(self._matches(m, port) for m in route.match):
-                    routes = self._weighted(route.route, document, where)
+                    routes = self._weighted(route.route, document, f"{document.source}: spec.tcp[{number}]")
                     break
+            if not routes:
+                self.warnings.append(f"{document.source}: spec.tcp: none of its routes matches port {port} of "
+                                     f"{host} (the port of {where}): connections will be closed with NR")
             break
         if routes is None:  # no VirtualService: straight to the service
-            routes = [(None, 100, self.namespace)]
+            routes = [(None, 100, self.namespace, where)]
         clusters: list[Cluster] = []
         table: list[tuple[int, int]] = []
-        for destination, weight, namespace in routes:
+        for destination, weight, namespace, named_at in routes:
             target = host if destination is None else fqdn(destination.host, namespace)
             target_port = destination.port.number if destination is not None and destination.port else port
-            cluster = self.cluster(target, destination.subset if destination else None, target_port, where)
+            cluster = self.cluster(target, destination.subset if destination else None, target_port, named_at)
             if cluster.name not in [c.name for c in clusters]:
                 clusters.append(cluster)
             table.append(([c.name for c in clusters].index(cluster.name), weight))
-        if not table:
-            self.warnings.append(f"{where}: a VirtualService names {host} but none of its tcp routes matches "
-                                 f"port {port}: connections will be closed with NR")
         return ListenerConfig(self._address(listener.bind, listener.port, where),
                               RouteTable(tuple(clusters), tuple(table)), OUTBOUND, host)
 
@@ -273,48 +280,54 @@ class _Builder:
             return False
         return match.source_labels.items() <= self.labels.items()
 
-    def _weighted(self, destinations: list[Any], document: Document, where: str) -> list[tuple[Any, int, str]]:
+    def _weighted(self, destinations: list[Any], document: Document,
+                  route: str) -> list[tuple[Any, int, str, str]]:
+        """(destination, weight, namespace, where it is named) of a tcp route (at `route`)."""
+        named = [f"{route}.route[{index}].destination" for index in range(len(destinations))]
         if len(destinations) == 1:
-            return [(destinations[0].destination, 100, document.namespace)]
+            return [(destinations[0].destination, 100, document.namespace, named[0])]
         weights = [d.weight for d in destinations]
         if any(w is None for w in weights) or sum(weights) != 100:  # type: ignore[arg-type]
             self.problems.append(f"{document.source}: a tcp route with several destinations needs weights "
                                  f"adding up to 100, got {weights}")
-        return [(d.destination, d.weight or 0, document.namespace) for d in destinations]
+        return [(d.destination, d.weight or 0, document.namespace, where)
+                for d, where in zip(destinations, named)]
 
     def inbound(self, index: int) -> ListenerConfig:
         listener = self.spec.inbound[index]
         where = f"{self.doc.source}: spec.inbound[{index}]"
         app = Cluster(f"inbound|{listener.port}||{listener.service}", listener.service,
                       (("127.0.0.1", listener.target_port),), connect_timeout=self.connect_timeout)
-        mtls = self.peer_authentication(listener.target_port)
-        if mtls == STRICT and self.spec.certs is None:
-            self.problems.append(f"{where}: a PeerAuthentication says STRICT for port {listener.target_port}: "
-                                 "the Sidecar needs certs (a directory with cert-chain.pem, key.pem, root-cert.pem)")
+        mtls, policy = self.peer_authentication(listener.target_port)
+        if mtls == STRICT and self.spec.certs is None and policy is not None:
+            self.problems.append(f"{policy.source}: a PeerAuthentication says STRICT for port "
+                                 f"{listener.target_port}: the Sidecar needs certs (a directory with "
+                                 f"cert-chain.pem, key.pem, root-cert.pem), {where} has none")
         return ListenerConfig(self._address(listener.bind, listener.port, where), RouteTable((app,), ((0, 1),)),
                               INBOUND, fqdn(listener.service, self.namespace) if listener.service else "", mtls)
 
-    def peer_authentication(self, port: int) -> str | None:
-        """The mtls mode of the app's port, as Istio picks its PeerAuthentication: the
-        workload's (by selector) over its namespace's over the mesh's (istio-system); a
-        port-level mode over the policy's own; UNSET inherits. None: the default."""
-        by_rank: dict[int, PeerAuthentication] = {}
+    def peer_authentication(self, port: int) -> tuple[str | None, Document | None]:
+        """The mtls mode of the app's port and the document that sets it, as Istio picks its
+        PeerAuthentication: the workload's (by selector) over its namespace's over the
+        mesh's (istio-system); a port-level mode over the policy's own; UNSET inherits.
+        (None, None): the default."""
+        by_rank: dict[int, tuple[Document, PeerAuthentication]] = {}
         for document, policy in self.registry.peer_authentications:
             if policy.selector is not None:
                 if document.namespace == self.namespace and policy.selector.match_labels.items() <= self.labels.items():
-                    by_rank.setdefault(0, policy)
+                    by_rank.setdefault(0, (document, policy))
             elif document.namespace == self.namespace:
-                by_rank.setdefault(1, policy)
+                by_rank.setdefault(1, (document, policy))
             elif document.namespace == ROOT_NAMESPACE:
-                by_rank.setdefault(2, policy)
+                by_rank.setdefault(2, (document, policy))
         for rank in sorted(by_rank):
-            policy = by_rank[rank]
+            document, policy = by_rank[rank]
             mode = policy.port_level_mtls[port].mode if port in policy.port_level_mtls else "UNSET"
             if mode == "UNSET" and policy.mtls is not None:
                 mode = policy.mtls.mode
             if mode != "UNSET":
-                return mode
-        return None
+                return mode, document
+        return None, None
 
     def _address(self, bind: str, port: int, where: str) -> Address:
         try:
@@ -340,6 +353,12 @@ class _Builder:
             self.problems.append(f"{self.doc.source}: spec: a sidecar needs at least one inbound or outbound listener")
         admin = self.optional_address(spec.admin, "admin")
         metrics = self.optional_address(spec.metrics, "metrics")
+        health = self.optional_address(spec.health, "health")
+        named = [(f"spec.inbound[{i}]", listener.listen) for i, listener in enumerate(listeners[:len(spec.inbound)])]
+        named += [(f"spec.outbound[{i}]", listener.listen)
+                  for i, listener in enumerate(listeners[len(spec.inbound):])]
+        named += [("spec.metrics", metrics), ("spec.admin", admin), ("spec.health", health)]
+        self.problems += [f"{self.doc.source}: {problem}" for problem in conflicts(named)]
         if self.problems:
             raise ConfigError(self.problems)
         config = SidecarConfig(
@@ -347,6 +366,7 @@ class _Builder:
             workers=spec.workers,
             admin=admin,
             metrics=metrics,
+            health=health,
             node_metadata=self.node,
             reporting_duration=spec.tcp_reporting_duration,
             exchange=ExchangeConfig(spec.exchange.enabled, spec.exchange.plaintext, spec.exchange.max_payload,

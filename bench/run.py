@@ -196,6 +196,7 @@ def _show(unit: str, nums: dict[str, float]) -> str:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    commit = report.source_commit()  # the code measured: as it is when the run starts
     notes: list[str] = []
     installed = peers.ensure_tools()
     if installed:
@@ -289,7 +290,7 @@ def main(argv=None) -> int:
     doc = {
         "started": started.strftime("%Y-%m-%d %H:%M:%SZ"),
         "command": "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": report.source_commit(),
+        "commit": commit,
         "duration_seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
         "interrupted": interrupted,
         "machine": machine,

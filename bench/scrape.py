@@ -70,6 +70,7 @@ def main() -> int:
                         help="also keep the result as DATE-COMMIT-NAME.json beside --out, to be committed")
     args = parser.parse_args()
     record = report.record_stem(args.record) if args.record else None
+    commit = report.source_commit()  # the code measured: as it is when the run starts
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -120,7 +121,7 @@ def main() -> int:
             running.stop()
 
     result = {
-        "command": "python bench/scrape.py " + " ".join(sys.argv[1:]), "commit": report.source_commit(),
+        "command": "python bench/scrape.py " + " ".join(sys.argv[1:]), "commit": commit,
         "connections": args.connections, "active_connections": active,
         "label_sets": label_sets, "scrapes": args.scrapes,
         "body_bytes": size, "ms_min": round(min(times), 2), "ms_median": round(statistics.median(times), 2),

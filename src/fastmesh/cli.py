@@ -243,6 +243,39 @@ def build_parser() -> argparse.ArgumentParser:
                             "(or, without --expect, any series); default: ask once")
     query.add_argument("--expect", action="append", default=[], type=_expectation, metavar="LABEL=VALUE",
                        help="some series must have this label value, e.g. reporter=destination; repeatable")
+
+    capture = commands.add_parser(
+        "capture",
+        help="redirect this network namespace's TCP to the sidecar with iptables, as istio-iptables does",
+        description="Install istio-iptables' nat rules (REDIRECT mode) in the current network namespace, in one "
+                    "iptables-restore transaction per address family: outbound TCP to --proxy-port, inbound TCP to "
+                    "--inbound-capture-port, the proxy's own uid and gid never captured. Running it again replaces "
+                    "the rules; `uncapture` removes them.",
+    )
+    capture.add_argument("-p", "--proxy-port", default="15001", metavar="PORT",
+                         help="where outbound TCP is redirected (default 15001)")
+    capture.add_argument("-z", "--inbound-capture-port", default="15006", metavar="PORT",
+                         help="where inbound TCP is redirected (default 15006)")
+    capture.add_argument("-u", "--proxy-uid", default="1337", metavar="UID",
+                         help="the sidecar's uid, whose traffic is never captured (default 1337)")
+    capture.add_argument("-g", "--proxy-gid", metavar="GID", help="likewise, its gid (default: the uid)")
+    capture.add_argument("-m", "--inbound-interception-mode", choices=["REDIRECT", "TPROXY"], default="REDIRECT",
+                         help="REDIRECT, the only mode supported")
+    capture.add_argument("-i", "--include-outbound-cidrs", default="*", metavar="CIDRS",
+                         help="outbound destinations captured: '*' (default) or a comma list")
+    capture.add_argument("-x", "--exclude-outbound-cidrs", default="", metavar="CIDRS",
+                         help="outbound destinations never captured, a comma list (default none)")
+    capture.add_argument("-b", "--include-inbound-ports", default="*", metavar="PORTS",
+                         help="inbound ports captured: '*' (default: all but 22 and -d's) or a comma list")
+    capture.add_argument("-d", "--exclude-inbound-ports", default="15090,15021", metavar="PORTS",
+                         help="inbound ports never captured under -b '*' (default 15090,15021)")
+    capture.add_argument("-o", "--exclude-outbound-ports", default="", metavar="PORTS",
+                         help="outbound destination ports never captured (default none)")
+    capture.add_argument("-k", "--kube-virt-interfaces", default="", metavar="IFACES",
+                         help="interfaces of VMs inside the pod, whose traffic is captured as outbound")
+    capture.add_argument("--dry-run", action="store_true", help="print the rules iptables-save will list; change nothing")
+    commands.add_parser("uncapture", help="remove every rule and chain `capture` made",
+                        description="Remove the ISTIO_* chains `capture` made and the rules that jump to them.")
     return parser
 
 
@@ -407,6 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + signal.SIGTERM
     if args.command == "ca":
         return run_ca(args)
+    if args.command in ("capture", "uncapture"):
+        from fastmesh import capture
+
+        return capture.run(args)
     if args.command == "check":
         return check(args.config)
     if args.command == "metrics":

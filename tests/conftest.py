@@ -4,6 +4,7 @@ helpers that read an engine's batches until the expected connections closed."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -125,12 +126,7 @@ def prometheus(tmp_path):
 
     yield start
     for process in processes:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def query(base: str, promql: str) -> list[dict]:
@@ -432,3 +428,63 @@ SERVER = {"NAME": "mongodb-v1-0", "NAMESPACE": "default", "WORKLOAD_NAME": "mong
 CLIENT_FRAME = independent_frame(CLIENT, "sidecar~10.0.0.1~ratings-v2-1.default~default.svc.cluster.local")
 SERVER_FRAME = independent_frame(SERVER, "sidecar~10.0.0.2~mongodb-v1-0.default~default.svc.cluster.local")
 GREETING = b"220 server ready\r\n"
+
+
+# Network namespaces, for what needs iptables or addresses of its own (capture, the virtual
+# listeners): each test makes its own, removed at teardown, also when it fails.
+IP = shutil.which("ip")
+POD, PEER = "10.79.0.1", "10.79.0.2"  # the two ends of joined_netns's veth
+_netns_names = itertools.count()
+
+
+def netns_unavailable() -> str:
+    """Why network namespace tests cannot run here ('' when they can)."""
+    if os.geteuid() != 0 or IP is None or shutil.which("iptables-save") is None:
+        return "needs root, iproute2 (ip netns) and iptables: run as root after ci/install-test-deps.sh"
+    return ""
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout`."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def sh(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr}"
+    return result
+
+
+@pytest.fixture
+def netns():
+    """make(role) -> a new network namespace (its lo up) with a unique name; all are
+    removed at teardown."""
+    made: list[str] = []
+
+    def make(role: str) -> str:
+        name = f"fm-{os.getpid()}-{next(_netns_names)}-{role}"
+        sh(IP, "netns", "add", name)
+        made.append(name)
+        sh(IP, "-n", name, "link", "set", "lo", "up")
+        return name
+
+    yield make
+    for name in made:
+        subprocess.run([IP, "netns", "del", name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def joined_netns(netns):
+    """(pod, peer): two namespaces joined by a veth, POD and PEER at its ends."""
+    pod, peer = netns("pod"), netns("peer")
+    tag = next(_netns_names)
+    sh(IP, "link", "add", f"fmv{tag}p", "netns", pod, "type", "veth", "peer", "name", f"fmv{tag}q", "netns", peer)
+    for name, device, address in ((pod, f"fmv{tag}p", POD), (peer, f"fmv{tag}q", PEER)):
+        sh(IP, "-n", name, "addr", "add", f"{address}/24", "dev", device)
+        sh(IP, "-n", name, "link", "set", device, "up")
+    return pod, peer

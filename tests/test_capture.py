@@ -5,24 +5,19 @@ the host's own namespace is never touched. Needs root, iproute2 and iptables."""
 
 from __future__ import annotations
 
-import itertools
-import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from conftest import IP, PEER, POD, netns_unavailable, sh
 from fastmesh.cli import main
 
-IP = shutil.which("ip")
-if os.geteuid() != 0 or IP is None or shutil.which("iptables-save") is None:
-    pytest.skip("needs root, iproute2 (ip netns) and iptables: run as root after ci/install-test-deps.sh",
-                allow_module_level=True)
+if netns_unavailable():
+    pytest.skip(netns_unavailable(), allow_module_level=True)
 
-POD, PEER = "10.79.0.1", "10.79.0.2"  # the two ends of the veth between the pod and its peer
 NAT_BUILT_INS = ":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n"
 OUR_CHAINS = ":ISTIO_INBOUND - [0:0]\n:ISTIO_IN_REDIRECT - [0:0]\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n"
 
@@ -83,43 +78,10 @@ NO_NET_ADMIN = ("fastmesh capture: capture needs CAP_NET_ADMIN in this network n
                 "an init container with NET_ADMIN and NET_RAW)\n")
 
 
-def sh(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60, env=env)
-    assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr}"
-    return result
-
-
-_names = itertools.count()
-
-
 @pytest.fixture
-def netns():
-    """make(name) -> a new network namespace (its lo up) with a unique name; all are
-    removed at teardown."""
-    made: list[str] = []
-
-    def make(role: str) -> str:
-        name = f"fm-cap-{os.getpid()}-{next(_names)}-{role}"
-        sh(IP, "netns", "add", name)
-        made.append(name)
-        sh(IP, "-n", name, "link", "set", "lo", "up")
-        return name
-
-    yield make
-    for name in made:
-        subprocess.run([IP, "netns", "del", name], check=False, capture_output=True)
-
-
-@pytest.fixture
-def pod(netns):
-    """(pod, peer): two namespaces joined by a veth, POD and PEER at its ends, with some
-    rules of someone else's in the pod."""
-    pod, peer = netns("pod"), netns("peer")
-    tag = next(_names)
-    sh(IP, "link", "add", f"fmc{tag}p", "netns", pod, "type", "veth", "peer", "name", f"fmc{tag}q", "netns", peer)
-    for name, device, address in ((pod, f"fmc{tag}p", POD), (peer, f"fmc{tag}q", PEER)):
-        sh(IP, "-n", name, "addr", "add", f"{address}/24", "dev", device)
-        sh(IP, "-n", name, "link", "set", device, "up")
+def pod(joined_netns):
+    """(pod, peer): joined_netns's two namespaces, with some rules of someone else's in the pod."""
+    pod, peer = joined_netns
     for rule in FOREIGN:
         sh(IP, "netns", "exec", pod, *rule)
     return pod, peer

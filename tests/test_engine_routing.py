@@ -12,7 +12,7 @@ import pytest
 from conftest import Collector, assert_closed_by_relay, listening_socket
 
 from fastmesh.reasons import CloseReason
-from fastmesh.routing import Cluster, RouteTable
+from fastmesh.routing import Cluster, Destination, RouteTable
 
 
 class Counting:
@@ -177,6 +177,19 @@ def test_the_schedule_follows_weights_and_tolerates_zero_weights():
     assert RouteTable((a,), ()).schedule() == ()
     with pytest.raises(ValueError, match="route to cluster 3"):
         RouteTable((a,), ((3, 1),))
+
+
+def test_a_virtual_listeners_destinations_have_their_own_schedules_and_are_checked():
+    a, b = (Cluster(n, "svc", (("127.0.0.1", 1),)) for n in "ab")
+    known = Destination(("10.96.0.20", 27017), ((0, 50), (1, 50)))
+    table = RouteTable((a, b), ((1, 1),), (known,))
+    assert (table.schedule(), table.schedule(known.routes)) == ((1,), (0, 1))
+    with pytest.raises(ValueError, match="route to cluster 2"):
+        RouteTable((a, b), ((1, 1),), (Destination(("10.96.0.20", 27017), ((2, 1),)),))
+    with pytest.raises(ValueError, match="given twice"):
+        RouteTable((a, b), ((1, 1),), (known, known))
+    with pytest.raises(ValueError):
+        RouteTable((a, b), ((1, 1),), (Destination(("mongodb", 27017), ((0, 1),)),))  # numeric only
 
 
 @pytest.mark.parametrize("timeout", [0.0, -1.0, float("inf"), float("nan")])

@@ -264,6 +264,13 @@ cdef struct Cluster:
     int nsans
 
 
+cdef struct Destination:
+    sockaddr_storage address   # an original destination (before iptables REDIRECT) it takes
+    int first                  # its schedule is Listener.sched[first:first + count]
+    int count                  # 0: no route
+    unsigned long long rr
+
+
 cdef struct Listener:
     int id
     int fd
@@ -277,8 +284,10 @@ cdef struct Listener:
     Cluster *clusters
     sockaddr_storage local     # the bound address: a PASSTHROUGH destination equal to it goes nowhere
     int nsched                 # 0: no route
-    int *sched                 # cluster indexes in weighted round-robin order
+    int *sched                 # cluster indexes in weighted round-robin order, then the destinations'
     unsigned long long rr
+    int ndest                  # a virtual listener: routes by each connection's original destination
+    Destination *dests         # (one not among them takes the schedule above)
     double paused_until[MAX_WORKERS]  # per worker: accept paused after EMFILE and the like
     # peer metadata exchange
     int xrole                  # X_*

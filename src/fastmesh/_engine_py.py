@@ -212,6 +212,8 @@ class _Listener:
         self.closed = False
         self._schedule = routes.schedule()
         self._next = 0
+        # A virtual listener: each known original destination's own schedule and position.
+        self._destinations = {_canonical(d.address): [routes.schedule(d.routes), 0] for d in routes.destinations}
         self._lock = threading.Lock()  # the counts below: workers share listeners
         self._cluster_active = [0] * len(routes.clusters)
         self._cluster_rr = [0] * len(routes.clusters)
@@ -222,11 +224,18 @@ class _Listener:
         """(cluster, endpoint, None, target) for a connection to make, or (cluster, endpoint,
         reason, None) for a client to turn away. A PASSTHROUGH connection has no endpoint of
         its cluster's own: it goes where the client meant to go."""
-        if not self._schedule:
+        original = _original_destination(client, self.sock.getsockname()) if self._destinations else None
+        known = self._destinations.get(_canonical(original[1])) if original is not None else None
+        schedule = known[0] if known is not None else self._schedule
+        if not schedule:
             return None, None, CloseReason.NO_ROUTE, None
         with self._lock:
-            ci = self._schedule[self._next % len(self._schedule)]
-            self._next += 1
+            if known is not None:
+                ci = schedule[known[1] % len(schedule)]
+                known[1] += 1
+            else:
+                ci = schedule[self._next % len(schedule)]
+                self._next += 1
             cluster = self.routes.clusters[ci]
             count = len(cluster.endpoints)
             if count == 0 and cluster.lb != "PASSTHROUGH":
@@ -234,7 +243,7 @@ class _Listener:
             if cluster.max_connections and self._cluster_active[ci] >= cluster.max_connections:
                 return ci, None, CloseReason.OVERFLOW, None
             if cluster.lb == "PASSTHROUGH":
-                destination = _original_destination(client, self.sock.getsockname())
+                destination = original or _original_destination(client, self.sock.getsockname())
                 if destination is None:
                     return ci, None, CloseReason.NO_HEALTHY_UPSTREAM, None
                 self._cluster_active[ci] += 1
@@ -268,6 +277,13 @@ class _Listener:
         if tls is not None:
             return "" if tls.mode == DISABLE else tls.mode
         return ISTIO_MUTUAL if has_identity and self.routes.is_mesh_peer(cluster, endpoint) else ""
+
+
+def _canonical(address: tuple) -> tuple[bytes, int]:
+    """An (ip, port) as the kernel compares it: the packed address and the port."""
+    host, port = address[:2]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.inet_pton(family, host), port
 
 
 def _original_destination(client: socket.socket, listener: tuple) -> Optional[tuple[int, tuple[str, int]]]:

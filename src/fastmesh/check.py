@@ -10,6 +10,7 @@ from typing import Sequence, TextIO
 
 from fastmesh import preflight
 from fastmesh.certs import load_identity
+from fastmesh.routing import RouteTable
 from fastmesh.settings import INBOUND, ListenerConfig, SidecarConfig
 
 
@@ -52,17 +53,32 @@ def _listener(config: SidecarConfig, listener: ListenerConfig) -> list[str]:
     tls = f", mTLS {config.listener_tls(listener).mode}" if inbound else ""
     lines = [f"{listener.direction} {listener.listen}{service}{tls}:"]
     routes = listener.routes
-    if not routes.routes:
-        lines.append("  no route (NR)")
-    for index, weight in routes.routes:
-        cluster = routes.clusters[index]
+    # A virtual listener: each known original destination's routes, then everything else's.
+    for destination in routes.destinations:
+        host, port = destination.address
+        lines.append(f"  to {host}:{port}:")
+        lines += ["  " + line for line in _routes(config, routes, destination.routes, inbound)]
+    if routes.destinations:
+        lines.append("  to any other destination:")
+    lines += _routes(config, routes, routes.routes, inbound, "    " if routes.destinations else "  ")
+    return lines
+
+
+def _routes(config: SidecarConfig, table: RouteTable, routes: tuple[tuple[int, int], ...], inbound: bool,
+            indent: str = "  ") -> list[str]:
+    if not routes:
+        return [f"{indent}no route (NR)"]
+    lines = []
+    for index, weight in routes:
+        cluster = table.clusters[index]
         endpoints = ", ".join(f"{h}:{p}{' (mesh)' if cluster.is_mesh_peer(i) else ''}"
-                              for i, (h, p) in enumerate(cluster.endpoints)) or "no endpoint (UH)"
+                              for i, (h, p) in enumerate(cluster.endpoints)) or (
+            "the original destination" if cluster.lb == "PASSTHROUGH" else "no endpoint (UH)")
         # A cluster's TLS as the sidecar originates it (inbound: to the local app, plaintext).
         origination = "" if inbound else "; tls " + (
             cluster.tls.mode if cluster.tls is not None else
             "auto (ISTIO_MUTUAL to mesh peers)" if config.certs is not None else "DISABLE")
-        lines.append(f"  weight {weight}: {cluster.name} [{cluster.lb}] -> {endpoints}{origination}")
+        lines.append(f"{indent}weight {weight}: {cluster.name} [{cluster.lb}] -> {endpoints}{origination}")
     return lines
 
 

@@ -67,17 +67,42 @@ class Cluster:
         return any(self.mesh_peers)
 
 
+# The cluster of a virtual outbound listener's connections to a destination no config
+# knows: each goes to its original address, and Istio names it so in destination_service_name.
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A service address a virtual listener (Istio's virtualOutbound) tells apart by each
+    connection's original destination, before iptables REDIRECT: its own routes, into the
+    table's clusters."""
+
+    address: tuple[str, int]  # numeric IP, port
+    routes: tuple[tuple[int, int], ...]  # (cluster index, weight); none at all: NR
+
+
 @dataclass(frozen=True)
 class RouteTable:
     clusters: tuple[Cluster, ...] = ()
     routes: tuple[tuple[int, int], ...] = ()  # (cluster index, weight); none at all: NR
+    # A virtual listener's known destinations; a connection to none of them takes `routes`.
+    destinations: tuple[Destination, ...] = ()
 
     def __post_init__(self) -> None:
-        for index, weight in self.routes:
-            if not 0 <= index < len(self.clusters):
-                raise ValueError(f"route to cluster {index}: there are {len(self.clusters)} clusters")
-            if weight < 0:
-                raise ValueError(f"route weight cannot be negative: {weight}")
+        for routes in (self.routes, *(d.routes for d in self.destinations)):
+            for index, weight in routes:
+                if not 0 <= index < len(self.clusters):
+                    raise ValueError(f"route to cluster {index}: there are {len(self.clusters)} clusters")
+                if weight < 0:
+                    raise ValueError(f"route weight cannot be negative: {weight}")
+        seen = set()
+        for destination in self.destinations:
+            host, port = destination.address
+            ipaddress.ip_address(host)
+            if not 0 < port < 65536 or destination.address in seen:
+                raise ValueError(f"destination {host}:{port}: port out of range, or given twice")
+            seen.add(destination.address)
 
     @classmethod
     def single(cls, upstreams: Sequence[str | tuple[str, int]], connect_timeout: float = DEFAULTS.connect_timeout,
@@ -94,12 +119,14 @@ class RouteTable:
                           (mesh_peer,) * len(endpoints) if mesh_peer else (), connect_timeout=connect_timeout)
         return cls((cluster,), ((0, 1),))
 
-    def schedule(self) -> tuple[int, ...]:
-        """Cluster indexes in the order connections take them: smooth weighted round
-        robin over one cycle, so every run of sum(weights) connections splits exactly."""
-        routes = [(index, weight) for index, weight in self.routes if weight > 0]
-        if not routes and self.routes:
-            routes = [(self.routes[0][0], 1)]  # all weights 0: Istio sends everything to the first
+    def schedule(self, of: tuple[tuple[int, int], ...] | None = None) -> tuple[int, ...]:
+        """Cluster indexes in the order connections take them (of `routes`, or of a
+        destination's): smooth weighted round robin over one cycle, so every run of
+        sum(weights) connections splits exactly."""
+        given = self.routes if of is None else of
+        routes = [(index, weight) for index, weight in given if weight > 0]
+        if not routes and given:
+            routes = [(given[0][0], 1)]  # all weights 0: Istio sends everything to the first
         if not routes:
             return ()
         divisor = reduce(math.gcd, (w for _, w in routes))

@@ -17,7 +17,7 @@ from fastmesh.identity import LATEST, UNKNOWN, Workload
 from fastmesh.peers import UNKNOWN_PEER, PeerInfo
 from fastmesh.reasons import CloseReason
 from fastmesh.records import Batch
-from fastmesh.routing import OUTBOUND, RouteTable
+from fastmesh.routing import OUTBOUND, PASSTHROUGH_CLUSTER, RouteTable
 
 # Istio >= 1.10 standard TCP labels (response_code and grpc_response_status are not TCP labels).
 TCP_LABELS = (
@@ -81,9 +81,14 @@ class ListenerTelemetry:
     local_principal: str = ""  # our certificate's SPIFFE id, reported for connections over mTLS
 
     def service_for(self, cluster: int | None) -> str:
-        """destination_service of a connection: its routed cluster's host, else the listener's."""
-        if cluster is not None and self.routes is not None and self.routes.clusters[cluster].service:
-            return self.routes.clusters[cluster].service
+        """destination_service of a connection: its routed cluster's host, else the listener's
+        (PASSTHROUGH_CLUSTER for a virtual listener's connection to an unknown destination)."""
+        if cluster is not None and self.routes is not None:
+            routed = self.routes.clusters[cluster]
+            if routed.name == PASSTHROUGH_CLUSTER:
+                return PASSTHROUGH_CLUSTER
+            if routed.service:
+                return routed.service
         return self.destination_service
 
     def labels(self, peer: PeerInfo, flags: str, service: str | None = None) -> tuple[str, ...]:
@@ -99,12 +104,15 @@ class ListenerTelemetry:
         # Istio takes the namespace from the destination node only; fastmesh falls back
         # to the service host's namespace when the peer is unknown (see README).
         namespace = destination.namespace or service_namespace(host)
+        short = service_name(host, namespace) if host else ""
+        if host == PASSTHROUGH_CLUSTER:  # no service: Istio names the cluster, the host is unknown
+            host, short = "", PASSTHROUGH_CLUSTER
         values = (
             "source" if outbound else "destination",
             source.workload, source.namespace, source_principal, source.app, source.version,
             source.canonical_service, source.canonical_revision or LATEST, source.cluster,
             destination.workload, destination.namespace, destination_principal, destination.app,
-            destination.version, host, service_name(host, namespace) if host else "",
+            destination.version, host, short,
             namespace, destination.canonical_service, destination.canonical_revision or LATEST,
             destination.cluster,
             "tcp", flags, policy,

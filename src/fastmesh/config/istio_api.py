@@ -225,6 +225,14 @@ class OutboundListener(Model):
     service_port: Optional[int] = Field(default=None, ge=1, le=65535)  # defaults to `port`
 
 
+class VirtualOutboundListener(Model):
+    """Istio's virtualOutbound: where `fastmesh capture` redirects the pod's outbound TCP. Each
+    connection's service is picked by its original destination (a ServiceEntry's addresses
+    and ports); one no config knows goes to that address, as PassthroughCluster."""
+    port: int = Field(default=15001, ge=0, le=65535)
+    bind: str = "127.0.0.1"  # iptables REDIRECT in OUTPUT rewrites the destination to 127.0.0.1
+
+
 class ExchangeOptions(Model):
     enabled: bool = DEFAULTS.exchange
     plaintext: bool = DEFAULTS.exchange_plaintext  # also on plaintext connections (fastmesh's own variant)
@@ -237,6 +245,7 @@ class Sidecar(Model):
     node_metadata: dict[str, Any] = {}
     inbound: list[InboundListener] = []
     outbound: list[OutboundListener] = []
+    virtual_outbound: Optional[VirtualOutboundListener] = None
     tcp_reporting_duration: Duration = DEFAULTS.reporting_duration
     metrics: Optional[str] = DEFAULTS.metrics
     admin: Optional[str] = DEFAULTS.admin

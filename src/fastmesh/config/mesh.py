@@ -19,7 +19,7 @@ from fastmesh.config.istio_api import (
 )
 from fastmesh.config.loader import ConfigError, Document
 from fastmesh.identity import MetadataError, parse_node_metadata
-from fastmesh.routing import INBOUND, OUTBOUND, Cluster, RouteTable
+from fastmesh.routing import INBOUND, OUTBOUND, PASSTHROUGH_CLUSTER, Cluster, Destination, RouteTable
 from fastmesh.settings import ExchangeConfig, ListenerConfig, SidecarConfig
 from fastmesh.tls import ISTIO_MUTUAL, STRICT, ClientTls
 
@@ -34,6 +34,15 @@ _LB = {"ROUND_ROBIN": "ROUND_ROBIN", "UNSPECIFIED": "ROUND_ROBIN", "LEAST_CONN":
 def fqdn(host: str, namespace: str) -> str:
     """Istio's short-name rule: `reviews` in namespace default is reviews.default.svc.cluster.local."""
     return host if "." in host or host == "*" else f"{host}.{namespace}.svc.cluster.local"
+
+
+def _single_ip(address: str) -> str | None:
+    """A ServiceEntry address as one IP ("10.96.0.20", "10.96.0.20/32"), else None (a range)."""
+    try:
+        network = ipaddress.ip_network(address, strict=False)
+    except ValueError:
+        return None
+    return str(network.network_address) if network.num_addresses == 1 else None
 
 
 def host_matches(pattern: str, host: str) -> bool:
@@ -238,7 +247,40 @@ class _Builder:
         listener = self.spec.outbound[index]
         where = f"{self.doc.source}: spec.outbound[{index}]"
         host = fqdn(listener.host, self.namespace)
-        port = listener.service_port or listener.port
+        clusters: list[Cluster] = []
+        table = self.routes_to(host, listener.service_port or listener.port, where, clusters)
+        return ListenerConfig(self._address(listener.bind, listener.port, where),
+                              RouteTable(tuple(clusters), tuple(table)), OUTBOUND, host)
+
+    def virtual_outbound(self) -> ListenerConfig:
+        """Istio's virtualOutbound: every ServiceEntry address and port is a destination with
+        its host's routes; any other goes to PassthroughCluster (its original address)."""
+        listener = self.spec.virtual_outbound
+        assert listener is not None
+        where = f"{self.doc.source}: spec.virtualOutbound"
+        clusters = [Cluster(PASSTHROUGH_CLUSTER, lb="PASSTHROUGH", connect_timeout=self.connect_timeout)]
+        destinations: dict[tuple[str, int], Destination] = {}
+        for document, entry in self.registry.services:
+            for address in entry.addresses:
+                ip = _single_ip(address)
+                if ip is None:
+                    self.warnings.append(f"{document.source}: spec.addresses: {address!r} is not one IP address: "
+                                         "the virtual outbound listener does not match it")
+                    continue
+                for port in entry.ports:
+                    if (ip, port.number) in destinations:
+                        continue  # the first ServiceEntry to name an address and port has it, as in Istio
+                    host = fqdn(entry.hosts[0], document.namespace)
+                    table = self.routes_to(host, port.number, f"{document.source}: spec.ports", clusters)
+                    destinations[(ip, port.number)] = Destination((ip, port.number), tuple(table))
+        return ListenerConfig(self._address(listener.bind, listener.port, where),
+                              RouteTable(tuple(clusters), ((0, 1),), tuple(destinations.values())), OUTBOUND)
+
+    def routes_to(self, host: str, port: int, where: str, clusters: list[Cluster]) -> list[tuple[int, int]]:
+        """The weighted routes of a connection to host:port: the first matching tcp route of the
+        VirtualService for the host, else the host itself. Their clusters are added to `clusters`
+        (once each, by name); the routes name them by index there. `where`: the setting that
+        names host and port, for warnings."""
         # (destination, weight, namespace, where it is named); destination None: the host itself
         routes: list[tuple[Any, int, str, str]] | None = None
         for document, service in self.registry.routes:
@@ -259,7 +301,6 @@ class _Builder:
             break
         if routes is None:  # no VirtualService: straight to the service
             routes = [(None, 100, self.namespace, where)]
-        clusters: list[Cluster] = []
         table: list[tuple[int, int]] = []
         for destination, weight, namespace, named_at in routes:
             target = host if destination is None else fqdn(destination.host, namespace)
@@ -268,8 +309,7 @@ class _Builder:
             if cluster.name not in [c.name for c in clusters]:
                 clusters.append(cluster)
             table.append(([c.name for c in clusters].index(cluster.name), weight))
-        return ListenerConfig(self._address(listener.bind, listener.port, where),
-                              RouteTable(tuple(clusters), tuple(table)), OUTBOUND, host)
+        return table
 
     def _matches(self, match: Any, port: int) -> bool:
         if match.port is not None and match.port != port:
@@ -349,14 +389,17 @@ class _Builder:
         spec = self.spec
         listeners = [self.inbound(i) for i in range(len(spec.inbound))]
         listeners += [self.outbound(i) for i in range(len(spec.outbound))]
+        if spec.virtual_outbound is not None:
+            listeners.append(self.virtual_outbound())
         if not listeners:
             self.problems.append(f"{self.doc.source}: spec: a sidecar needs at least one inbound or outbound listener")
         admin = self.optional_address(spec.admin, "admin")
         metrics = self.optional_address(spec.metrics, "metrics")
         health = self.optional_address(spec.health, "health")
-        named = [(f"spec.inbound[{i}]", listener.listen) for i, listener in enumerate(listeners[:len(spec.inbound)])]
-        named += [(f"spec.outbound[{i}]", listener.listen)
-                  for i, listener in enumerate(listeners[len(spec.inbound):])]
+        # The listeners in the order built: inbound, outbound, then the virtual outbound one.
+        settings = [f"spec.inbound[{i}]" for i in range(len(spec.inbound))]
+        settings += [f"spec.outbound[{i}]" for i in range(len(spec.outbound))] + ["spec.virtualOutbound"]
+        named = [(setting, listener.listen) for setting, listener in zip(settings, listeners)]
         named += [("spec.metrics", metrics), ("spec.admin", admin), ("spec.health", health)]
         self.problems += [f"{self.doc.source}: {problem}" for problem in conflicts(named)]
         if self.problems:

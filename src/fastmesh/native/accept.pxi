@@ -108,18 +108,53 @@ cdef int pick_endpoint(Worker *w, Cluster *cl, Listener *l) noexcept nogil:
     return best
 
 
+cdef Destination *known_destination(Listener *l, sockaddr_storage *original) noexcept nogil:
+    # A virtual listener's destination for that original address, or NULL (a linear scan:
+    # a sidecar knows tens of service addresses, and this runs once per connection).
+    cdef int i
+    cdef sockaddr_in *a4
+    cdef sockaddr_in *d4
+    cdef sockaddr_in6 *a6
+    cdef sockaddr_in6 *d6
+    for i in range(l.ndest):
+        if l.dests[i].address.ss_family != original.ss_family:
+            continue
+        if original.ss_family == AF_INET:
+            a4 = <sockaddr_in *>original
+            d4 = <sockaddr_in *>&l.dests[i].address
+            if a4.sin_port == d4.sin_port and a4.sin_addr.s_addr == d4.sin_addr.s_addr:
+                return &l.dests[i]
+        else:
+            a6 = <sockaddr_in6 *>original
+            d6 = <sockaddr_in6 *>&l.dests[i].address
+            if a6.sin6_port == d6.sin6_port and memcmp(&a6.sin6_addr, &d6.sin6_addr, 16) == 0:
+                return &l.dests[i]
+    return NULL
+
+
 cdef int pick_route(Worker *w, Listener *l, int down_fd, int *cluster, int *endpoint,
                     sockaddr_storage *original, sockaddr_storage **sa, socklen_t *salen) noexcept nogil:
-    # The next route of the schedule, then an endpoint of its cluster (counted as in use)
-    # or the client's original destination: 0, or why there is none (R_*, counted).
+    # The next route of the schedule (a virtual listener's: of the connection's original
+    # destination, if it knows it), then an endpoint of its cluster (counted as in use) or
+    # the client's original destination: 0, or why there is none (R_*, counted).
     cdef Cluster *cl
+    cdef Destination *d = NULL
     cdef int ci
+    cdef int *sched = l.sched
+    cdef int nsched = l.nsched
+    cdef unsigned long long *rr = &l.rr
+    cdef bint have_original = False
     cluster[0] = NONE
     endpoint[0] = NONE
-    if l.nsched == 0:
+    if l.ndest > 0:
+        have_original = original_destination(down_fd, l, original, salen)
+        d = known_destination(l, original) if have_original else NULL
+        if d != NULL:
+            sched, nsched, rr = l.sched + d.first, d.count, &d.rr
+    if nsched == 0:
         w.stats[S_NO_ROUTE] += 1
         return R_NO_ROUTE
-    ci = l.sched[fm_fetch_inc(&l.rr) % <unsigned long long>l.nsched]
+    ci = sched[fm_fetch_inc(rr) % <unsigned long long>nsched]
     cl = &l.clusters[ci]
     cluster[0] = ci
     if cl.count == 0 and cl.lb != LB_PASSTHROUGH:
@@ -131,7 +166,7 @@ cdef int pick_route(Worker *w, Listener *l, int down_fd, int *cluster, int *endp
         return R_OVERFLOW
     if cl.lb == LB_PASSTHROUGH:
         # No endpoint of the cluster's own: the connection goes where the client meant.
-        if not original_destination(down_fd, l, original, salen):
+        if not have_original and not original_destination(down_fd, l, original, salen):
             fm_fetch_dec(&cl.active)
             w.stats[S_NO_HEALTHY_UPSTREAM] += 1
             return R_NO_HEALTHY_UPSTREAM

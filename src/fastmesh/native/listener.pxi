@@ -52,6 +52,7 @@ cdef void free_listener(Listener *l) noexcept nogil:
     free(l.ep_active)
     free(l.clusters)
     free(l.sched)
+    free(l.dests)
     free(l.xframe)
     free(l)
 
@@ -92,6 +93,7 @@ cdef Listener *build_listener(int fd, object routes, object exchange, object tls
     cdef socklen_t local_length
     cdef bytes frame = bytes(exchange.frame) if exchange is not None else b""
     schedule = routes.schedule()
+    destination_schedules = [routes.schedule(d.routes) for d in routes.destinations]
     nup = sum(len(cluster.endpoints) for cluster in routes.clusters)
     l = <Listener *>calloc(1, sizeof(Listener))
     if l == NULL:
@@ -101,12 +103,14 @@ cdef Listener *build_listener(int fd, object routes, object exchange, object tls
     l.mesh_peer = <unsigned char *>calloc(nup + 1, 1)
     l.ep_active = <unsigned long long *>calloc(nup + 1, sizeof(unsigned long long))
     l.clusters = <Cluster *>calloc(len(routes.clusters) + 1, sizeof(Cluster))
-    l.sched = <int *>calloc(len(schedule) + 1, sizeof(int))
+    l.sched = <int *>calloc(len(schedule) + sum(map(len, destination_schedules)) + 1, sizeof(int))
+    l.dests = <Destination *>calloc(len(destination_schedules) + 1, sizeof(Destination))
     l.xframe = <char *>malloc(len(frame) + 1)
     l.ep_tls = <unsigned char *>calloc(nup + 1, 1)
     l.ep_session = <SSL_SESSION **>calloc(nup + 1, sizeof(SSL_SESSION *))
     if (l.ups == NULL or l.uplens == NULL or l.mesh_peer == NULL or l.ep_tls == NULL or l.ep_session == NULL
-            or l.ep_active == NULL or l.clusters == NULL or l.sched == NULL or l.xframe == NULL):
+            or l.ep_active == NULL or l.clusters == NULL or l.sched == NULL or l.dests == NULL
+            or l.xframe == NULL):
         free_listener(l)
         raise MemoryError()
     pthread_mutex_init(&l.session_lock, NULL)
@@ -116,6 +120,15 @@ cdef Listener *build_listener(int fd, object routes, object exchange, object tls
         l.nsched = len(schedule)
         for i, cluster_index in enumerate(schedule):
             l.sched[i] = cluster_index
+        j = len(schedule)
+        for i, destination in enumerate(routes.destinations):
+            fill_sockaddr(&l.dests[i].address, &local_length, destination.address[0], destination.address[1])
+            l.dests[i].first = j
+            l.dests[i].count = len(destination_schedules[i])
+            for cluster_index in destination_schedules[i]:
+                l.sched[j] = cluster_index
+                j += 1
+            l.ndest = i + 1
         j = 0
         for i, cluster in enumerate(routes.clusters):
             l.clusters[i].first = j

@@ -405,7 +405,7 @@ def readme_usage() -> dict[str, set[str]]:
         line = line.split("  #", 1)[0]  # a comment
         if line.startswith("python -m fastmesh"):
             line = line.removeprefix("python -m fastmesh")
-            command = " ".join(itertools.takewhile(lambda word: re.fullmatch("[a-z]+", word), line.split()))
+            command = " ".join(itertools.takewhile(lambda word: re.fullmatch("[a-z]+(-[a-z]+)*", word), line.split()))
             shown.setdefault(command, set())
         assert command is not None and (line.startswith(" ") or not line), line
         shown[command] |= set(re.findall(r"(?<![\w-])--?[a-z][\w-]*", line))

@@ -276,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--dry-run", action="store_true", help="print the rules iptables-save will list; change nothing")
     commands.add_parser("uncapture", help="remove every rule and chain `capture` made",
                         description="Remove the ISTIO_* chains `capture` made and the rules that jump to them.")
+    inject = commands.add_parser(
+        "kube-inject",
+        help="add a fastmesh sidecar to Kubernetes manifests, as istioctl kube-inject adds Istio's",
+        description="Read Kubernetes documents and write them to stdout with a fastmesh sidecar in every "
+                    "Deployment, StatefulSet, DaemonSet, Job and Pod: an init container running `fastmesh "
+                    "capture`, the sidecar as a native sidecar, the pod's identity from the Downward API, "
+                    "Istio's labels and Prometheus annotations, and a ConfigMap with a default Sidecar "
+                    "document. Other documents, and pods already injected or annotated "
+                    "sidecar.istio.io/inject: \"false\", pass through unchanged.")
+    inject.add_argument("-f", "--filename", required=True, metavar="FILE",
+                        help="the manifests, or - for stdin")
+    inject.add_argument("--image", default="fastmesh:0.1", help="the sidecar's image (default fastmesh:0.1)")
     return parser
 
 
@@ -446,6 +458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return capture.run(args)
     if args.command == "check":
         return check(args.config)
+    if args.command == "kube-inject":
+        from fastmesh import inject
+
+        return inject.run(args.filename, args.image)
     if args.command == "metrics":
         from fastmesh import metrics_view
 

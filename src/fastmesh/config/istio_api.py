@@ -243,6 +243,9 @@ class ExchangeOptions(Model):
 
 class Sidecar(Model):
     node_metadata: dict[str, Any] = {}
+    # A directory with the pod's Downward API labels file: nodeMetadata's missing keys are then
+    # filled from it and from POD_NAME, POD_NAMESPACE, ... (fastmesh.podinfo), as kube-inject sets up.
+    pod_info: Optional[str] = None
     inbound: list[InboundListener] = []
     outbound: list[OutboundListener] = []
     virtual_outbound: Optional[VirtualOutboundListener] = None

@@ -8,10 +8,12 @@ would also accept but that will not work as written are warnings."""
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from fastmesh import podinfo
 from fastmesh.addr import Address, parse_address, resolve
 from fastmesh.bindings import conflicts
 from fastmesh.config.istio_api import (
@@ -140,7 +142,10 @@ class _Builder:
         self.problems: list[str] = []
         self.warnings: list[str] = []
         try:
-            self.node = parse_node_metadata(self.spec.node_metadata, f"{sidecar_doc.source}: spec.nodeMetadata")
+            values = self.spec.node_metadata
+            if self.spec.pod_info is not None:
+                values = podinfo.complete(values, os.environ, self.spec.pod_info)
+            self.node = parse_node_metadata(values, f"{sidecar_doc.source}: spec.nodeMetadata")
         except MetadataError as exc:
             self.problems.append(str(exc))
             self.node = parse_node_metadata({})

@@ -1,0 +1,272 @@
+"""`fastmesh kube-inject`: Kubernetes documents in, the same documents out with a fastmesh
+sidecar added to every pod (Deployment, StatefulSet, DaemonSet, Job templates and Pods), as
+`istioctl kube-inject` adds Istio's: an init container running `fastmesh capture`, the sidecar as
+a native sidecar, the pod's identity from the Downward API, Istio's labels and annotations.
+Documents are read and written with pyyaml; nothing else is touched."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import yaml
+
+from fastmesh.identity import (
+    CANONICAL_NAME,
+    CANONICAL_REVISION,
+    canonical_revision,
+    canonical_service,
+)
+
+IMAGE = "fastmesh:0.1"  # the image deploy/Dockerfile builds (entrypoint `python -m fastmesh`)
+INIT_NAME, SIDECAR_NAME = "fastmesh-init", "fastmesh"
+PROXY_UID = 1337
+OUTBOUND_PORT, INBOUND_PORT, METRICS_PORT, HEALTH_PORT = 15001, 15006, 15090, 15021
+CONFIG_DIR, CONFIG_FILE = "/etc/fastmesh", "sidecar.yaml"
+CERTS_DIR = "/var/run/secrets/workload-spiffe-credentials"  # Istio's workload-certs mount
+PODINFO_DIR = "/etc/istio/pod"  # Istio's istio-podinfo mount
+CONFIG_VOLUME, CERTS_VOLUME, PODINFO_VOLUME = "fastmesh-config", "workload-certs", "istio-podinfo"
+
+STATUS = "sidecar.istio.io/status"
+INJECT = "sidecar.istio.io/inject"
+TLS_MODE = "security.istio.io/tlsMode"
+PROMETHEUS = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
+              "prometheus.io/path": "/stats/prometheus"}
+# Istio keeps the app's own scrape annotations in this variable of the sidecar.
+PROMETHEUS_ENV = "ISTIO_PROMETHEUS_ANNOTATIONS"
+
+# kind -> the owner reference Istio puts in ISTIO_META_OWNER (API path and resource).
+WORKLOADS = {"Deployment": "apps/v1/namespaces/{ns}/deployments", "StatefulSet": "apps/v1/namespaces/{ns}/statefulsets",
+             "DaemonSet": "apps/v1/namespaces/{ns}/daemonsets", "Job": "batch/v1/namespaces/{ns}/jobs",
+             "Pod": "v1/namespaces/{ns}/pods"}
+CAPTURE_ARGS = ["capture", "-p", str(OUTBOUND_PORT), "-z", str(INBOUND_PORT), "-u", str(PROXY_UID),
+                "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", f"{METRICS_PORT},{HEALTH_PORT}"]
+
+
+class InjectError(ValueError):
+    """Input kube-inject cannot transform; the message is one line naming where."""
+
+
+def _probe(period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": "/healthz/ready", "port": HEALTH_PORT}, "periodSeconds": period,
+            "failureThreshold": failures}
+
+
+def _field_env(name: str, field_path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": field_path}}}
+
+
+def init_container(image: str) -> dict[str, Any]:
+    """istio-init's job, done by `fastmesh capture` with istio-iptables' flags, as root with
+    only the capabilities iptables needs."""
+    return {
+        "name": INIT_NAME, "image": image, "args": list(CAPTURE_ARGS),
+        "securityContext": {"capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+                            "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False,
+                            "allowPrivilegeEscalation": False, "privileged": False,
+                            "readOnlyRootFilesystem": False},
+    }
+
+
+def sidecar_container(image: str, kind: str, name: str, app_containers: list[str],
+                      app_prometheus: dict[str, str]) -> dict[str, Any]:
+    """The proxy as a native sidecar: started (and probed) before the app, stopped after it."""
+    env = [_field_env("POD_NAME", "metadata.name"), _field_env("POD_NAMESPACE", "metadata.namespace"),
+           _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"), _field_env("INSTANCE_IP", "status.podIP"),
+           {"name": "ISTIO_META_WORKLOAD_NAME", "value": name},
+           # $(POD_NAMESPACE) is expanded by the kubelet from the variable above.
+           {"name": "ISTIO_META_OWNER",
+            "value": f"kubernetes://apis/{WORKLOADS[kind].format(ns='$(POD_NAMESPACE)')}/{name}"},
+           {"name": "ISTIO_META_CLUSTER_ID", "value": "Kubernetes"},
+           {"name": "ISTIO_META_INTERCEPTION_MODE", "value": "REDIRECT"},
+           {"name": "ISTIO_META_APP_CONTAINERS", "value": ",".join(app_containers)}]
+    if app_prometheus:
+        env.append({"name": PROMETHEUS_ENV, "value": json.dumps(app_prometheus, separators=(",", ":"))})
+    return {
+        "name": SIDECAR_NAME, "image": image, "restartPolicy": "Always",
+        "args": ["serve", "-c", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "ports": [{"name": "http-envoy-prom", "containerPort": METRICS_PORT, "protocol": "TCP"},
+                  {"name": "status-port", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
+        "env": env,
+        "startupProbe": _probe(1, 600),  # Istio's: up to 10 minutes, checked every second
+        "readinessProbe": _probe(15, 4),
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+        "securityContext": {"runAsUser": PROXY_UID, "runAsGroup": PROXY_UID, "runAsNonRoot": True,
+                            "allowPrivilegeEscalation": False, "privileged": False,
+                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+                         {"name": CERTS_VOLUME, "mountPath": CERTS_DIR, "readOnly": True},
+                         {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True}],
+    }
+
+
+def volumes(name: str) -> list[dict[str, Any]]:
+    return [
+        {"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(name)}},
+        # optional: a pod whose Secret does not exist yet starts, with an empty directory
+        {"name": CERTS_VOLUME, "secret": {"secretName": f"{name}-fastmesh-certs", "optional": True}},
+        {"name": PODINFO_VOLUME, "downwardAPI": {"items": [
+            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+            {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}},
+    ]
+
+
+def config_map_name(workload: str) -> str:
+    return f"{workload}-fastmesh"
+
+
+def sidecar_document(name: str, namespace: str, app_port: int | None) -> dict[str, Any]:
+    """The default Sidecar document: capture's outbound port as Istio's virtualOutbound, its
+    inbound port handed to the app's first port, identity from the pod (podInfo), no certs
+    (plaintext, fastmesh's plaintext exchange), the ports the pod's probes and annotations name."""
+    spec: dict[str, Any] = {"podInfo": PODINFO_DIR, "virtualOutbound": {"port": OUTBOUND_PORT}}
+    if app_port is not None:
+        spec["inbound"] = [{"port": INBOUND_PORT, "bind": "0.0.0.0", "targetPort": app_port}]
+    spec.update({"exchange": {"plaintext": True}, "metrics": f"0.0.0.0:{METRICS_PORT}",
+                 "admin": "127.0.0.1:15000", "health": f"0.0.0.0:{HEALTH_PORT}"})
+    return {"apiVersion": "fastmesh.io/v1alpha1", "kind": "Sidecar",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def config_map(name: str, namespace: str | None, app_port: int | None) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": config_map_name(name)}
+    if namespace is not None:
+        metadata["namespace"] = namespace
+    text = yaml.safe_dump(sidecar_document(name, namespace or "default", app_port), sort_keys=False)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": {CONFIG_FILE: text}}
+
+
+def canonical_label(value: str) -> str:
+    """A label value as Istio's injector writes it: at most 63 characters, no -_. at the ends."""
+    return value[:63].strip("-_.")
+
+
+def skipped(template: dict[str, Any]) -> bool:
+    """Opted out, or injected already (by us or by Istio)."""
+    metadata = template.get("metadata") or {}
+    for marks in (metadata.get("annotations") or {}, metadata.get("labels") or {}):
+        if str(marks.get(INJECT, "")).lower() == "false":
+            return True
+    if STATUS in (metadata.get("annotations") or {}):
+        return True
+    spec = template.get("spec") or {}
+    names = {c.get("name") for c in (spec.get("containers") or []) + (spec.get("initContainers") or [])}
+    return SIDECAR_NAME in names
+
+
+def inject_template(template: dict[str, Any], kind: str, name: str, image: str) -> int | None:
+    """Add the sidecar to a pod template (or a Pod) in place; the app's first port, if any."""
+    metadata = template.setdefault("metadata", {})
+    spec = template.setdefault("spec", {})
+    apps = spec.get("containers") or []
+    app_names = [c["name"] for c in apps if isinstance(c, dict) and "name" in c]
+    ports = [p["containerPort"] for c in apps for p in (c.get("ports") or []) if "containerPort" in p]
+
+    annotations = metadata.setdefault("annotations", {})
+    app_prometheus = {key.removeprefix("prometheus.io/"): str(annotations[key]) for key in PROMETHEUS
+                      if key in annotations}
+    if app_prometheus.get("scrape") != "false":  # an app that asked not to be scraped keeps that
+        annotations.update(PROMETHEUS)
+    else:
+        app_prometheus = {}
+    if app_names:
+        annotations.setdefault("kubectl.kubernetes.io/default-container", app_names[0])
+        annotations.setdefault("kubectl.kubernetes.io/default-logs-container", app_names[0])
+    annotations["istio.io/rev"] = "default"
+    annotations[STATUS] = json.dumps({
+        "initContainers": [INIT_NAME, SIDECAR_NAME], "containers": None,
+        "volumes": [v["name"] for v in volumes(name)], "imagePullSecrets": None, "revision": "default",
+    }, separators=(",", ":"))
+
+    labels = metadata.setdefault("labels", {})
+    labels[TLS_MODE] = "istio"
+    labels[CANONICAL_NAME] = canonical_label(canonical_service(labels, name))
+    labels[CANONICAL_REVISION] = canonical_label(canonical_revision(labels))
+
+    spec["initContainers"] = [init_container(image),
+                              sidecar_container(image, kind, name, app_names, app_prometheus),
+                              *(spec.get("initContainers") or [])]
+    spec["volumes"] = [*(spec.get("volumes") or []), *volumes(name)]
+    return ports[0] if ports else None
+
+
+def inject_documents(documents: Iterable[Any], source: str = "-", image: str = IMAGE) -> list[Any]:
+    """Every document, in order, each pod given a sidecar and preceded by its ConfigMap (unless
+    the input has a ConfigMap of that name already)."""
+    documents = [d for d in documents if d is not None]  # empty documents (a stray `---`) are dropped
+    for number, document in enumerate(documents, 1):
+        if not isinstance(document, dict):
+            raise InjectError(f"{source}: document {number} is not a mapping (a {type(document).__name__})")
+    existing = {(d.get("kind"), (d.get("metadata") or {}).get("name"), (d.get("metadata") or {}).get("namespace"))
+                for d in documents}
+    result: list[Any] = []
+    for number, document in enumerate(documents, 1):
+        kind = document.get("kind")
+        if kind not in WORKLOADS:
+            result.append(document)
+            continue
+        metadata = document.get("metadata") or {}
+        name = metadata.get("name") or str(metadata.get("generateName", "")).rstrip("-")
+        if not name:
+            raise InjectError(f"{source}: document {number} ({kind}) has no metadata.name")
+        template = document if kind == "Pod" else (document.get("spec") or {}).get("template")
+        if not isinstance(template, dict):
+            raise InjectError(f"{source}: document {number} ({kind} {name}) has no spec.template")
+        if skipped(template):
+            result.append(document)
+            continue
+        app_port = inject_template(template, kind, name, image)
+        namespace = metadata.get("namespace")
+        if ("ConfigMap", config_map_name(name), namespace) not in existing:
+            result.append(config_map(name, namespace, app_port))
+        result.append(document)
+    return result
+
+
+def parse(text: str, source: str) -> list[Any]:
+    try:
+        return list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InjectError(f"{source}: {where}not valid YAML: {problem}") from None
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (a ConfigMap's file) as literal blocks, readable in the output."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def inject_text(text: str, source: str = "-", image: str = IMAGE) -> str:
+    return yaml.dump_all(inject_documents(parse(text, source), source, image), Dumper=_Dumper, sort_keys=False)
+
+
+def run(path: str, image: str = IMAGE) -> int:
+    """`fastmesh kube-inject -f FILE|-`: the injected documents on stdout, or one line on stderr (exit 1)."""
+    import sys
+
+    try:
+        if path == "-":
+            text, source = sys.stdin.read(), "<stdin>"
+        else:
+            with open(path, encoding="utf-8") as file:
+                text, source = file.read(), path
+        sys.stdout.write(inject_text(text, source, image))
+    except OSError as exc:
+        print(f"fastmesh kube-inject: {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    except UnicodeDecodeError:
+        print(f"fastmesh kube-inject: {path}: not UTF-8 text", file=sys.stderr)
+        return 1
+    except InjectError as exc:
+        print(f"fastmesh kube-inject: {exc}", file=sys.stderr)
+        return 1
+    return 0

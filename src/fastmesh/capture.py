@@ -44,20 +44,21 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True)
 class CaptureOptions:
-    """istio-iptables' flags, checked. `include` is "*" (every destination) or networks;
+    """istio-iptables' flags, checked (their defaults are the command line's, from
+    fastmesh.defaults). `include` is "*" (every destination) or networks;
     `inbound_ports` is "*" (every port but SSH and `inbound_excluded`) or a list."""
 
-    proxy_port: int = 15001
-    inbound_port: int = 15006
-    uids: tuple[str, ...] = ("1337",)
-    gids: tuple[str, ...] = ("1337",)
-    include: Literal["*"] | tuple[Network, ...] = "*"
-    exclude: tuple[Network, ...] = ()
-    inbound_ports: Literal["*"] | tuple[int, ...] = "*"
-    inbound_excluded: tuple[int, ...] = (15090, 15021)
-    outbound_excluded: tuple[int, ...] = ()
-    virt_interfaces: tuple[str, ...] = ()
-    loopback_included: bool = False  # `-i` names a loopback range: Istio then captures app traffic on lo
+    proxy_port: int
+    inbound_port: int
+    uids: tuple[str, ...]
+    gids: tuple[str, ...]
+    include: Literal["*"] | tuple[Network, ...]
+    exclude: tuple[Network, ...]
+    inbound_ports: Literal["*"] | tuple[int, ...]
+    inbound_excluded: tuple[int, ...]
+    outbound_excluded: tuple[int, ...]
+    virt_interfaces: tuple[str, ...]
+    loopback_included: bool  # `-i` names a loopback range: Istio then captures app traffic on lo
 
 
 @dataclass(frozen=True)

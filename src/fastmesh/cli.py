@@ -252,12 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "--inbound-capture-port, the proxy's own uid and gid never captured. Running it again replaces "
                     "the rules; `uncapture` removes them.",
     )
-    capture.add_argument("-p", "--proxy-port", default="15001", metavar="PORT",
-                         help="where outbound TCP is redirected (default 15001)")
-    capture.add_argument("-z", "--inbound-capture-port", default="15006", metavar="PORT",
-                         help="where inbound TCP is redirected (default 15006)")
-    capture.add_argument("-u", "--proxy-uid", default="1337", metavar="UID",
-                         help="the sidecar's uid, whose traffic is never captured (default 1337)")
+    capture.add_argument("-p", "--proxy-port", default=str(DEFAULTS.capture_outbound_port), metavar="PORT",
+                         help=f"where outbound TCP is redirected (default {DEFAULTS.capture_outbound_port})")
+    capture.add_argument("-z", "--inbound-capture-port", default=str(DEFAULTS.capture_inbound_port), metavar="PORT",
+                         help=f"where inbound TCP is redirected (default {DEFAULTS.capture_inbound_port})")
+    capture.add_argument("-u", "--proxy-uid", default=str(DEFAULTS.proxy_uid), metavar="UID",
+                         help=f"the sidecar's uid, whose traffic is never captured (default {DEFAULTS.proxy_uid})")
     capture.add_argument("-g", "--proxy-gid", metavar="GID", help="likewise, its gid (default: the uid)")
     capture.add_argument("-m", "--inbound-interception-mode", choices=["REDIRECT", "TPROXY"], default="REDIRECT",
                          help="REDIRECT, the only mode supported")
@@ -267,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="outbound destinations never captured, a comma list (default none)")
     capture.add_argument("-b", "--include-inbound-ports", default="*", metavar="PORTS",
                          help="inbound ports captured: '*' (default: all but 22 and -d's) or a comma list")
-    capture.add_argument("-d", "--exclude-inbound-ports", default="15090,15021", metavar="PORTS",
-                         help="inbound ports never captured under -b '*' (default 15090,15021)")
+    capture.add_argument("-d", "--exclude-inbound-ports", default=DEFAULTS.capture_excluded_inbound_ports,
+                         metavar="PORTS", help="inbound ports never captured under -b '*' "
+                                               f"(default {DEFAULTS.capture_excluded_inbound_ports})")
     capture.add_argument("-o", "--exclude-outbound-ports", default="", metavar="PORTS",
                          help="outbound destination ports never captured (default none)")
     capture.add_argument("-k", "--kube-virt-interfaces", default="", metavar="IFACES",

@@ -37,6 +37,11 @@ class Defaults:
     tls_handshake_timeout: float = 10.0  # from the TCP connection to the end of the handshake
     peer_authentication: str = "PERMISSIVE"  # Istio's default mtls.mode
     certs_poll_interval: float = 1.0  # how often the certificate files are checked for a new set
+    # transparent capture: istio-iptables' defaults, and the virtual outbound listener they feed
+    capture_outbound_port: int = 15001  # -p, Istio's virtualOutbound
+    capture_inbound_port: int = 15006  # -z, Istio's virtualInbound
+    proxy_uid: int = 1337  # -u (and -g): Istio's proxy user, whose connections are never captured
+    capture_excluded_inbound_ports: str = "15090,15021"  # -d: the metrics and health ports
 
 
 DEFAULTS = Defaults()

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from fastmesh.defaults import DEFAULTS
 from fastmesh.identity import (
     CANONICAL_NAME,
     CANONICAL_REVISION,
@@ -21,8 +22,9 @@ from fastmesh.identity import (
 
 IMAGE = "fastmesh:0.1"  # the image deploy/Dockerfile builds (entrypoint `python -m fastmesh`)
 INIT_NAME, SIDECAR_NAME = "fastmesh-init", "fastmesh"
-PROXY_UID = 1337
-OUTBOUND_PORT, INBOUND_PORT, METRICS_PORT, HEALTH_PORT = 15001, 15006, 15090, 15021
+PROXY_UID = DEFAULTS.proxy_uid
+OUTBOUND_PORT, INBOUND_PORT = DEFAULTS.capture_outbound_port, DEFAULTS.capture_inbound_port
+METRICS_PORT, HEALTH_PORT = 15090, 15021  # Envoy's Prometheus port and Istio's health port
 CONFIG_DIR, CONFIG_FILE = "/etc/fastmesh", "sidecar.yaml"
 CERTS_DIR = "/var/run/secrets/workload-spiffe-credentials"  # Istio's workload-certs mount
 PODINFO_DIR = "/etc/istio/pod"  # Istio's istio-podinfo mount
@@ -41,7 +43,7 @@ WORKLOADS = {"Deployment": "apps/v1/namespaces/{ns}/deployments", "StatefulSet":
              "DaemonSet": "apps/v1/namespaces/{ns}/daemonsets", "Job": "batch/v1/namespaces/{ns}/jobs",
              "Pod": "v1/namespaces/{ns}/pods"}
 CAPTURE_ARGS = ["capture", "-p", str(OUTBOUND_PORT), "-z", str(INBOUND_PORT), "-u", str(PROXY_UID),
-                "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", f"{METRICS_PORT},{HEALTH_PORT}"]
+                "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", DEFAULTS.capture_excluded_inbound_ports]
 
 
 class InjectError(ValueError):

@@ -229,7 +229,7 @@ class VirtualOutboundListener(Model):
     """Istio's virtualOutbound: where `fastmesh capture` redirects the pod's outbound TCP. Each
     connection's service is picked by its original destination (a ServiceEntry's addresses
     and ports); one no config knows goes to that address, as PassthroughCluster."""
-    port: int = Field(default=15001, ge=0, le=65535)
+    port: int = Field(default=DEFAULTS.capture_outbound_port, ge=0, le=65535)
     bind: str = "127.0.0.1"  # iptables REDIRECT in OUTPUT rewrites the destination to 127.0.0.1
 
 

@@ -13,7 +13,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 PACKAGE = Path(__file__).resolve().parent / "src" / "fastmesh"
-LIMITS = ("MAX_WORKERS", "MAX_LISTENERS", "FRAME_CHUNK", "FRAMES_KEPT", "ACCEPT_PAUSE_MS")
+LIMITS = ("MAX_WORKERS", "MAX_LISTENERS", "FRAME_CHUNK", "FRAMES_KEPT", "ACCEPT_PAUSE_MS", "IDLE_SWEEP_MS")
 
 
 def contract_literals() -> dict:

@@ -334,6 +334,14 @@ def _fastmesh_pair(name: str, outbound: list[str], inbound: list[str], tls: bool
                  RelaySpec(f"{name}:inbound", "fastmesh", [*INBOUND_SIDECAR, *inbound], tls="server" if tls else ""))
 
 
+def relay_pair(kind: str, tls: bool = False) -> RelaySpec:
+    """The same two hops made of haproxy or nginx: `kind[pair]`, or `kind[tls-pair]` with mutual TLS
+    between them (mtls.py)."""
+    name = f"{kind}[{'tls-pair' if tls else 'pair'}]"
+    return _pair(name, RelaySpec(name, kind, tls="client" if tls else ""),
+                 RelaySpec(f"{name}:inbound", kind, tls="server" if tls else ""))
+
+
 def sidecar_pairs() -> list[RelaySpec]:
     """Two fastmesh sidecars in a row (ratings-v2's outbound, then the database's
     inbound), with the peer metadata exchange (fastmesh's plaintext variant) on
@@ -353,10 +361,7 @@ def mtls_pairs() -> list[RelaySpec]:
         _fastmesh_pair("pair[mtls]", ["--mesh-peer"], [], tls=True),
         _fastmesh_pair("pair[mtls-no-exchange]", ["--mesh-peer", "--no-exchange"], ["--no-exchange"], tls=True),
     ]
-    for kind in ("haproxy", "nginx"):
-        name = f"{kind}[tls-pair]"
-        tls_pair.append(_pair(name, RelaySpec(name, kind, tls="client"),
-                              RelaySpec(f"{name}:inbound", kind, tls="server")))
+    tls_pair += [relay_pair(kind, tls=True) for kind in ("haproxy", "nginx")]
     return [*tls_pair, sidecar_pairs()[0]]
 
 

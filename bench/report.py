@@ -9,7 +9,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-# key -> (column label, unit, higher is better)
+import latency
+
+# key -> (column label, unit, higher is better): the main table's columns
 METRICS = {
     "iperf_1": ("iperf3 1 stream", "Gbit/s", True),
     "iperf_4": ("iperf3 4 streams", "Gbit/s", True),
@@ -20,6 +22,12 @@ METRICS = {
     "cpu_reconnect": ("CPU reconnect", "µs/req", False),
     "idle_rss": ("idle RSS growth", "MiB", False),
 }
+ALL_METRICS = {**METRICS, **latency.METRICS}   # the latency table's columns too
+ADDED = "added_"   # prefix of a check's metric read from the added latency (relay minus direct)
+
+
+def unit_of(metric: str) -> str:
+    return ALL_METRICS[metric.removeprefix(ADDED)][1]
 
 
 def median(samples: list[float]) -> float | None:
@@ -40,8 +48,19 @@ def ratios(values: dict[str, dict[str, float | None]]) -> dict[str, dict[str, di
 def checks(values: dict[str, dict[str, float | None]]) -> list[dict]:
     """The bars fastmesh must clear, for every fastmesh row and the exchange pair. A bar whose
     reference is missing is SKIP."""
+    added = latency.added(values)
+
     def get(relay, metric):
+        if metric.startswith(ADDED):
+            return added.get(relay, {}).get(metric.removeprefix(ADDED))
         return values.get(relay, {}).get(metric)
+
+    def added_p99_vs_best(pairs: tuple[str, str]) -> tuple:
+        """The latency bar of a pair: added p99 at 10 clients no more than the better of haproxy's and nginx's."""
+        metric = ADDED + latency.metric(10, "p99")
+        found = [v for v in (get(r, metric) for r in pairs) if v is not None]
+        return (f"added p99 at 10 clients <= best of {' and '.join(pairs)}", metric, "<=", 1.0,
+                min(found) if found else None)
 
     def bars_for(relay: str) -> list[tuple]:
         if relay == "pair[exchange]":  # the exchange's cost, against the same pair without it
@@ -50,6 +69,7 @@ def checks(values: dict[str, dict[str, float | None]]) -> list[dict]:
                  get("pair[no-exchange]", "redis_reconnect")),
                 ("iperf3 1 stream >= 0.95 x pair without exchange", "iperf_1", ">=", 0.95,
                  get("pair[no-exchange]", "iperf_1")),
+                added_p99_vs_best(("haproxy[pair]", "nginx[pair]")),
             ]
         if relay == "pair[mtls]":  # against HAProxy's and nginx's TLS pairs, and without the exchange
             tls_peers = ("haproxy[tls-pair]", "nginx[tls-pair]")
@@ -64,6 +84,7 @@ def checks(values: dict[str, dict[str, float | None]]) -> list[dict]:
                 ("idle RSS growth <= 0.5 x best TLS pair", "idle_rss", "<=", 0.5, best("idle_rss", min)),
                 ("reconnect >= 0.95 x mTLS pair without exchange", "redis_reconnect", ">=", 0.95,
                  get("pair[mtls-no-exchange]", "redis_reconnect")),
+                added_p99_vs_best(tls_peers),
             ]
         if relay == "fastmesh[routed]":  # routing by Istio's kinds, against the plain listener
             return [("redis keep-alive >= 0.97 x plain fastmesh", "redis_keepalive", ">=", 0.97,
@@ -78,6 +99,8 @@ def checks(values: dict[str, dict[str, float | None]]) -> list[dict]:
             ("redis reconnect >= 1.0 x haproxy", "redis_reconnect", ">=", 1.0, get("haproxy", "redis_reconnect")),
             ("CPU/GB <= haproxy", "cpu_per_gb", "<=", 1.0, get("haproxy", "cpu_per_gb")),
             ("idle RSS growth <= 20 MiB", "idle_rss", "<=", None, 20.0),
+            ("added p50 at 1 client <= 0.8 x haproxy's", ADDED + latency.metric(1, "p50"), "<=", 0.8,
+             get("haproxy", ADDED + latency.metric(1, "p50"))),
         ]
 
     out = []
@@ -97,6 +120,10 @@ def checks(values: dict[str, dict[str, float | None]]) -> list[dict]:
 def fmt(metric: str, v: float | None) -> str:
     if v is None:
         return "—"
+    if metric.startswith(ADDED):
+        return f"{v:+.0f}"
+    if metric.startswith("latency"):
+        return f"{v:.0f}"
     if metric.startswith("iperf"):
         return f"{v / 1e9:.2f}"
     if metric.startswith("redis"):
@@ -128,10 +155,11 @@ def markdown(doc: dict) -> str:
         return " / ".join("—" if v is None else f"{v:.2f}" for v in (x["vs_direct"], x["vs_haproxy"]))
     for r in relays:
         lines.append(f"| {r} | " + " | ".join(pair(rat[r][m]) for m in METRICS) + " |")
+    lines += latency_tables(doc)
     if doc["checks"]:
         lines += ["", "Checks:", ""]
         for c in doc["checks"]:
-            unit = METRICS[c["metric"]][1]
+            unit = unit_of(c["metric"])
             lines.append(f"- {c['status']} {c['relay']}: {c['check']} "
                          f"(value {fmt(c['metric'], c['value'])} {unit}, bar {fmt(c['metric'], c['bar'])} {unit})")
     if doc["notes"]:
@@ -142,6 +170,25 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def latency_tables(doc: dict) -> list[str]:
+    """Latency per relay, then what each relay adds to direct's, for the rows that measured it."""
+    relays = [r for r in doc["relays"] if any(doc["values"][r].get(m) is not None for m in latency.METRICS)]
+    if not relays:
+        return []
+    added = doc.get("added_latency", {})
+    head = "| relay | " + " | ".join(f"{label} ({unit})" for label, unit, _ in latency.METRICS.values()) + " |"
+    sep = "|---|" + "---:|" * len(latency.METRICS)
+    lines = ["", (f"Latency: redis-benchmark PING_INLINE over keep-alive connections, "
+                  f"{doc['config'].get('latency_requests', 0):,} requests per point, median of the runs' percentiles."),
+             "", head, sep]
+    lines += [f"| {r} | " + " | ".join(fmt(m, doc["values"][r].get(m)) for m in latency.METRICS) + " |"
+              for r in relays]
+    lines += ["", "Added latency: the relay's latency minus direct's in this run (lower is better).", "", head, sep]
+    lines += [f"| {r} | " + " | ".join(fmt(ADDED + m, added[r].get(m)) for m in latency.METRICS) + " |"
+              for r in relays if r in added]
+    return lines
+
+
 def chart(doc: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -149,26 +196,35 @@ def chart(doc: dict, path: Path) -> None:
 
     relays = [r for r in doc["relays"] if r != "direct"]
     rat = doc["ratios"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [4, 3]})
-    panels = [(left, ["iperf_1", "iperf_4", "redis_keepalive", "redis_reconnect"], "vs_direct",
-               "Throughput ÷ direct (higher is better)"),
-              (right, ["cpu_per_gb", "cpu_keepalive", "cpu_reconnect", "idle_rss"], "vs_haproxy",
-               "Cost ÷ haproxy (lower is better)")]
-    for ax, metrics, key, title in panels:
+    added = doc.get("added_latency", {})
+    # (metrics, y of a relay and metric, title, y scale, reference line, bar label)
+    panels = [(["iperf_1", "iperf_4", "redis_keepalive", "redis_reconnect"],
+               lambda r, m: rat[r][m]["vs_direct"], "Throughput ÷ direct (higher is better)", "linear", 1.0, "{:.2f}"),
+              (["cpu_per_gb", "cpu_keepalive", "cpu_reconnect", "idle_rss"],
+               # socat's cost is ~20x haproxy's; fastmesh's may be ~0.1x
+               lambda r, m: rat[r][m]["vs_haproxy"], "Cost ÷ haproxy (lower is better)", "log", 1.0, "{:.2f}")]
+    if added:
+        # A few µs at p50 beside hundreds at p99.9, and noise may make a relay's figure negative: symlog.
+        panels.append((list(latency.METRICS), lambda r, m: added.get(r, {}).get(m),
+                       "Added latency, relay − direct (µs, lower is better)", "symlog", 0.0, "{:+.0f}"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5),
+                             gridspec_kw={"width_ratios": [4, 3, 5][:len(panels)]})
+    for ax, (metrics, y_of, title, scale, line, label) in zip(axes, panels):
         width = 0.8 / max(1, len(relays))
         for i, r in enumerate(relays):
-            ys = [rat[r][m][key] or 0 for m in metrics]
+            ys = [y_of(r, m) or 0 for m in metrics]
             bars = ax.bar([x + i * width for x in range(len(metrics))], ys, width, label=r)
             for b, y in zip(bars, ys):
                 if y:
-                    ax.annotate(f"{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=7)
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        if key == "vs_haproxy":
-            ax.set_yscale("log")   # socat's cost is ~20x haproxy's; fastmesh's may be ~0.1x
+                    ax.annotate(label.format(y), (b.get_x() + b.get_width() / 2, y), ha="center",
+                                va="bottom" if y > 0 else "top", fontsize=7)
+        ax.axhline(line, color="grey", lw=0.8, ls="--")
+        ax.set_yscale(scale, **({"linthresh": 10} if scale == "symlog" else {}))
         ax.set_xticks([x + width * (len(relays) - 1) / 2 for x in range(len(metrics))])
-        ax.set_xticklabels([f"{METRICS[m][0]}\n({METRICS[m][1]})" for m in metrics], fontsize=9)
+        ax.set_xticklabels([f"{ALL_METRICS[m][0]}\n({ALL_METRICS[m][1]})".replace(" at ", "\nat ") for m in metrics],
+                           fontsize=8)
         ax.set_title(title, fontsize=10)
-    left.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.suptitle(f"fastmesh benchmark {doc['started']} (median of {doc['config']['repeat']})", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
+import latency
 import mtls
 import peers
 import report
@@ -28,7 +29,7 @@ from peers import RelaySpec
 BENCH = Path(__file__).resolve().parent
 KINDS = ["direct", "fastmesh", "haproxy", "nginx", "socat"]
 # Measurement units in run order; each starts a fresh relay in front of its own backend.
-UNITS = ["idle_rss", "iperf_1", "iperf_4", "redis_keepalive", "redis_reconnect"]
+UNITS = ["idle_rss", "iperf_1", "iperf_4", "redis_keepalive", "redis_reconnect", "latency"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reconnect-requests", type=int,
                    help="redis-benchmark requests when reconnecting per request (default 10000: many more "
                         "exhaust the client's ephemeral ports within one run)")
+    p.add_argument("--latency-requests", type=int,
+                   help="redis-benchmark requests per latency point (1 and 10 clients, keep-alive; default 20000)")
     p.add_argument("--idle-connections", type=int, help="connections held open for the RSS test (default 5000)")
     p.add_argument("--repeat", type=int, help="runs of each measurement, median taken (default 3)")
     p.add_argument("--relays", default=",".join(KINDS), help=f"comma list from {','.join(KINDS)} (default: all)")
@@ -48,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "serve options, e.g. 'py=FASTMESH_NO_EXTENSIONS=1' or 'w2=--workers 2' (repeatable)")
     p.add_argument("--pairs", action="store_true",
                    help="add rows pair[exchange] and pair[no-exchange]: an outbound and an inbound fastmesh "
-                        "in a row, with the peer metadata exchange on and off")
+                        "in a row, with the peer metadata exchange on and off; and haproxy[pair], nginx[pair]: "
+                        "the same two hops made of haproxy or nginx")
     p.add_argument("--mtls", action="store_true",
                    help="add rows pair[mtls], pair[mtls-no-exchange] (two fastmesh sidecars over mutual TLS, the "
                         "exchange on and off), haproxy[tls-pair], nginx[tls-pair] (the same pair made of haproxy "
@@ -70,8 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.record:
         a.record = report.record_stem(a.record)  # before the run: a dirty tree is refused at once
-    quick = dict(seconds=2, requests=20000, reconnect_requests=5000, idle_connections=5000, repeat=1)
-    full = dict(seconds=5, requests=100000, reconnect_requests=10000, idle_connections=5000, repeat=3)
+    quick = dict(seconds=2, requests=20000, reconnect_requests=5000, latency_requests=10000, idle_connections=5000,
+                 repeat=1)
+    full = dict(seconds=5, requests=100000, reconnect_requests=10000, latency_requests=20000, idle_connections=5000,
+                repeat=3)
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -90,7 +96,7 @@ def relay_specs(a: argparse.Namespace) -> list[RelaySpec]:
         if kind == "fastmesh":
             specs += [peers.parse_variant(v) for v in a.fastmesh_variant]
             if a.pairs:
-                specs += peers.sidecar_pairs()
+                specs += peers.sidecar_pairs() + [peers.relay_pair(peer) for peer in ("haproxy", "nginx")]
             if a.mtls:
                 specs += [p for p in peers.mtls_pairs() if p.name not in {s.name for s in specs}]
             if a.routed:
@@ -156,6 +162,8 @@ def measure(unit: str, spec: RelaySpec, a: argparse.Namespace, tmp: Path, opts: 
             # everyone (the port search fills up), whichever relay is measured.
             upstream = stack.enter_context(workloads.redis_server(tmp))
         relay = stack.enter_context(peers.running(spec, upstream, tmp, opts))
+        if unit == "latency":
+            return latency.measure(relay, a.latency_requests)
         if unit == "idle_rss":
             return workloads.idle_rss(relay, backend, a.idle_connections)
         if unit.startswith("iperf"):
@@ -174,6 +182,8 @@ def headline(unit: str, raw: dict) -> dict[str, float]:
     """The numbers that go into the tables, keyed by metric."""
     if unit == "idle_rss":
         return {"idle_rss": raw["pss_growth_mib" if forks_per_connection(raw) else "rss_growth_mib"]}
+    if unit == "latency":
+        return latency.headline(raw)
     if unit.startswith("iperf"):
         out = {unit: raw["bits_per_second"]}
         if unit == "iperf_1" and "cpu_seconds_per_gb" in raw:
@@ -186,6 +196,8 @@ def headline(unit: str, raw: dict) -> dict[str, float]:
 
 
 def _show(unit: str, nums: dict[str, float]) -> str:
+    if unit == "latency":
+        return latency.show(nums)
     parts = []
     for m, v in nums.items():
         parts.append({"iperf_1": f"{v / 1e9:.2f} Gbit/s", "iperf_4": f"{v / 1e9:.2f} Gbit/s",
@@ -241,11 +253,12 @@ def main(argv=None) -> int:
 
     started = datetime.now(timezone.utc)
     raw: dict[str, dict[str, list]] = {s.name: {} for s in specs}
-    samples: dict[str, dict[str, list[float]]] = {s.name: {m: [] for m in report.METRICS} for s in specs}
+    samples: dict[str, dict[str, list[float]]] = {s.name: {m: [] for m in report.ALL_METRICS} for s in specs}
     errors: list[dict] = []
     interrupted = False
     print(f"relays: {', '.join(s.name for s in specs)}; {a.repeat} repeat(s); iperf3 {a.seconds:g}s; "
-          f"redis {a.requests}/{a.reconnect_requests} requests; {a.idle_connections} idle connections", flush=True)
+          f"redis {a.requests}/{a.reconnect_requests} requests, {a.latency_requests} per latency point; "
+          f"{a.idle_connections} idle connections", flush=True)
     with tempfile.TemporaryDirectory(prefix="fastmesh-bench-") as tmpname:
         tmp = Path(tmpname)
         if any(s.kind == "pair" and s.outbound.tls for s in specs):
@@ -296,14 +309,16 @@ def main(argv=None) -> int:
         "machine": machine,
         "config": {"seconds": a.seconds, "requests": a.requests, "reconnect_requests": a.reconnect_requests,
                    "idle_connections": a.idle_connections, "repeat": a.repeat, "redis_clients": 50,
+                   "latency_requests": a.latency_requests, "latency_clients": list(latency.CLIENTS),
                    "haproxy_threads": a.haproxy_threads, "haproxy_maxconn": opts.haproxy_maxconn,
                    "socat_backlog": a.socat_backlog, "nofile_limit": nofile, "measurements": units,
                    "relays": {s.name: s.describe() for s in specs}},
         "relays": [s.name for s in specs],
         "metrics": {m: {"label": l, "unit": u, "higher_is_better": h,
                         "raw_unit": "bit/s" if m.startswith("iperf") else u}
-                    for m, (l, u, h) in report.METRICS.items()},
+                    for m, (l, u, h) in report.ALL_METRICS.items()},
         "values": values,          # medians, raw units (bit/s for iperf3)
+        "added_latency": latency.added(values),   # relay minus direct, µs
         "samples": samples,        # every run's headline number
         "raw": raw,                # every run's full result
         "idle_pss": [r for r in raw if any(forks_per_connection(x) for x in raw[r].get("idle_rss", []))],

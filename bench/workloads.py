@@ -89,15 +89,22 @@ def redis_server(logdir: Path) -> Iterator[int]:
         proc.stop(grace=2.0)
 
 
-def redis_bench(relay: Relay, requests: int, keepalive: bool, clients: int = 50) -> dict:
-    argv = [which("redis-benchmark"), "-h", HOST, "-p", str(relay.port), "-t", "ping_inline", "-c", str(clients),
-            "-n", str(requests), "-k", "1" if keepalive else "0", "-q", "--csv"]
+def redis_benchmark(port: int, clients: int, requests: int, options: list[str],
+                    keepalive: bool = True) -> subprocess.CompletedProcess:
+    """redis-benchmark's PING_INLINE against `port`; `options` pick its output (-q --csv, or --precision 3)."""
+    argv = [which("redis-benchmark"), "-h", HOST, "-p", str(port), "-t", "ping_inline", "-c", str(clients),
+            "-n", str(requests), "-k", "1" if keepalive else "0", *options]
     # redis-benchmark spins forever when it cannot connect, so bound it (assumes >= 500 req/s).
-    cpu0 = cpu_seconds(*relay.pids) if relay.pids else None
     try:
-        r = subprocess.run(pinned("load", argv), capture_output=True, text=True, timeout=30 + requests / 500)
+        return subprocess.run(pinned("load", argv), capture_output=True, text=True, timeout=30 + requests / 500,
+                              check=False)
     except subprocess.TimeoutExpired:
         raise MeasureError("redis-benchmark timed out (relay refusing or stalling connections?)") from None
+
+
+def redis_bench(relay: Relay, requests: int, keepalive: bool, clients: int = 50) -> dict:
+    cpu0 = cpu_seconds(*relay.pids) if relay.pids else None
+    r = redis_benchmark(relay.port, clients, requests, ["-q", "--csv"], keepalive)
     cpu1 = cpu_seconds(*relay.pids) if relay.pids else None
     rows = [row for row in csv.DictReader(io.StringIO(r.stdout)) if row.get("test") == "PING_INLINE"]
     if r.returncode or not rows:

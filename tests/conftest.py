@@ -3,6 +3,7 @@ helpers that read an engine's batches until the expected connections closed."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -10,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -24,6 +26,7 @@ from google.protobuf import any_pb2, struct_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastmesh import _engine_py
+from fastmesh.defaults import DEFAULTS
 from fastmesh.exchange import HEADER, MAGIC
 from fastmesh.identity import NodeMetadata
 from fastmesh.records import Closed, Opened, Updated
@@ -173,6 +176,12 @@ class Upstream:
             with self._lock:
                 self.errors.append(exc)
 
+    @property
+    def accepted(self) -> int:
+        """Connections it has accepted so far."""
+        with self._lock:
+            return len(self._threads)
+
     def wait(self, count: int, timeout: float = 30.0) -> list[Any]:
         """Wait until `count` handlers finished; return their results."""
         deadline = time.monotonic() + timeout
@@ -208,12 +217,14 @@ def relay_to(make_engine):
     """relay_to(upstream_address, **engine_options) -> (engine, listen_address)."""
     sockets: list[socket.socket] = []
 
-    def start(address: tuple[str, int], connect_timeout: float = 5.0, **options: Any):
+    def start(address: tuple[str, int], connect_timeout: float = 5.0, max_connections: int = 0,
+              idle_timeout: float = DEFAULTS.idle_timeout, **options: Any):
         engine = make_engine(**options)
         sock = listening_socket()
         sock.setblocking(False)
         sockets.append(sock)
-        engine.add_listener(sock.fileno(), RouteTable.single([address], connect_timeout))
+        engine.add_listener(sock.fileno(), RouteTable.single([address], connect_timeout, idle_timeout=idle_timeout),
+                            max_connections=max_connections)
         engine.start()
         return engine, sock.getsockname()
 
@@ -476,6 +487,68 @@ def netns():
     yield make
     for name in made:
         subprocess.run([IP, "netns", "del", name], check=False, capture_output=True)
+
+
+# A server for namespace tests: on HOST, for each NAME:PORT, answers every connection with
+# NAME and the line it read, then closes. Prints "ready" once listening; stops at stdin's end.
+NAMED_ECHO = """\
+import socket, sys, threading
+def serve(name, port):
+    s = socket.create_server((sys.argv[1], port))
+    while True:
+        c, _ = s.accept()
+        data = b""
+        while not data.endswith(b"\\n"):
+            chunk = c.recv(64)
+            if not chunk:
+                break
+            data += chunk
+        c.sendall(name.encode() + b" " + data)
+        c.close()
+for spec in sys.argv[2:]:
+    name, port = spec.split(":")
+    threading.Thread(target=serve, args=(name, int(port)), daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+# The captured sidecars of namespace tests serve their metrics on the pod's 127.0.0.1:15090.
+SCRAPE_POD = ("import urllib.request; "
+              "print(urllib.request.urlopen('http://127.0.0.1:15090/stats/prometheus').read().decode())")
+
+
+def named_echo(namespace: str, host: str, *names_and_ports: str) -> subprocess.Popen:
+    """NAMED_ECHO in a namespace, ready; the caller stops it (stop_process)."""
+    server = subprocess.Popen([IP, "netns", "exec", namespace, sys.executable, "-c", NAMED_ECHO, host,
+                               *names_and_ports], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdout.readline() == "ready\n"
+    return server
+
+
+def scrape_pod(namespace: str) -> str:
+    return sh(IP, "netns", "exec", namespace, sys.executable, "-c", SCRAPE_POD).stdout
+
+
+@contextlib.contextmanager
+def captured_sidecar(pod: str, config: Path):
+    """`fastmesh capture` in the pod and `serve -c config` there, on this run's engine, until
+    its metrics answer. The sidecar runs as root (uid 1337 could not read this checkout and
+    its Python), so capture leaves root's connections alone, as Istio's leaves uid 1337's."""
+    env = dict(os.environ, FASTMESH_NO_EXTENSIONS="1") if NO_EXTENSIONS else dict(os.environ)
+    sh(IP, "netns", "exec", pod, sys.executable, "-m", "fastmesh", "capture", "-u", "0", env=env)
+    sidecar = subprocess.Popen([IP, "netns", "exec", pod, sys.executable, "-m", "fastmesh", "serve", "-c",
+                                str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env, cwd="/")
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run([IP, "netns", "exec", pod, sys.executable, "-c", SCRAPE_POD],
+                             capture_output=True).returncode != 0:
+            assert sidecar.poll() is None, sidecar.stdout.read() if sidecar.stdout else ""
+            assert time.monotonic() < deadline, "the sidecar did not start"
+            time.sleep(0.2)
+        yield sidecar
+    finally:
+        stop_process(sidecar)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
-"""`fastmesh kube-inject`: what it adds to each pod (exactly), what it leaves alone, that a
-second run changes nothing, its errors; the injected plain Bookinfo manifests are valid
-Kubernetes (strict, offline); and the sidecar reads the pod's node metadata at start."""
+"""`fastmesh kube-inject`: what it adds to each pod (exactly), the inbound ports the input's
+Services give it, the --mesh documents and --mtls, what it leaves alone, that a second run
+changes nothing, its errors; and the sidecar reads the pod's node metadata at start. (The
+injected Bookinfo manifests of deploy/kubernetes are checked by test_kubernetes.py.)"""
 
 from __future__ import annotations
 
@@ -12,17 +13,16 @@ import subprocess
 import sys
 import urllib.request
 
-import kubernetes_validate
 import pytest
 import yaml
 from conftest import free_port, wait_until
-from test_kubernetes import DEPLOY, KUBERNETES_VERSION, documents, sidecar_plan
+from test_kubernetes import DEPLOY, objects, routes, sidecar_plan
 
-from fastmesh import podinfo
+from fastmesh import ca, certs, podinfo
 from fastmesh.cli import main
+from fastmesh.config import load_documents
 from fastmesh.identity import MetadataError
 
-PLAIN = DEPLOY / "plain"
 CAPTURE = ["capture", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "",
            "-b", "*", "-d", "15090,15021"]
 STATUS = ('{"initContainers":["fastmesh-init","fastmesh"],"containers":null,'
@@ -102,26 +102,31 @@ def expected_init_containers(owner: str, workload: str, apps: str, extra_env: li
     ]
 
 
-def expected_volumes(workload: str) -> list[dict]:
+def expected_volumes(workload: str, mtls: bool = False) -> list[dict]:
     return [{"name": "fastmesh-config", "configMap": {"name": f"{workload}-fastmesh"}},
-            {"name": "workload-certs", "secret": {"secretName": f"{workload}-fastmesh-certs", "optional": True}},
+            {"name": "workload-certs", "secret": {"secretName": f"{workload}-fastmesh-certs", "optional": not mtls,
+                                                  **({"defaultMode": 0o440} if mtls else {})}},
             {"name": "istio-podinfo", "downwardAPI": {"items": [
                 {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
                 {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}}]
 
 
-def kube_inject(capsys, text: str, monkeypatch) -> tuple[int, str, str]:
-    """`fastmesh kube-inject -f -` with `text` on stdin: (exit status, stdout, stderr)."""
+def kube_inject(capsys, text: str, monkeypatch, *flags: str) -> tuple[int, str, str]:
+    """`fastmesh kube-inject -f - FLAGS` with `text` on stdin: (exit status, stdout, stderr)."""
     monkeypatch.setattr(sys, "stdin", io.StringIO(text))
-    code = main(["kube-inject", "-f", "-"])
+    code = main(["kube-inject", "-f", "-", *flags])
     out, err = capsys.readouterr()
     return code, out, err
 
 
-def injected(capsys, monkeypatch, text: str) -> list[dict]:
-    code, out, err = kube_inject(capsys, text, monkeypatch)
+def injected(capsys, monkeypatch, text: str, *flags: str) -> list[dict]:
+    code, out, err = kube_inject(capsys, text, monkeypatch, *flags)
     assert (code, err) == (0, "")
     return list(yaml.safe_load_all(out))
+
+
+def sidecar_documents(configmap: dict) -> list[dict]:
+    return list(yaml.safe_load_all(configmap["data"]["sidecar.yaml"]))
 
 
 def test_a_deployment_gets_the_init_container_the_sidecar_volumes_labels_and_annotations(capsys, monkeypatch):
@@ -149,15 +154,15 @@ def test_a_deployment_gets_the_init_container_the_sidecar_volumes_labels_and_ann
     del deployment["spec"]["template"], original["spec"]["template"]
     assert deployment == original
 
-    # The ConfigMap the sidecar reads, written before the Deployment: a default Sidecar document.
+    # The ConfigMap the sidecar reads, written before the Deployment: a default Sidecar document
+    # (no Service in the input selects the pod: every inbound port is InboundPassthroughClusterIpv4).
     assert configmap["metadata"] == {"name": "reviews-v1-fastmesh", "namespace": "shop"}
-    assert yaml.safe_load(configmap["data"]["sidecar.yaml"]) == {
+    assert sidecar_documents(configmap) == [{
         "apiVersion": "fastmesh.io/v1alpha1", "kind": "Sidecar",
         "metadata": {"name": "reviews-v1", "namespace": "shop"},
-        "spec": {"podInfo": "/etc/istio/pod", "virtualOutbound": {"port": 15001},
-                 "inbound": [{"port": 15006, "bind": "0.0.0.0", "targetPort": 9080}],
+        "spec": {"podInfo": "/etc/istio/pod", "virtualOutbound": {"port": 15001}, "virtualInbound": {"port": 15006},
                  "exchange": {"plaintext": True}, "metrics": "0.0.0.0:15090", "admin": "127.0.0.1:15000",
-                 "health": "0.0.0.0:15021"}}
+                 "health": "0.0.0.0:15021"}}]
 
 
 def test_a_pod_is_its_own_workload(capsys, monkeypatch):
@@ -172,10 +177,65 @@ def test_a_pod_is_its_own_workload(capsys, monkeypatch):
         "prometheus.io/scrape": "true", "prometheus.io/port": "15090", "prometheus.io/path": "/stats/prometheus",
         "kubectl.kubernetes.io/default-container": "sleep", "kubectl.kubernetes.io/default-logs-container": "sleep",
         "istio.io/rev": "default", "sidecar.istio.io/status": STATUS}
-    # No namespace in the input: none on the ConfigMap either (kubectl's namespace applies to both);
-    # no container port: no inbound listener.
+    # No namespace in the input: none on the ConfigMap either (kubectl's namespace applies to both).
     assert configmap["metadata"] == {"name": "sleep-fastmesh"}
-    assert "inbound" not in yaml.safe_load(configmap["data"]["sidecar.yaml"])["spec"]
+    (sidecar,) = sidecar_documents(configmap)
+    assert sidecar["metadata"] == {"name": "sleep", "namespace": "default"}
+    assert sidecar["spec"]["virtualInbound"] == {"port": 15006}
+
+
+SERVICES = """\
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  selector: {app: reviews}
+  ports:
+  - {name: http, port: 80, targetPort: 9080}       # numeric
+  - {name: tls, port: 443, targetPort: https}      # named: the container port of that name
+  - {name: admin, port: 9901}                      # none: the port itself
+  - {name: dns, port: 53, protocol: UDP}           # not TCP: capture does not redirect it
+  - {name: gone, port: 81, targetPort: missing}    # a name no container port has: not this pod
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-canary, namespace: shop}
+spec:
+  selector: {app: reviews, version: v1}
+  ports: [{port: 8080, targetPort: 9080}, {port: 7070}]   # 9080 is reviews' already
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: shop}
+spec: {selector: {app: reviews, version: v2}, ports: [{port: 6060}]}   # another version's
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: other}
+spec: {selector: {app: reviews}, ports: [{port: 5050}]}   # another namespace's
+---
+apiVersion: v1
+kind: Service
+metadata: {name: external, namespace: shop}
+spec: {type: ExternalName, externalName: example.org, ports: [{port: 4040}]}   # no selector: no pods
+"""
+
+
+def test_the_services_selecting_the_pod_name_its_virtual_inbound_ports(capsys, monkeypatch, tmp_path):
+    deployment = DEPLOYMENT.replace("ports: [{containerPort: 9080}, {containerPort: 9443}]",
+                                    "ports: [{containerPort: 9080}, {containerPort: 9443, name: https}]")
+    docs = injected(capsys, monkeypatch, deployment + "---\n" + SERVICES)
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (sidecar,) = sidecar_documents(configmap)
+    assert sidecar["spec"]["virtualInbound"] == {"port": 15006, "ports": [
+        {"port": 9080, "service": "reviews"}, {"port": 9443, "service": "reviews"}, {"port": 9901, "service": "reviews"},
+        {"port": 7070, "service": "reviews-canary"}]}
+    # As the sidecar runs it: each port to the app on that port, as that Service of the pod's namespace.
+    (_, inbound) = sidecar_plan(configmap, tmp_path, {"app": "reviews"}).sidecar.listeners
+    assert routes(inbound) == {("0.0.0.0", port): [(f"inbound|{port}||{service}.shop.svc.cluster.local",
+                                                     (("127.0.0.1", port),))]
+                               for port, service in [(9080, "reviews"), (9443, "reviews"), (9901, "reviews"),
+                                                     (7070, "reviews-canary")]}
 
 
 def test_other_documents_pass_through_unchanged(capsys, monkeypatch):
@@ -206,11 +266,86 @@ def test_a_pod_with_a_fastmesh_container_is_left_as_it_is(capsys, monkeypatch):
     assert injected(capsys, monkeypatch, text) == [yaml.safe_load(text)]
 
 
-def test_injecting_twice_gives_the_output_of_once(capsys, monkeypatch):
+def test_injecting_twice_gives_the_output_of_once(capsys, monkeypatch, tmp_path):
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(MESH)
     text = SERVICE_AND_CONFIGMAP + "---\n" + DEPLOYMENT + "---\n" + POD
-    once = kube_inject(capsys, text, monkeypatch)
+    once = kube_inject(capsys, text, monkeypatch, "--mesh", str(mesh), "--mtls")
     assert once[0] == 0 and once[1].count("kind: ConfigMap") == 3
+    assert kube_inject(capsys, once[1], monkeypatch, "--mesh", str(mesh), "--mtls") == once
     assert kube_inject(capsys, once[1], monkeypatch) == once
+
+
+MESH = """\
+# The mesh's own documents, as a user writes them.
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings.shop.svc.cluster.local]
+  ports: [{number: 9080, name: tcp, protocol: TCP}]
+  resolution: DNS
+"""
+POLICY = """\
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: PERMISSIVE}}
+"""
+
+
+def test_mesh_files_follow_the_sidecar_document_in_every_configmap(capsys, monkeypatch, tmp_path):
+    (tmp_path / "entry.yaml").write_text(MESH + "---\n")  # a stray separator: an empty document, dropped
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    docs = injected(capsys, monkeypatch, DEPLOYMENT + "---\n" + POD,
+                    "--mesh", str(tmp_path / "entry.yaml"), "--mesh", str(tmp_path / "policy.yaml"))
+    configmaps = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert [c["metadata"]["name"] for c in configmaps] == ["reviews-v1-fastmesh", "sleep-fastmesh"]
+    for configmap in configmaps:
+        sidecar, *mesh = sidecar_documents(configmap)
+        assert sidecar["kind"] == "Sidecar"
+        assert mesh == [yaml.safe_load(MESH), yaml.safe_load(POLICY)]
+        # serve -c reads the multi-document file.
+        (tmp_path / "sidecar.yaml").write_text(configmap["data"]["sidecar.yaml"])
+        assert [d.kind for d in load_documents([tmp_path / "sidecar.yaml"])] == [
+            "Sidecar", "ServiceEntry", "PeerAuthentication"]
+
+
+def test_a_broken_mesh_file_is_a_one_line_error(capsys, monkeypatch, tmp_path):
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(MESH.replace("number: 9080", "numbr: 9080"))
+    assert kube_inject(capsys, POD, monkeypatch, "--mesh", str(mesh)) == (1, "", (
+        f"fastmesh kube-inject: {mesh}: document 0 (ServiceEntry ratings): spec.ports[0].number: required field "
+        f"is missing; {mesh}: document 0 (ServiceEntry ratings): spec.ports[0].numbr: unknown field "
+        "(did you mean 'number'?)\n"))
+    mesh.write_text(MESH + "---\n" + yaml.safe_dump({"apiVersion": "fastmesh.io/v1alpha1", "kind": "Sidecar",
+                                           "metadata": {"name": "mine"}, "spec": {}}))
+    assert kube_inject(capsys, POD, monkeypatch, "--mesh", str(mesh)) == (1, "", (
+        f"fastmesh kube-inject: {mesh}: document 1 (Sidecar mine): a Sidecar document; "
+        "kube-inject writes each pod's own\n"))
+    assert kube_inject(capsys, POD, monkeypatch, "--mesh", str(tmp_path / "missing.yaml")) == (
+        1, "", f"fastmesh kube-inject: {tmp_path / 'missing.yaml'}: No such file or directory\n")
+
+
+def test_mtls_reads_the_workloads_certificates_from_its_secret_which_the_pod_needs(capsys, monkeypatch, tmp_path):
+    configmap, pod = injected(capsys, monkeypatch, POD, "--mtls")
+    (sidecar,) = sidecar_documents(configmap)
+    assert sidecar["spec"]["certs"] == "/var/run/secrets/workload-spiffe-credentials"
+    assert pod["spec"]["volumes"] == expected_volumes("sleep", mtls=True)  # the Secret is not optional
+    assert pod["spec"]["securityContext"] == {"fsGroup": 1337}  # the proxy reads the 0440 key by group
+    (mount,) = [m for m in pod["spec"]["initContainers"][1]["volumeMounts"] if m["name"] == "workload-certs"]
+    assert mount["mountPath"] == sidecar["spec"]["certs"]
+    # `ca issue` writes the files serve --certs reads: what `kubectl create secret generic
+    # sleep-fastmesh-certs --from-file=DIR/` puts in the Secret, one file each.
+    ca.init(tmp_path / "root")
+    identity = ca.issue(tmp_path / "root", "default", "sleep", tmp_path / "sleep")
+    assert sorted(p.name for p in (tmp_path / "sleep").iterdir()) == ["cert-chain.pem", "key.pem", "root-cert.pem"]
+    assert certs.load_identity(tmp_path / "sleep").spiffe_id == identity == "spiffe://cluster.local/ns/default/sa/sleep"
+    # As the kubelet mounts it: root's files, group fsGroup, mode 0440. The proxy runs in that group.
+    key = tmp_path / "sleep" / "key.pem"
+    key.chmod(0o440)
+    os.chown(key, 0, os.getegid())
+    assert certs.load_identity(tmp_path / "sleep").spiffe_id == identity
 
 
 def test_errors_are_one_line(capsys, monkeypatch, tmp_path):
@@ -226,35 +361,6 @@ def test_errors_are_one_line(capsys, monkeypatch, tmp_path):
         1, "", "fastmesh kube-inject: <stdin>: document 2 is not a mapping (a list)\n")
     assert kube_inject(capsys, "kind: Deployment\nmetadata: {name: d}\nspec: {}\n", monkeypatch) == (
         1, "", "fastmesh kube-inject: <stdin>: document 1 (Deployment d) has no spec.template\n")
-
-
-def injected_plain(name: str) -> list[dict]:
-    """deploy/kubernetes/plain/NAME through the command, as a user runs it."""
-    done = subprocess.run([sys.executable, "-m", "fastmesh", "kube-inject", "-f", str(PLAIN / name)],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert (done.returncode, done.stderr) == (0, "")
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
-
-
-@pytest.mark.parametrize("name", ["ratings-v2.yaml", "mongodb.yaml"])
-def test_the_injected_plain_manifests_are_valid_kubernetes_and_their_sidecar_config_loads(name, tmp_path):
-    docs = injected_plain(name)
-    for document in docs:
-        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
-    assert [d for d in docs if d["kind"] != "ConfigMap"] == documents(PLAIN / name)[:-1] + [docs[-1]]
-    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap"]
-    pod = docs[-1]["spec"]["template"]["spec"]
-    (app_port,) = [p["containerPort"] for c in pod["containers"] for p in c["ports"]]
-    (tmp_path / "pod").mkdir()  # podInfo: a labels file as the Downward API writes it
-    (tmp_path / "pod" / "labels").write_text('app="x"\n')
-    config = configmap["data"]["sidecar.yaml"].replace("/etc/istio/pod", str(tmp_path / "pod"))
-    sidecar = sidecar_plan({"data": {"sidecar.yaml": config}}, tmp_path).sidecar
-    inbound, outbound = sorted(sidecar.listeners, key=lambda listener: listener.direction)
-    assert (inbound.direction, inbound.listen.port, outbound.direction, outbound.listen.port) == (
-        "inbound", 15006, "outbound", 15001)
-    assert [tuple(c.endpoints[0]) for c in inbound.routes.clusters] == [("127.0.0.1", app_port)]
-    proxy = pod["initContainers"][1]
-    assert {p["containerPort"] for p in proxy["ports"]} == {sidecar.metrics.port, sidecar.health.port}
 
 
 def test_node_metadata_from_the_pod_fills_only_what_the_document_lacks(tmp_path):
@@ -280,19 +386,19 @@ def test_a_labels_file_that_cannot_be_read_is_an_error_naming_it(tmp_path):
 
 
 def test_serve_reads_the_pods_node_metadata_at_start(tmp_path):
-    """The injected mongodb sidecar's own config and environment (ports made free), as the
+    """The injected mongodb sidecar's own Sidecar document and environment (ports made free;
+    the mesh's documents left out, whose host names only a cluster's DNS resolves), as the
     kubelet would start it: /config_dump shows the node metadata taken from the pod."""
-    docs = injected_plain("mongodb.yaml")
-    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap"]
-    proxy = docs[-1]["spec"]["template"]["spec"]["initContainers"][1]
+    manifest = objects(DEPLOY / "mongodb.yaml")
+    proxy = manifest["Deployment"]["spec"]["template"]["spec"]["initContainers"][1]
     (tmp_path / "pod").mkdir()
     (tmp_path / "pod" / "labels").write_text('app="mongodb"\nversion="v1"\n')
-    document = yaml.safe_load(configmap["data"]["sidecar.yaml"])
+    document = sidecar_documents(manifest["ConfigMap"])[0]
     admin = free_port()
     spec = document["spec"]
     spec.update(podInfo=str(tmp_path / "pod"), virtualOutbound={"port": 0}, admin=f"127.0.0.1:{admin}",
                 metrics="127.0.0.1:0", health="127.0.0.1:0")
-    spec["inbound"][0].update(port=0, bind="127.0.0.1")
+    spec["virtualInbound"].update(port=0, bind="127.0.0.1")
     (tmp_path / "sidecar.yaml").write_text(yaml.safe_dump(document))
     downward = {"POD_NAME": "mongodb-v1-6b8d9c-q2w4e", "POD_NAMESPACE": "default", "SERVICE_ACCOUNT": "default",
                 "INSTANCE_IP": "10.1.2.4"}
@@ -325,9 +431,3 @@ def test_serve_reads_the_pods_node_metadata_at_start(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
-
-
-def test_the_existing_deployments_are_not_touched_by_a_second_injection(capsys, monkeypatch):
-    # The hand-written manifests already carry a `fastmesh` native sidecar: kube-inject leaves them be.
-    text = (DEPLOY / "ratings-v2.yaml").read_text()
-    assert injected(capsys, monkeypatch, text) == documents(DEPLOY / "ratings-v2.yaml")

@@ -1,14 +1,18 @@
-"""deploy/kubernetes: valid Kubernetes objects (checked offline against the
-Kubernetes schemas), and everything in them consistent: the fastmesh config in
-the ConfigMaps with the pods' ports, probes and Prometheus annotations; the
-native sidecars; one namespace throughout; the traffic Job's path to the
-database; Prometheus's pod discovery, whose relabelling a real Prometheus runs
-here against a real sidecar."""
+"""deploy/kubernetes: the sidecar manifests are exactly kube-inject's output for plain/ and
+mesh.yaml (and injecting them again changes nothing); valid Kubernetes objects (checked
+offline against the Kubernetes schemas), and everything in them consistent: the fastmesh
+config in the ConfigMaps, as the sidecar would load it, with the pods' ports, Services,
+probes and Prometheus annotations; the native sidecars; one namespace throughout; the
+traffic Job's path to the database through both sidecars; Prometheus's pod discovery,
+whose relabelling a real Prometheus runs here against a real sidecar."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -24,7 +28,8 @@ from fastmesh.config import load_documents, plan
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.30.0"
-MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
+MESH = DEPLOY / "mesh.yaml"  # Istio documents for the sidecars' ConfigMaps, not for kubectl
+MANIFESTS = sorted(path for path in DEPLOY.glob("*.yaml") if path != MESH)
 SIDECAR_MANIFESTS = [DEPLOY / "mongodb.yaml", DEPLOY / "ratings-v2.yaml"]
 NAMESPACE = "default"  # the one the Istio documents and node metadata in the ConfigMaps name
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding"}
@@ -39,10 +44,37 @@ def objects(path: Path) -> dict[str, dict]:
     return {doc["kind"]: doc for doc in documents(path)}
 
 
-def sidecar_plan(configmap: dict, tmp_path: Path):
+def kube_inject(*args: str | Path) -> str:
+    """`python -m fastmesh kube-inject ARGS`, as a user runs it: its stdout."""
+    done = subprocess.run([sys.executable, "-m", "fastmesh", "kube-inject", *map(str, args)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stderr) == (0, "")
+    return done.stdout
+
+
+def sidecar_plan(configmap: dict, tmp_path: Path, labels: dict[str, str] | None = None):
+    """What the sidecar would run from the ConfigMap's sidecar.yaml: its podInfo directory
+    (the Downward API's) made here, with the pod's labels."""
+    (tmp_path / "pod").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "pod" / "labels").write_text("".join(f"{k}={json.dumps(v)}\n" for k, v in (labels or {}).items()))
     config = tmp_path / "sidecar.yaml"
-    config.write_text(configmap["data"]["sidecar.yaml"])
+    config.write_text(configmap["data"]["sidecar.yaml"].replace("/etc/istio/pod", str(tmp_path / "pod")))
     return plan(load_documents([config]), resolve=False)  # cluster DNS names are resolved in the pod
+
+
+def routes(listener) -> dict[tuple[str, int], list[tuple[str, tuple]]]:
+    """Each original destination a virtual listener knows: the clusters (name, endpoints) it goes to."""
+    clusters = listener.routes.clusters
+    return {d.address: [(clusters[i].name, clusters[i].endpoints) for i, _ in d.routes]
+            for d in listener.routes.destinations}
+
+
+def template_of(manifest: dict[str, dict]) -> dict:
+    return manifest["Deployment"]["spec"]["template"]
+
+
+def pod_sidecar_plan(manifest: dict[str, dict], tmp_path: Path):
+    return sidecar_plan(manifest["ConfigMap"], tmp_path, template_of(manifest)["metadata"]["labels"])
 
 
 def containers(pod_spec: dict) -> dict[str, dict]:
@@ -67,20 +99,37 @@ def test_the_schema_check_catches_a_misspelt_field():
 
 
 @pytest.mark.parametrize("path", SIDECAR_MANIFESTS, ids=lambda p: p.name)
+def test_the_sidecar_manifests_are_kube_injects_output_and_injecting_them_again_changes_nothing(path):
+    output = kube_inject("--mesh", MESH, "-f", DEPLOY / "plain" / path.name)
+    text = path.read_text()
+    header = "".join(itertools.takewhile(lambda line: line.startswith("#"), text.splitlines(keepends=True)))
+    assert f"kube-inject --mesh deploy/kubernetes/mesh.yaml -f deploy/kubernetes/plain/{path.name}\n" in header
+    assert text.removeprefix(header) == output
+    assert kube_inject("--mesh", MESH, "-f", path) == output
+
+
+@pytest.mark.parametrize("path", SIDECAR_MANIFESTS, ids=lambda p: p.name)
 def test_the_sidecar_config_and_the_pod_agree(path, tmp_path):
     found = objects(path)
-    built = sidecar_plan(found["ConfigMap"], tmp_path)
+    built = pod_sidecar_plan(found, tmp_path)
     sidecar = built.sidecar
-    pod = found["Deployment"]["spec"]["template"]
+    pod = template_of(found)
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/path"] == "/stats/prometheus"
     assert int(annotations["prometheus.io/port"]) == sidecar.metrics.port
 
     # A native sidecar: an init container that keeps running, so the kubelet starts it
-    # (and waits for its startup probe) before the app, and stops it after the app.
-    (proxy,) = pod["spec"]["initContainers"]
+    # (and waits for its startup probe) before the app, and stops it after the app; before it,
+    # the capture of the pod's traffic into the sidecar's two virtual listeners.
+    capture, proxy = pod["spec"]["initContainers"]
     assert (proxy["name"], proxy["restartPolicy"]) == ("fastmesh", "Always")
+    assert (capture["name"], "restartPolicy" in capture) == ("fastmesh-init", False)
+    flags = dict(zip(capture["args"][1::2], capture["args"][2::2]))
+    assert capture["args"][0] == "capture" and flags["-u"] == str(proxy["securityContext"]["runAsUser"]) == "1337"
+    outbound, inbound = sidecar.listeners
+    assert (outbound.direction, outbound.listen) == ("outbound", Address("127.0.0.1", int(flags["-p"])))
+    assert (inbound.direction, inbound.listen) == ("inbound", Address("0.0.0.0", int(flags["-z"])))
     assert "fastmesh" not in containers(pod["spec"])
     assert proxy["args"] == ["serve", "-c", "/etc/fastmesh/sidecar.yaml"]
 
@@ -95,19 +144,21 @@ def test_the_sidecar_config_and_the_pod_agree(path, tmp_path):
     assert mount["mountPath"] == "/etc/fastmesh"
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
     assert volume["configMap"]["name"] == found["ConfigMap"]["metadata"]["name"]
+    # The pod's own Sidecar document, then the mesh's Istio documents.
+    assert list(yaml.safe_load_all(found["ConfigMap"]["data"]["sidecar.yaml"]))[1:] == documents(MESH)
 
     # Without certificates in the pods, both sidecars exchange metadata in plaintext,
     # else neither reporter's series would name the other workload.
     assert sidecar.certs is None and sidecar.exchange.enabled and sidecar.exchange.plaintext
-    for listener in sidecar.listeners:
-        if listener.direction == "inbound":  # the Service sends its port to the sidecar
-            (service_port,) = found["Service"]["spec"]["ports"]
-            assert service_port["targetPort"] == listener.listen.port
-            assert listener.listen.port in container_ports(proxy)
-        else:  # the app reaches its database through the outbound listener
-            env = {e["name"]: e["value"] for c in pod["spec"]["containers"] for e in c.get("env", [])}
-            assert env["MONGO_DB_URL"] == f"mongodb://127.0.0.1:{listener.listen.port}/test"
-            assert [w for w in built.warnings if "will be resolved when serving" in w]
+
+    # The port the Service sends to the pod reaches the app on that port through the virtual
+    # inbound listener, as the Service's; capture leaves the sidecar's own ports alone.
+    (service_port,) = found["Service"]["spec"]["ports"]
+    target = service_port.get("targetPort", service_port["port"])
+    assert target in {port for app in pod["spec"]["containers"] for port in container_ports(app)}
+    service = f"{found['Service']['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert routes(inbound) == {("0.0.0.0", target): [(f"inbound|{target}||{service}", (("127.0.0.1", target),))]}
+    assert flags["-d"] == f"{sidecar.metrics.port},{sidecar.health.port}"
 
 
 def test_one_namespace_throughout():
@@ -127,15 +178,15 @@ def test_one_namespace_throughout():
         text = objects(path)["ConfigMap"]["data"]["sidecar.yaml"]
         for inner in yaml.safe_load_all(text):
             assert inner["metadata"]["namespace"] == NAMESPACE
-            if inner["kind"] == "Sidecar":
-                assert inner["spec"]["nodeMetadata"]["NAMESPACE"] == NAMESPACE
+            if inner["kind"] == "Sidecar":  # its short service names are Services of its namespace
+                assert {port["service"] for port in inner["spec"]["virtualInbound"]["ports"]} <= services
         hosts = IN_CLUSTER_HOST.findall(text)
         assert hosts, f"{path.name}: no in-cluster host name"
         for service, namespace in hosts:  # every name in the config is a Service of the manifests
             assert (service, namespace) in {(s, NAMESPACE) for s in services}
 
 
-def test_the_traffic_job_reaches_the_database_through_ratings_sidecar(tmp_path):
+def test_the_traffic_jobs_requests_reach_the_database_through_both_sidecars(tmp_path):
     job = objects(DEPLOY / "traffic.yaml")["Job"]
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
@@ -146,24 +197,37 @@ def test_the_traffic_job_reaches_the_database_through_ratings_sidecar(tmp_path):
     url = urlsplit(env["RATINGS_URL"])
     assert re.fullmatch(r"/ratings/[0-9]+", url.path)  # ratings-v2 answers it from MongoDB
 
-    # The URL names the ratings Service and its port, which leads to the ratings
-    # container of ratings-v2's pods ...
-    ratings = objects(DEPLOY / "ratings-v2.yaml")
+    # The URL names the ratings Service and its port, which leads to the ratings container of
+    # ratings-v2's pods, through its sidecar's virtual inbound listener, as the ratings service ...
+    ratings, mongodb = objects(DEPLOY / "ratings-v2.yaml"), objects(DEPLOY / "mongodb.yaml")
     service = ratings["Service"]
     assert url.hostname == service["metadata"]["name"]
     (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == url.port]
-    template = ratings["Deployment"]["spec"]["template"]
+    template = template_of(ratings)
     assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
     app = containers(template["spec"])["ratings"]
-    assert service_port.get("targetPort", service_port["port"]) in container_ports(app)
-    # ... whose queries go to its sidecar's outbound port, routed to the mongodb Service.
-    (outbound,) = sidecar_plan(ratings["ConfigMap"], tmp_path).sidecar.listeners
-    env = {e["name"]: e["value"] for e in app["env"]}
-    assert urlsplit(env["MONGO_DB_URL"]).port == outbound.listen.port
-    assert outbound.listen.host == "127.0.0.1"
-    (cluster,) = outbound.routes.clusters
-    assert cluster.service == f"{objects(DEPLOY / 'mongodb.yaml')['Service']['metadata']['name']}.{NAMESPACE}" \
-                              ".svc.cluster.local"
+    target = service_port.get("targetPort", service_port["port"])
+    assert target in container_ports(app)
+    outbound, inbound = pod_sidecar_plan(ratings, tmp_path / "ratings").sidecar.listeners
+    assert routes(inbound)[("0.0.0.0", target)] == [
+        (f"inbound|{target}||ratings.{NAMESPACE}.svc.cluster.local", (("127.0.0.1", target),))]
+
+    # ... whose app dials the mongodb Service by its name and port, knowing nothing of the proxy:
+    # its sidecar's virtual outbound listener takes that port on any address (the ServiceEntry has
+    # none, so the Service's ClusterIP matches) to the mongodb host, subset v1 ...
+    database = urlsplit({e["name"]: e["value"] for e in app["env"]}["MONGO_DB_URL"])
+    assert database.hostname == mongodb["Service"]["metadata"]["name"]
+    host = f"{database.hostname}.{NAMESPACE}.svc.cluster.local"
+    assert routes(outbound) == {("0.0.0.0", database.port): [(f"outbound|{database.port}|v1|{host}", ())]}
+
+    # ... and the mongodb Service sends that port to mongodb-v1's pod, whose sidecar's virtual
+    # inbound listener hands it to MongoDB on that port, as the mongodb service.
+    (db_port,) = mongodb["Service"]["spec"]["ports"]
+    assert (db_port["port"], db_port.get("targetPort", db_port["port"])) == (database.port, 27017)
+    assert mongodb["Service"]["spec"]["selector"].items() <= template_of(mongodb)["metadata"]["labels"].items()
+    _, db_inbound = pod_sidecar_plan(mongodb, tmp_path / "mongodb").sidecar.listeners
+    assert routes(db_inbound) == {("0.0.0.0", 27017): [(f"inbound|27017||{host}", (("127.0.0.1", 27017),))]}
+    assert 27017 in container_ports(containers(template_of(mongodb)["spec"])["mongodb"])
 
 
 def kubernetes_pods_job() -> dict:
@@ -224,8 +288,8 @@ def discovered_pod(deployment: dict, address: str, annotations: dict[str, str]) 
 
 def test_the_kubernetes_pods_job_scrapes_the_sidecar_the_annotations_name(tmp_path, sidecar, upstream, prometheus):
     # The job's own relabelling, run by a real Prometheus over the targets its pod
-    # discovery would find: ratings-v2's pod (annotated; here the sidecar's metrics
-    # port is a free one) and Prometheus's own (not annotated: dropped).
+    # discovery would find: ratings-v2's pod (annotated by kube-inject; here the sidecar's
+    # metrics port is a free one) and Prometheus's own (not annotated: dropped).
     server = upstream(lambda conn: None)
     running = sidecar(one_listener(Address("127.0.0.1", 0), [server.address], admin=None,
                                    metrics=Address("127.0.0.1", 0)))
@@ -247,7 +311,9 @@ def test_the_kubernetes_pods_job_scrapes_the_sidecar_the_annotations_name(tmp_pa
     (series,) = up
     assert series["value"][1] == "1"
     assert series["metric"] == {"__name__": "up", "job": "kubernetes-pods", "instance": str(metrics),
-                                "namespace": NAMESPACE, "pod": "ratings-v2-0", "app": "ratings", "version": "v2"}
+                                "namespace": NAMESPACE, "pod": "ratings-v2-0", "app": "ratings", "version": "v2",
+                                "security_istio_io_tlsMode": "istio", "service_istio_io_canonical_name": "ratings",
+                                "service_istio_io_canonical_revision": "v2"}
     with urllib.request.urlopen(base + "/api/v1/targets", timeout=10) as response:
         targets = json.load(response)["data"]
     assert [t["scrapeUrl"] for t in targets["activeTargets"]] == [f"http://{metrics}/stats/prometheus"]

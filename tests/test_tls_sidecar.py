@@ -29,6 +29,7 @@ from fastmesh.routing import INBOUND
 from fastmesh.tls import ISTIO_MUTUAL
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "istio"
+FOREIGN_GID = 54321  # a group this process is not in
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -102,6 +103,15 @@ def test_a_set_that_cannot_serve_is_refused_with_the_file_and_the_reason(mesh_ce
     (readable / "key.pem").chmod(0o644)
     with pytest.raises(CertificateError, match="readable by others"):
         load_identity(readable)
+    # A Secret mounted with fsGroup: readable by a group of this process's, and no one else.
+    (readable / "key.pem").chmod(0o640)
+    os.chown(readable / "key.pem", -1, os.getegid())
+    assert load_identity(readable).spiffe_id == load_identity(good).spiffe_id
+    for mode, group in ((0o640, FOREIGN_GID), (0o660, os.getegid()), (0o604, os.getegid())):
+        os.chown(readable / "key.pem", -1, group)
+        (readable / "key.pem").chmod(mode)
+        with pytest.raises(CertificateError, match=f"readable by others \\(mode {mode:o}\\)"):
+            load_identity(readable)
     missing = copy_identity(good, tmp_path / "missing")
     (missing / "root-cert.pem").unlink()
     with pytest.raises(CertificateError, match="root-cert.pem: no such file"):

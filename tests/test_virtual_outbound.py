@@ -8,8 +8,6 @@ network namespaces of its own."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import IP, NO_EXTENSIONS, PEER, netns_unavailable, sh, stop_process
+from conftest import IP, PEER, captured_sidecar, named_echo, netns_unavailable, scrape_pod, sh, stop_process
 from fastmesh.config import load_documents, plan
 from fastmesh.routing import PASSTHROUGH_CLUSTER
 
@@ -52,28 +50,6 @@ CONFIG = textwrap.dedent(f"""\
       tcpReportingDuration: 500ms
     """)
 
-# A server in the peer namespace: answers each connection with its name and what it read.
-ECHO = textwrap.dedent("""\
-    import socket, sys, threading
-    def serve(name, port):
-        s = socket.create_server((sys.argv[1], port))
-        while True:
-            c, _ = s.accept()
-            data = b""
-            while not data.endswith(b"\\n"):
-                chunk = c.recv(64)
-                if not chunk:
-                    break
-                data += chunk
-            c.sendall(name.encode() + b" " + data)
-            c.close()
-    for spec in sys.argv[2:]:
-        name, port = spec.split(":")
-        threading.Thread(target=serve, args=(name, int(port)), daemon=True).start()
-    print("ready", flush=True)
-    sys.stdin.read()
-    """)
-
 # The app: any user but the sidecar's (here root's, below).
 APP_UID = 1000
 CLIENT = textwrap.dedent(f"""\
@@ -86,9 +62,6 @@ CLIENT = textwrap.dedent(f"""\
             answer += chunk
     print(answer.decode().strip())
     """)
-
-SCRAPE = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:15090/stats/prometheus').read().decode())"
-
 
 def test_the_virtual_outbound_listener_is_built_from_the_service_entries(tmp_path):
     (tmp_path / "sidecar.yaml").write_text(CONFIG)
@@ -106,37 +79,17 @@ def test_the_virtual_outbound_listener_is_built_from_the_service_entries(tmp_pat
 @pytest.fixture
 def captured_pod(joined_netns, tmp_path):
     """(pod, peer): the database and an outside server in the peer namespace; in the pod,
-    `fastmesh capture` and the sidecar (uid 1337) with a virtual outbound listener."""
+    `fastmesh capture` and the sidecar with a virtual outbound listener."""
     pod, peer = joined_netns
     sh(IP, "-n", pod, "route", "add", "default", "via", PEER)  # the service address is routed off the pod
     config = tmp_path / "sidecar.yaml"
     config.write_text(CONFIG)
-    processes = []
-    env = dict(os.environ, FASTMESH_NO_EXTENSIONS="1") if NO_EXTENSIONS else dict(os.environ)
+    servers = named_echo(peer, PEER, f"database:{DATABASE_PORT}", f"outside:{OUTSIDE_PORT}")
     try:
-        servers = subprocess.Popen([IP, "netns", "exec", peer, sys.executable, "-c", ECHO, PEER,
-                                    f"database:{DATABASE_PORT}", f"outside:{OUTSIDE_PORT}"],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        processes.append(servers)
-        assert servers.stdout.readline() == "ready\n"
-        # The sidecar runs as root here (uid 1337 could not read this checkout and its Python),
-        # so capture leaves root's connections alone, as Istio's leaves uid 1337's.
-        sh(IP, "netns", "exec", pod, sys.executable, "-m", "fastmesh", "capture", "-u", "0", env=env)
-        sidecar = subprocess.Popen([IP, "netns", "exec", pod, sys.executable, "-m", "fastmesh", "serve", "-c",
-                                    str(config)],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, env=env, cwd="/")
-        processes.append(sidecar)
-        deadline = time.monotonic() + 30
-        while subprocess.run([IP, "netns", "exec", pod, sys.executable, "-c", SCRAPE],
-                             capture_output=True).returncode != 0:
-            assert sidecar.poll() is None, sidecar.stdout.read()
-            assert time.monotonic() < deadline, "the sidecar did not start"
-            time.sleep(0.2)
-        yield pod, peer
+        with captured_sidecar(pod, config):
+            yield pod, peer
     finally:
-        for process in reversed(processes):
-            stop_process(process)
+        stop_process(servers)
 
 
 def connect(pod: str, host: str, port: int) -> str:
@@ -145,7 +98,7 @@ def connect(pod: str, host: str, port: int) -> str:
 
 def tcp_series(pod: str) -> dict[str, dict]:
     """destination_service_name -> that series' labels and its opened/closed counts."""
-    text = sh(IP, "netns", "exec", pod, sys.executable, "-c", SCRAPE).stdout
+    text = scrape_pod(pod)
     found: dict[str, dict] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -37,6 +37,7 @@ cdef enum:
     PUMP_ROUNDS = 8            # fill+drain rounds per direction before other connections get a turn
     ACCEPT_BATCH = 64          # accepts per listener event, for the same reason
     POOL_KEEP = 64             # empty pipes and buffers a worker keeps for reuse
+    POOL_IDLE_KEEP = 2         # of those, what stays once a whole sweep went by without needing more
     MAX_CLOSED_RECORDS = 1048576
     NONE = -1                  # no listener, cluster or endpoint (None in the records)
 
@@ -131,6 +132,7 @@ cdef enum:
     R_OVERFLOW = 13
     R_DOWNSTREAM_TLS_ERROR = 14
     R_UPSTREAM_TLS_ERROR = 15
+    R_IDLE_TIMEOUT = 16
 
 # A cluster's load-balancing policy (fastmesh.routing.LB_POLICIES).
 cdef enum:
@@ -138,6 +140,7 @@ cdef enum:
     LB_LEAST_CONN = 1
     LB_RANDOM = 2
     LB_PASSTHROUGH = 3         # to the client's original destination (transparent capture)
+    LB_LOCAL_PASSTHROUGH = 4   # to the loopback address at the original destination's port (the app)
 
 cdef enum:
     SO_ORIGINAL_DST = 80       # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST has the same value
@@ -233,6 +236,8 @@ cdef struct Conn:
     int tls_side               # the end that speaks TLS, or NONE
     int tls_phase              # TLS_*
     int tls_mode               # CT_* of the upstream end
+    int mtls                   # MTLS_* the client is held to (its listener's, or its app port's)
+    double active_at           # the loop turn of its last event (for its cluster's idle timeout)
     char *principal            # the peer's verified URI SAN, until collect() reports it
 
 
@@ -257,6 +262,7 @@ cdef struct Cluster:
     unsigned long long active  # open connections (atomic: workers share listeners)
     unsigned long long rr
     double connect_timeout
+    double idle_timeout        # no byte either way for this long: closed (0: never)
     int tls                    # CT_* for its endpoints
     SSL_CTX *tls_ctx           # CT_SIMPLE, CT_MUTUAL: the cluster's own context
     char *sni                  # server name to send, or NULL
@@ -269,6 +275,7 @@ cdef struct Destination:
     int first                  # its schedule is Listener.sched[first:first + count]
     int count                  # 0: no route
     unsigned long long rr
+    int mtls                   # MTLS_*: an inbound app port's PeerAuthentication
 
 
 cdef struct Listener:
@@ -286,7 +293,10 @@ cdef struct Listener:
     int nsched                 # 0: no route
     int *sched                 # cluster indexes in weighted round-robin order, then the destinations'
     unsigned long long rr
+    unsigned long long max_connections  # open connections it takes at most (0: no limit)
+    unsigned long long open_connections  # (atomic: workers share listeners)
     int ndest                  # a virtual listener: routes by each connection's original destination
+    bint mtls_by_port          # a virtual inbound listener: each destination has its own MTLS_*
     Destination *dests         # (one not among them takes the schedule above)
     double paused_until[MAX_WORKERS]  # per worker: accept paused after EMFILE and the like
     # peer metadata exchange
@@ -330,6 +340,8 @@ cdef struct Worker:
     int err                    # errno of the last failed pump
     int npaused
     uint64_t random_state      # xorshift64 for LB_RANDOM
+    double now                 # CLOCK_MONOTONIC seconds at this loop turn's wake-up
+    double next_idle_sweep     # when the open connections are next checked for idleness
     Listener **listeners
     int *nlisteners
     Identity *identity
@@ -345,6 +357,9 @@ cdef struct Worker:
     int pool_cap[POOL_KEEP]
     int nbufs
     char *bufs[POOL_KEEP]
+    int npool_low              # the fewest pooled pipes (buffers) since the last sweep: the
+    int nbufs_low              # ones never taken meanwhile are closed (freed) by it
+    bint trim_heap             # connections came and went since the heap was last trimmed
     # closed connections waiting for collect()
     ClosedRecord *closed
     size_t nclosed

@@ -44,12 +44,14 @@ class Engine:
         connections keep theirs. ValueError for files TLS refuses (the identity in
         force stays), TypeError for arguments that are not text."""
     def add_listener(self, fd: int, routes: RouteTable, exchange: ExchangeSettings | None = None,
-                     tls: ListenerTls | None = None) -> int:
+                     tls: ListenerTls | None = None, max_connections: int = 0) -> int:
         """Accept on a bound, listening, non-blocking socket (the caller keeps owning
         the fd) and route each connection by `routes` (whose clusters say how they
         originate TLS); with `exchange`, run the peer metadata exchange (over TLS when
         ALPN negotiated istio-peer-exchange, in plaintext when its settings say so);
-        `tls` says what an inbound listener accepts. Every worker accepts on it and
+        `tls` says what an inbound listener accepts. Past `max_connections` open
+        connections (0: no limit) a new one is reset at once and counted
+        (listener_overflows). Every worker accepts on it and
         keeps what it accepts. Returns the listener id. TypeError or ValueError for
         what fastmesh.contract.check_listener() refuses, OSError for a bad fd,
         RuntimeError once stopped."""

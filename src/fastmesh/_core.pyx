@@ -26,7 +26,7 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset, strcmp, strdup, strlen, strncmp
 from libc.errno cimport (
     errno, EAGAIN, EINTR, EINPROGRESS, ECONNABORTED, ECONNRESET, EPIPE, EPROTO, EMFILE,
-    ENFILE, ENOBUFS, ENOMEM, ETIMEDOUT, EINVAL,
+    ENFILE, ENOBUFS, ENOMEM, ETIMEDOUT, EINVAL, EISCONN, EALREADY,
 )
 
 from fastmesh._linux cimport *
@@ -254,19 +254,21 @@ cdef class Engine:
     def has_identity(self):
         return self._identity.server != NULL
 
-    def add_listener(self, int fd, routes, exchange=None, tls=None):
+    def add_listener(self, int fd, routes, exchange=None, tls=None, max_connections=0):
         """Accept on a bound, listening, non-blocking socket (the caller keeps owning the
         fd) and route each connection by `routes` (a fastmesh.routing.RouteTable).
         exchange: a fastmesh.exchange.ExchangeSettings, or None for no exchange; tls: a
-        fastmesh.tls.ListenerTls, or None for plaintext in and auto mTLS out.
+        fastmesh.tls.ListenerTls, or None for plaintext in and auto mTLS out;
+        max_connections: open connections it takes at most (0: no limit).
         Returns the listener id."""
         cdef Listener *l
         cdef int i, failed = 0
         contract.check_listener(routes, exchange, tls, self._workers[0].buffer_size, self._nlisteners,
-                                self.has_identity)
+                                self.has_identity, max_connections)
         if self._stopped:
             raise RuntimeError("the engine is stopped")
         l = build_listener(fd, routes, exchange, tls)
+        l.max_connections = max_connections
         self._lock_all()
         l.id = self._nlisteners
         l.active = True

@@ -15,6 +15,7 @@ memory BIOs) in _twin_tls.py, each a part of the worker.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import itertools
@@ -24,6 +25,7 @@ import random
 import select
 import selectors
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -35,12 +37,12 @@ from fastmesh._twin_exchange import ExchangeWorkerMixin
 from fastmesh._twin_tls import (
     DETECT, HANDSHAKE, OFF, ON, Identity, Sessions, TlsEnd, TlsWorkerMixin, cluster_context,
 )
-from fastmesh.contract import ACCEPT_PAUSE, GAUGES, STATS, frame_buffer_size
+from fastmesh.contract import ACCEPT_PAUSE, GAUGES, IDLE_SWEEP, STATS, frame_buffer_size
 from fastmesh.defaults import DEFAULTS
 from fastmesh.exchange import HEADER, ExchangeSettings
 from fastmesh.reasons import CloseReason
 from fastmesh.records import Batch, Closed, ConnectionInfo, FlowInfo, Opened, Peer, Updated
-from fastmesh.routing import RouteTable
+from fastmesh.routing import PASSTHROUGH_POLICIES, RouteTable
 from fastmesh.tls import DISABLE, ISTIO_MUTUAL, PERMISSIVE, STRICT, ListenerTls
 
 IMPLEMENTATION = "python"
@@ -141,6 +143,8 @@ class _Conn:
         self.tls_side = -1  # the end that speaks TLS
         self.tls_phase = OFF
         self.tls_mode = ""  # the upstream end's: a fastmesh.tls client mode, "" for plaintext
+        self.mtls = DISABLE  # the mode the client is held to: its listener's, or its app port's
+        self.active_at = time.monotonic()  # its last event, for its cluster's idle timeout
         self.tls_deadline: Optional[float] = None  # the handshake's, or PERMISSIVE's wait for the client
         self.securing = False  # STRICT: the client's handshake first, no upstream yet
         self.holds_route = False  # its cluster (and endpoint) count it: given back at close
@@ -200,8 +204,10 @@ class _Listener:
     worker accepts on it; a connection stays with the worker that accepted it."""
 
     def __init__(self, listener_id: int, sock: socket.socket, routes: RouteTable,
-                 exchange: Optional[ExchangeSettings], tls: Optional[ListenerTls]) -> None:
+                 exchange: Optional[ExchangeSettings], tls: Optional[ListenerTls], max_connections: int = 0) -> None:
         self.id = listener_id
+        self.max_connections = max_connections  # 0: no limit
+        self.open_connections = 0  # accepted and not yet closed (under _lock)
         self.sock = sock
         self.routes = routes
         self.targets = [[_target(e) for e in cluster.endpoints] for cluster in routes.clusters]
@@ -212,12 +218,32 @@ class _Listener:
         self.closed = False
         self._schedule = routes.schedule()
         self._next = 0
-        # A virtual listener: each known original destination's own schedule and position.
-        self._destinations = {_canonical(d.address): [routes.schedule(d.routes), 0] for d in routes.destinations}
+        # A virtual listener: each known original destination's own schedule and position,
+        # and (virtual inbound) the mode its app port holds clients to.
+        modes = self.tls.destination_modes
+        self._destinations = {_canonical(d.address): [routes.schedule(d.routes), 0,
+                                                      modes[i] if i < len(modes) else self.tls.mode]
+                              for i, d in enumerate(routes.destinations)}
         self._lock = threading.Lock()  # the counts below: workers share listeners
         self._cluster_active = [0] * len(routes.clusters)
         self._cluster_rr = [0] * len(routes.clusters)
         self._endpoint_active = [[0] * len(cluster.endpoints) for cluster in routes.clusters]
+
+    def _known(self, original: Optional[tuple[int, tuple[str, int]]]) -> Optional[list]:
+        """The destination of an original address: its own, else the any-address one at its port."""
+        if original is None:
+            return None
+        family, address = original
+        any_address = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        return (self._destinations.get(_canonical(address))
+                or self._destinations.get(_canonical((any_address, address[1]))))
+
+    def client_mtls(self, client: socket.socket) -> str:
+        """What a client is held to: the listener's mode, or its app port's (virtual inbound)."""
+        if not self.tls.destination_modes:
+            return self.tls.mode
+        known = self._known(_original_destination(client, self.sock.getsockname()))
+        return known[2] if known is not None else self.tls.mode
 
     def pick(self, client: socket.socket
              ) -> tuple[Optional[int], Optional[int], Optional[CloseReason], Optional[_Target]]:
@@ -225,7 +251,7 @@ class _Listener:
         reason, None) for a client to turn away. A PASSTHROUGH connection has no endpoint of
         its cluster's own: it goes where the client meant to go."""
         original = _original_destination(client, self.sock.getsockname()) if self._destinations else None
-        known = self._destinations.get(_canonical(original[1])) if original is not None else None
+        known = self._known(original)
         schedule = known[0] if known is not None else self._schedule
         if not schedule:
             return None, None, CloseReason.NO_ROUTE, None
@@ -238,14 +264,17 @@ class _Listener:
                 self._next += 1
             cluster = self.routes.clusters[ci]
             count = len(cluster.endpoints)
-            if count == 0 and cluster.lb != "PASSTHROUGH":
+            if count == 0 and cluster.lb not in PASSTHROUGH_POLICIES:
                 return ci, None, CloseReason.NO_HEALTHY_UPSTREAM, None
             if cluster.max_connections and self._cluster_active[ci] >= cluster.max_connections:
                 return ci, None, CloseReason.OVERFLOW, None
-            if cluster.lb == "PASSTHROUGH":
+            if cluster.lb in PASSTHROUGH_POLICIES:
                 destination = original or _original_destination(client, self.sock.getsockname())
                 if destination is None:
                     return ci, None, CloseReason.NO_HEALTHY_UPSTREAM, None
+                if cluster.lb == "LOCAL_PASSTHROUGH":  # the app, on the port the client meant
+                    family, (_, port) = destination
+                    destination = family, ("::1" if family == socket.AF_INET6 else "127.0.0.1", port)
                 self._cluster_active[ci] += 1
                 return ci, None, None, (*destination, cluster.connect_timeout)
             active = self._endpoint_active[ci]
@@ -261,6 +290,18 @@ class _Listener:
             active[index] += 1
             family, addr = self.targets[ci][index]
             return ci, index, None, (family, addr, cluster.connect_timeout)
+
+    def admit(self) -> bool:
+        """Whether a new connection is within max_connections (then counted open until leave())."""
+        with self._lock:
+            if self.max_connections and self.open_connections >= self.max_connections:
+                return False
+            self.open_connections += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.open_connections -= 1
 
     def release(self, cluster: int, endpoint: Optional[int]) -> None:
         with self._lock:
@@ -325,6 +366,7 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
         self.peers: list[Peer] = []  # of closed connections, waiting for collect()
         self.listeners: dict[int, _Listener] = {}  # every worker accepts on every listener
         self.paused: dict[int, float] = {}  # listener id -> when this worker accepts on it again
+        self.next_idle_sweep = 0.0  # when the open connections are next checked for idleness
         self.closed: list[Closed] = []  # records waiting for collect()
         self.kept: dict[bytes, bytes] = {}  # recent distinct peer payloads, shared by the connections that got them
         self.counters = {name: 0 for name in STATS if name not in GAUGES}
@@ -379,6 +421,8 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
         times += [c.xdeadline for c in self.exchanging if c.xdeadline is not None]
         times += [c.tls_deadline for c in self.securing if c.tls_deadline is not None]
         times += self.paused.values()
+        if self.conns:
+            times.append(self.next_idle_sweep)
         if not times:
             return None
         # Capped: select() cannot wait for an arbitrarily long time.
@@ -386,6 +430,8 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        if self.conns and now >= self.next_idle_sweep:
+            self._sweep_idle(now)
         for conn in [c for c in self.connecting if c.deadline is not None and c.deadline <= now]:
             self.counters["connect_timeouts"] += 1
             self._finish(conn, CloseReason.CONNECT_TIMEOUT, errno.ETIMEDOUT)
@@ -416,7 +462,25 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
         else:
             conn, side = data
             if not conn.closed:
+                conn.active_at = time.monotonic()
                 self._guarded(conn, side, mask)
+
+    def _sweep_idle(self, now: float) -> None:
+        """Every IDLE_SWEEP: close the relaying connections whose cluster's idle timeout has
+        passed since their last event, cleanly (close_notify where TLS, best effort)."""
+        self.next_idle_sweep = now + IDLE_SWEEP
+        for conn in list(self.conns.values()):
+            lst = conn.listener
+            if lst is None or conn.cluster is None or conn.closed or conn in self.connecting or conn.securing:
+                continue
+            timeout = lst.routes.clusters[conn.cluster].idle_timeout
+            if timeout and now - conn.active_at >= timeout:
+                for side in (DOWN, UP):
+                    if conn.tls[side] is not None:
+                        with contextlib.suppress(OSError, ssl.SSLError):
+                            self._tls_close_notify(conn, side)
+                self.counters["idle_timeouts"] += 1
+                self._finish(conn, CloseReason.IDLE_TIMEOUT, 0)
 
     def _guarded(self, conn: _Conn, side: int, mask: int) -> None:
         try:
@@ -442,13 +506,20 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
                 self._pause(lst)
                 return
             self.counters["connections_accepted"] += 1
-            if lst.tls.mode == STRICT:
+            if not lst.admit():
+                # A flood past the limit costs an accept and a close; open connections go on.
+                self.counters["listener_overflows"] += 1
+                _close(sock, reset=True)
+                continue
+            mtls = lst.client_mtls(sock)
+            if mtls == STRICT:
                 self._accept_strict(lst, sock)
                 continue
             cluster, endpoint, refusal, target = lst.pick(sock)
             if refusal is not None:
                 self.counters[_REFUSAL_COUNTERS[refusal]] += 1
                 _close(sock)
+                lst.leave()
                 self.closed.append(Closed(self.engine._new_id(), lst.id, cluster, endpoint, int(refusal), 0,
                                           0, 0, 0, 0))
                 continue
@@ -456,7 +527,8 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
             conn = _Conn(self.engine._new_id(), sock, None, lst, cluster, endpoint)
             conn.holds_route = True
             conn.tls_mode = lst.endpoint_tls(cluster, endpoint, self.engine.has_identity)
-            if lst.tls.mode == PERMISSIVE:
+            conn.mtls = mtls
+            if mtls == PERMISSIVE:
                 conn.identifies = True
                 conn.tls_side, conn.tls_phase = DOWN, DETECT  # the client's first byte says which
             elif conn.tls_mode:
@@ -469,6 +541,7 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
         # STRICT: the client's certificate first; the app sees a connection only once it
         # is verified (_connect_secured), so an unauthenticated client never reaches it.
         conn = _Conn(self.engine._new_id(), sock, None, lst)
+        conn.mtls = STRICT
         conn.identifies = conn.securing = True
         conn.tls_side, conn.tls_phase = DOWN, DETECT
         conn.tls_deadline = time.monotonic() + lst.tls.handshake_timeout
@@ -608,6 +681,8 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
             assert conn.listener is not None
             conn.tls_deadline = time.monotonic() + conn.listener.tls.detect_timeout  # a server-first app waits
             self.securing.add(conn)
+        elif conn.tls_phase == HANDSHAKE:  # a PERMISSIVE client's began while connecting: its deadline holds
+            self.securing.add(conn)
         self._sync(conn)
 
     def _recv(self, conn: _Conn, side: int, size: int) -> bytes:
@@ -693,7 +768,10 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
             return _WRITE if side == UP else 0
         held = conn.xhold and side != conn.xside  # inbound: the app waits for the client's first bytes
         want = _READ if conn.flows[side].reading and not held else 0
-        if conn.flows[1 - side].pending:
+        toward = conn.flows[1 - side]
+        # Bytes to write to this side, or an end of stream still to pass on: its close_notify
+        # waited for records that a read of this side has since flushed.
+        if toward.pending or (toward.eof and not toward.shut):
             want |= _WRITE
         return want | raw_out
 
@@ -730,8 +808,10 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
                     pass
             _close(sock, reset[side])
         conn.masks = [0, 0]
-        if conn.listener is not None and conn.holds_route:
-            conn.listener.release(conn.cluster, conn.endpoint)  # type: ignore[arg-type]
+        if conn.listener is not None:
+            conn.listener.leave()
+            if conn.holds_route:
+                conn.listener.release(conn.cluster, conn.endpoint)  # type: ignore[arg-type]
         conn.deadline = conn.tls_deadline = None
         self.connecting.discard(conn)
         self.exchanging.discard(conn)
@@ -859,12 +939,14 @@ class Engine:
         return self._identity is not None
 
     def add_listener(self, fd: int, routes: RouteTable, exchange: Optional[ExchangeSettings] = None,
-                     tls: Optional[ListenerTls] = None) -> int:
+                     tls: Optional[ListenerTls] = None, max_connections: int = 0) -> int:
         """Accept on a bound, listening, non-blocking socket (the caller keeps owning the
         fd) and route each connection by `routes`. exchange: the peer metadata exchange
         settings, or None for none; tls: the listener's TLS, or None for plaintext in and
-        auto mTLS out. Returns the listener id."""
-        contract.check_listener(routes, exchange, tls, self._buffer_size, self._listener_ids, self.has_identity)
+        auto mTLS out; max_connections: open connections it takes at most (0: no limit).
+        Returns the listener id."""
+        contract.check_listener(routes, exchange, tls, self._buffer_size, self._listener_ids, self.has_identity,
+                                max_connections)
         dup = os.dup(fd)
         try:
             sock = socket.socket(fileno=dup)
@@ -877,7 +959,7 @@ class Engine:
                 sock.close()
                 raise RuntimeError("the engine is stopped")
             try:
-                lst = _Listener(self._listener_ids, sock, routes, exchange, tls)
+                lst = _Listener(self._listener_ids, sock, routes, exchange, tls, max_connections)
             except BaseException:
                 sock.close()
                 raise

@@ -125,7 +125,11 @@ cdef extern from "<netinet/in.h>" nogil:
         uint32_t sin6_scope_id
 
     uint16_t htons(uint16_t x)
+    uint32_t htonl(uint32_t x)
     uint32_t ntohl(uint32_t x)
+    uint32_t INADDR_LOOPBACK
+    const in6_addr in6addr_any
+    const in6_addr in6addr_loopback
 
 
 cdef extern from "<netinet/tcp.h>" nogil:
@@ -134,6 +138,10 @@ cdef extern from "<netinet/tcp.h>" nogil:
 
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)
+
+
+cdef extern from "<malloc.h>" nogil:
+    int malloc_trim(size_t pad)
 
 
 cdef extern from "<time.h>" nogil:

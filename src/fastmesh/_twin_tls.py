@@ -78,20 +78,23 @@ def cluster_context(tls: Optional[ClientTls]) -> Optional[ssl.SSLContext]:
 
 
 class Sessions:
-    """The last client session per endpoint, for resumption; shared by the workers."""
+    """The last client session per endpoint, for resumption; shared by the workers. A
+    session resumes only under the context that made it: after a rotation (a new client
+    context) the first handshake to each endpoint is a full one, as in the C engine."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._last: dict[tuple[int, int], ssl.SSLSession] = {}
+        self._last: dict[tuple[int, int], tuple[ssl.SSLContext, ssl.SSLSession]] = {}
 
-    def get(self, cluster: int, endpoint: int) -> Optional[ssl.SSLSession]:
+    def get(self, cluster: int, endpoint: int, ctx: ssl.SSLContext) -> Optional[ssl.SSLSession]:
         with self._lock:
-            return self._last.get((cluster, endpoint))
+            kept = self._last.get((cluster, endpoint))
+        return kept[1] if kept is not None and kept[0] is ctx else None
 
-    def put(self, cluster: int, endpoint: int, session: Optional[ssl.SSLSession]) -> None:
+    def put(self, cluster: int, endpoint: int, ctx: ssl.SSLContext, session: Optional[ssl.SSLSession]) -> None:
         if session is not None and session.has_ticket:
             with self._lock:
-                self._last[(cluster, endpoint)] = session
+                self._last[(cluster, endpoint)] = (ctx, session)
 
 
 class TlsEnd:
@@ -223,7 +226,7 @@ class TlsWorkerMixin:
         else:
             cluster = lst.routes.clusters[conn.cluster]
             ctx = lst.tls_contexts[conn.cluster] or identity.client  # ISTIO_MUTUAL needs the identity
-            session = lst.sessions.get(conn.cluster, conn.endpoint)
+            session = lst.sessions.get(conn.cluster, conn.endpoint, ctx)
             sni = cluster.tls.sni if cluster.tls is not None and cluster.tls.sni else None
             conn.tls[UP] = TlsEnd(ctx, server_side=False, sni=sni, session=session)
         conn.tls_side = side
@@ -240,7 +243,7 @@ class TlsWorkerMixin:
             return
         if first and first[0] == TLS_RECORD_HANDSHAKE:
             self._start_tls(conn, DOWN)
-        elif conn.listener.tls.mode == "STRICT":
+        elif conn.mtls == "STRICT":
             raise TlsFailure("plaintext" if first else "reset")  # gone before a byte: abandoned
         else:
             self._plaintext_client(conn, spoke=True)
@@ -293,7 +296,7 @@ class TlsWorkerMixin:
         if tls.obj.session_reused:
             self.counters["tls_resumed"] += 1
         if side == UP:
-            lst.sessions.put(conn.cluster, conn.endpoint, tls.obj.session)
+            lst.sessions.put(conn.cluster, conn.endpoint, tls.obj.context, tls.obj.session)
         self._exchange_after_tls(conn, tls.obj.selected_alpn_protocol() == EXCHANGE_ALPN)  # type: ignore
         if conn.securing:
             self._connect_secured(conn)  # type: ignore[attr-defined]
@@ -308,7 +311,7 @@ class TlsWorkerMixin:
     def _tls_timer(self, conn: "_Conn") -> None:
         conn.tls_deadline = None
         assert conn.listener is not None
-        if conn.tls_phase == DETECT and conn.listener.tls.mode == "PERMISSIVE":
+        if conn.tls_phase == DETECT and conn.mtls == "PERMISSIVE":
             self._plaintext_client(conn, spoke=False)
         else:
             self._tls_failed(conn, "timeout")
@@ -345,7 +348,7 @@ class TlsWorkerMixin:
                 self.buffered.add(conn)  # no socket event announces what is left
             if conn.tls_side == UP and conn.listener is not None and not conn.session_kept:
                 conn.session_kept = True  # TLS 1.3 tickets come after the handshake
-                conn.listener.sessions.put(conn.cluster, conn.endpoint, tls.obj.session)
+                conn.listener.sessions.put(conn.cluster, conn.endpoint, tls.obj.context, tls.obj.session)
             return data
 
     def _tls_send(self, conn: "_Conn", side: int, data: memoryview) -> int:

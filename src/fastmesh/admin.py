@@ -77,9 +77,13 @@ def make_health_app(relay: Relay) -> web.Application:
 
 
 # Open connections per HTTP endpoint. A scraper and an operator need a few; a flood of
-# idle ones (aiohttp closes them only after its 75 s keep-alive timeout) would
-# otherwise take file descriptors from the data plane.
+# idle ones would otherwise take file descriptors from the data plane.
 MAX_HTTP_CONNECTIONS = 64
+# A connection has this long to send a whole request head, from its start or from the end
+# of its last response, and is then closed (aiohttp's keep-alive timer, which also runs
+# while a head is arriving; its own default is an hour): a slowloris client that sends a
+# byte now and then, or nothing, cannot hold one of the 64 places for longer.
+HEADER_TIMEOUT = 10.0
 
 
 class _TurnAway(asyncio.Protocol):
@@ -128,6 +132,6 @@ class HttpEndpoint:
 
 async def serve_app(app: web.Application, address: Address, limit: int = MAX_HTTP_CONNECTIONS) -> HttpEndpoint:
     """Serve `app` (admin or metrics) on `address`; close() the result to stop."""
-    endpoint = HttpEndpoint(web.AppRunner(app, access_log=None), limit)
+    endpoint = HttpEndpoint(web.AppRunner(app, access_log=None, keepalive_timeout=HEADER_TIMEOUT), limit)
     await endpoint.start(address)
     return endpoint

@@ -63,13 +63,22 @@ def trust_domain_of(identity: str) -> str:
     return identity[len(SPIFFE):].split("/", 1)[0]
 
 
+# A chain of a few certificates is a few KiB: a file larger than this is not one, and is
+# refused before it is read whole.
+MAX_PEM_BYTES = 1 << 20
+
+
 def _read(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        with open(path, "rb") as file:
+            data = file.read(MAX_PEM_BYTES + 1)
     except FileNotFoundError:
         raise CertificateError(f"{path}: no such file") from None
     except OSError as exc:
         raise CertificateError(f"{path}: {exc.strerror}") from None
+    if len(data) > MAX_PEM_BYTES:
+        raise CertificateError(f"{path}: larger than {MAX_PEM_BYTES >> 20} MiB, not a PEM file fastmesh reads")
+    return data
 
 
 def _certificates(path: Path) -> list[x509.Certificate]:
@@ -101,6 +110,22 @@ def _issued_by(cert: x509.Certificate, issuers: list[x509.Certificate]) -> x509.
     return None
 
 
+def _check_key_mode(key_path: Path) -> None:
+    """The key may be read by its owner, and by its group only when that is one of ours (a
+    Kubernetes Secret mounted with fsGroup and mode 0440, as kube-inject --mtls mounts it):
+    never by other users."""
+    try:
+        info = key_path.stat()
+    except OSError:
+        return  # reading it reports what is wrong
+    if not stat.S_ISREG(info.st_mode):
+        return  # a directory, say: reading it reports what is wrong
+    mode = stat.S_IMODE(info.st_mode)
+    own_group = info.st_gid == os.getegid() or info.st_gid in os.getgroups()
+    if mode & stat.S_IRWXO or (mode & stat.S_IRWXG and not (own_group and mode & stat.S_IRWXG == stat.S_IRGRP)):
+        raise CertificateError(f"{key_path}: readable by others (mode {mode:o}): chmod 600 it")
+
+
 def load_identity(directory: str | Path, now: datetime.datetime | None = None) -> MeshIdentity:
     """Check the three files in `directory` the way the engine will use them: a key that
     is the leaf's, readable by its owner only, a chain up to a root of root-cert.pem, a
@@ -109,14 +134,10 @@ def load_identity(directory: str | Path, now: datetime.datetime | None = None) -
     key_path = directory / KEY
     chain = _certificates(directory / CERT_CHAIN)
     roots = _certificates(directory / ROOT_CERT)
+    _check_key_mode(key_path)
+    key_pem = _read(key_path)  # its own errors, not wrapped as a key that does not parse
     try:
-        mode = key_path.stat().st_mode
-    except OSError:
-        mode = 0
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CertificateError(f"{key_path}: readable by others (mode {stat.S_IMODE(mode):o}): chmod 600 it")
-    try:
-        key = serialization.load_pem_private_key(_read(key_path), password=None)
+        key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
         raise CertificateError(f"{key_path}: not an unencrypted PEM private key ({exc})") from None
     leaf = chain[0]

@@ -54,9 +54,11 @@ def _listener(config: SidecarConfig, listener: ListenerConfig) -> list[str]:
     lines = [f"{listener.direction} {listener.listen}{service}{tls}:"]
     routes = listener.routes
     # A virtual listener: each known original destination's routes, then everything else's.
-    for destination in routes.destinations:
+    modes = config.listener_tls(listener).destination_modes if inbound else ()
+    for number, destination in enumerate(routes.destinations):
         host, port = destination.address
-        lines.append(f"  to {host}:{port}:")
+        where = f"port {port}" if destination.any_address else f"{host}:{port}"
+        lines.append(f"  to {where}{', mTLS ' + modes[number] if modes else ''}:")
         lines += ["  " + line for line in _routes(config, routes, destination.routes, inbound)]
     if routes.destinations:
         lines.append("  to any other destination:")
@@ -73,7 +75,8 @@ def _routes(config: SidecarConfig, table: RouteTable, routes: tuple[tuple[int, i
         cluster = table.clusters[index]
         endpoints = ", ".join(f"{h}:{p}{' (mesh)' if cluster.is_mesh_peer(i) else ''}"
                               for i, (h, p) in enumerate(cluster.endpoints)) or (
-            "the original destination" if cluster.lb == "PASSTHROUGH" else "no endpoint (UH)")
+            "the original destination" if cluster.lb == "PASSTHROUGH" else
+            "the app on the original port" if cluster.lb == "LOCAL_PASSTHROUGH" else "no endpoint (UH)")
         # A cluster's TLS as the sidecar originates it (inbound: to the local app, plaintext).
         origination = "" if inbound else "; tls " + (
             cluster.tls.mode if cluster.tls is not None else

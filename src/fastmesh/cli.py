@@ -18,7 +18,9 @@ from fastmesh.durations import format_duration, parse_duration
 from fastmesh.tls import SERVER_MODES
 
 if TYPE_CHECKING:
+    from fastmesh.privileges import Account
     from fastmesh.settings import SidecarConfig
+    from fastmesh.sidecar import Sidecar
 
 log = logging.getLogger("fastmesh")
 
@@ -35,6 +37,11 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration_or_off(text: str) -> float:
+    """A duration, or 0 (`0`, `0s`) for off."""
+    return 0.0 if text.strip() == "0" else _duration(text)
 
 
 def _positive_int(text: str) -> int:
@@ -96,9 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--connect-timeout", type=_duration, default=DEFAULTS.connect_timeout, metavar="DURATION",
                        help="upstream connect timeout, e.g. 500ms, 5s "
                             f"(default {format_duration(DEFAULTS.connect_timeout)})")
+    serve.add_argument("--idle-timeout", type=_duration_or_off, default=DEFAULTS.idle_timeout, metavar="DURATION",
+                       help="close a connection with no byte either way for this long, e.g. 30m; 0: never "
+                            "(Istio's connectionPool.tcp.idleTimeout; default "
+                            f"{format_duration(DEFAULTS.idle_timeout)})")
     serve.add_argument("--drain-timeout", type=_duration, default=DEFAULTS.drain_timeout, metavar="DURATION",
                        help="on SIGINT/SIGTERM, how long open connections may finish "
                             f"(default {format_duration(DEFAULTS.drain_timeout)})")
+    serve.add_argument("--max-connections", type=_count, default=DEFAULTS.max_connections, metavar="N",
+                       help="open connections each listener takes at most; past it a new one is reset at once "
+                            "and counted (listener_overflows in /stats), open ones unharmed (default 0: no limit)")
     serve.add_argument("--pipe-size", type=_positive_int, default=DEFAULTS.pipe_size, metavar="BYTES",
                        help=f"splice pipe size (default {DEFAULTS.pipe_size})")
     serve.add_argument("--max-pipes", type=_count, default=DEFAULTS.max_pipes, metavar="N",
@@ -117,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     telemetry.add_argument("--reporting-duration", type=_duration, default=DEFAULTS.reporting_duration,
                            metavar="DURATION", help="how often open connections' bytes are reported (Istio's "
                            f"tcpReportingDuration; default {format_duration(DEFAULTS.reporting_duration)})")
+    telemetry.add_argument("--stats-eviction-interval", type=_duration_or_off,
+                           default=DEFAULTS.stats_eviction_interval, metavar="DURATION",
+                           help="drop a series with no open connection and no change for this long, e.g. 5m; "
+                                "should it come back, its counters start again from 0 (Istio's "
+                                "statsEvictionInterval; default 0: never)")
     telemetry.add_argument("--metrics", type=_address, default=_address(DEFAULTS.metrics), metavar="HOST:PORT",
                            help=f"Prometheus endpoint: /stats/prometheus and /metrics (default {DEFAULTS.metrics})")
     telemetry.add_argument("--no-metrics", action="store_true", help="no telemetry and no metrics endpoint")
@@ -157,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar="DURATION", help="inbound: how long a server-first app's first bytes wait for "
                           "the client's, so that a mesh client gets our frame first "
                           f"(default {format_duration(DEFAULTS.exchange_detect_timeout)})")
+    serve.add_argument("--user", metavar="USER",
+                       help="started as root: once every port is bound, run as USER (a name or a uid; Istio's "
+                            "sidecar runs as 1337); the files read later (--certs, -c) must be readable by USER")
+    serve.add_argument("--group", metavar="GROUP",
+                       help="with --user: run with GROUP (a name or a gid) instead of USER's own group")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     ca = commands.add_parser(
@@ -216,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port-base", type=_positive_int, metavar="N",
                       help="use ports N, N+1, ... instead, in the order above (Prometheus's last); refuse to "
                            "start if one is taken")
+    demo.add_argument("--pods", action="store_true",
+                      help="as root: the pods in network namespaces on a bridge (ratings-v2 and mongodb each with "
+                           "fastmesh capture and a sidecar as uid 1337, mTLS between them, and a pod without one), "
+                           "Redis as the database; removed at the end")
 
     metrics = commands.add_parser(
         "metrics",
@@ -284,11 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "Deployment, StatefulSet, DaemonSet, Job and Pod: an init container running `fastmesh "
                     "capture`, the sidecar as a native sidecar, the pod's identity from the Downward API, "
                     "Istio's labels and Prometheus annotations, and a ConfigMap with a default Sidecar "
-                    "document. Other documents, and pods already injected or annotated "
+                    "document (virtualInbound on the ports the input's Services send the pod) and the "
+                    "--mesh documents. Other documents, and pods already injected or annotated "
                     "sidecar.istio.io/inject: \"false\", pass through unchanged.")
     inject.add_argument("-f", "--filename", required=True, metavar="FILE",
                         help="the manifests, or - for stdin")
     inject.add_argument("--image", default="fastmesh:0.1", help="the sidecar's image (default fastmesh:0.1)")
+    inject.add_argument("--mesh", action="append", default=[], metavar="FILE",
+                        help="Istio documents (ServiceEntry, VirtualService, DestinationRule, PeerAuthentication, "
+                             "...) written into every pod's ConfigMap after its Sidecar document, checked as "
+                             "serve -c checks them; repeatable. Istio's counterpart is istioctl kube-inject "
+                             "--meshConfigFile (there istiod serves the documents)")
+    inject.add_argument("--mtls", action="store_true",
+                        help="the Sidecar reads its certificates from the Secret <workload>-fastmesh-certs, "
+                             "which the pod then needs to start (without: plaintext, the Secret optional)")
     return parser
 
 
@@ -317,11 +354,12 @@ def _config(args: argparse.Namespace, starting: bool = True) -> "SidecarConfig":
     if args.mesh_peer and args.direction == "inbound":
         raise ValueError("--mesh-peer is for outbound listeners: an inbound one detects mesh clients itself")
     listener = ListenerConfig.to_upstreams(args.listen, args.upstream, args.direction, args.destination_service,
-                                           args.mesh_peer, args.connect_timeout)
+                                           args.mesh_peer, args.connect_timeout, args.idle_timeout)
     config = SidecarConfig(
         listeners=[listener],
         workers=args.workers,
         drain_timeout=args.drain_timeout,
+        max_connections=args.max_connections,
         pipe_size=args.pipe_size,
         max_pipes=args.max_pipes,
         splice=not args.no_splice,
@@ -330,6 +368,7 @@ def _config(args: argparse.Namespace, starting: bool = True) -> "SidecarConfig":
         health=args.health,
         node_metadata=load_node_metadata(args.node_metadata) if args.node_metadata else NodeMetadata(),
         reporting_duration=args.reporting_duration,
+        stats_eviction_interval=args.stats_eviction_interval,
         exchange=ExchangeConfig(not args.no_exchange, args.plaintext_exchange, args.exchange_max_payload,
                                 args.exchange_timeout, args.exchange_detect_timeout),
         certs=args.certs,
@@ -340,15 +379,31 @@ def _config(args: argparse.Namespace, starting: bool = True) -> "SidecarConfig":
     return config
 
 
+async def _drop_privileges(sidecar: Sidecar, run_as: Account) -> None:
+    """Every port is bound: become `run_as` (fastmesh.privileges), or stop and raise."""
+    from fastmesh import privileges
+
+    try:
+        privileges.drop(run_as)
+    except OSError:
+        await sidecar.stop(drain_timeout=0)  # nothing goes on serving as root
+        raise
+    log.info("running as %s", run_as)
+
+
 async def serve(args: argparse.Namespace) -> int:
+    from fastmesh import privileges
     from fastmesh.engine import IMPLEMENTATION
     from fastmesh.reload import ConfigWatcher, stamps
     from fastmesh.sidecar import Sidecar
 
     read = stamps(args.config) if args.config else []  # before the files are read: see ConfigWatcher
     try:
+        run_as = privileges.account(args.user, args.group) if args.user else None  # before binding
         sidecar = Sidecar(_config(args))
         await sidecar.start()
+        if run_as is not None:
+            await _drop_privileges(sidecar, run_as)
     except (OSError, ValueError) as exc:
         for problem in str(exc).splitlines():  # a ConfigError's, one per line as `check` prints them
             log.error("%s", problem)
@@ -424,6 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("give either -c/--config or --listen and --upstream, not both")
         if not args.config and (args.listen is None or not args.upstream):
             parser.error("serve needs --listen and --upstream, or -c/--config FILE")
+        if args.group is not None and args.user is None:
+            parser.error("--group goes with --user")
     logging.basicConfig(
         level=getattr(logging, getattr(args, "log_level", "info").upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -440,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             logging.getLogger("fastmesh").setLevel(logging.WARNING)  # the demo reports its own progress
             options = demo.Options(args.requests, args.prometheus, args.database, args.mtls, args.keep,
-                                   args.port_base)
+                                   args.port_base, args.pods)
             return run(demo.run, options, sys.stdout, progress)
         except (demo.DemoError, demo.ca.CaError, OSError, subprocess.CalledProcessError) as exc:
             log.error("demo: %s", exc)
@@ -462,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "kube-inject":
         from fastmesh import inject
 
-        return inject.run(args.filename, args.image)
+        return inject.run(args.filename, args.image, args.mesh, args.mtls)
     if args.command == "metrics":
         from fastmesh import metrics_view
 

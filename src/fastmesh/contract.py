@@ -36,6 +36,8 @@ COUNTERS = (
     ("no_route", "counter", "no route for the connection (NR)"),
     ("no_healthy_upstream", "counter", "the routed cluster had no endpoint (UH)"),
     ("upstream_overflows", "counter", "the routed cluster was at its maxConnections (UO)"),
+    ("listener_overflows", "counter", "connections refused at accept: the listener was at its max_connections"),
+    ("idle_timeouts", "counter", "connections closed after their cluster's idleTimeout without a byte either way"),
     # the peer metadata exchange (Istio's metadata_exchange stats where the meaning is the same)
     ("exchange_enabled", "counter", "connections the exchange was attempted on (alpn_protocol_found)"),
     ("exchange_disabled", "counter", "connections not tried on, of an exchanging listener (alpn_protocol_not_found)"),
@@ -75,6 +77,10 @@ MAX_LISTENERS = 16384  # ids are not reused: each reload that changes a listener
 MIN_BUFFER_SIZE = 1024
 ACCEPT_PAUSE_MS = 100  # how long a worker stops accepting on a listener after EMFILE and the like
 ACCEPT_PAUSE = ACCEPT_PAUSE_MS / 1000
+# How often a worker checks its open connections against their cluster's idle timeout (one
+# walk of its list, rather than a deadline moved on every chunk): timeouts fire this late at most.
+IDLE_SWEEP_MS = 1000
+IDLE_SWEEP = IDLE_SWEEP_MS / 1000
 
 # A peer frame's buffer starts at FRAME_CHUNK bytes (or the frame's size, if
 # smaller) and grows fourfold as bytes arrive, so memory follows what came, not
@@ -108,9 +114,13 @@ def check_engine_options(workers: Any, pipe_size: Any, max_pipes: Any, buffer_si
 
 
 def check_listener(routes: Any, exchange: Any, tls: Any, buffer_size: int, listeners: int,
-                   has_identity: bool) -> None:
+                   has_identity: bool, max_connections: Any = 0) -> None:
     """TypeError or ValueError for a listener an engine cannot add; `listeners` is
     how many the engine has added so far, `has_identity` whether it has a mesh identity."""
+    if not isinstance(max_connections, int) or isinstance(max_connections, bool):
+        raise TypeError(f"max_connections must be an int, not {type(max_connections).__name__}")
+    if not 0 <= max_connections < 2 ** 63:
+        raise ValueError(f"max_connections must be 0 (no limit) or positive, not {max_connections}")
     if not isinstance(routes, RouteTable):
         raise TypeError(f"routes must be a fastmesh.routing.RouteTable, not {type(routes).__name__}")
     if exchange is not None:
@@ -121,8 +131,9 @@ def check_listener(routes: Any, exchange: Any, tls: Any, buffer_size: int, liste
     if tls is not None and not isinstance(tls, ListenerTls):
         raise TypeError(f"tls must be a fastmesh.tls.ListenerTls or None, not {type(tls).__name__}")
     if not has_identity:
-        if tls is not None and tls.mode != DISABLE:
-            raise ValueError(f"mtls mode {tls.mode} needs the mesh identity: set_identity() first (serve --certs)")
+        for mode in (tls.mode, *tls.destination_modes) if tls is not None else ():
+            if mode != DISABLE:
+                raise ValueError(f"mtls mode {mode} needs the mesh identity: set_identity() first (serve --certs)")
         for cluster in routes.clusters:
             if cluster.tls is not None and cluster.tls.mode == ISTIO_MUTUAL:
                 raise ValueError(f"cluster {cluster.name}: ISTIO_MUTUAL needs the mesh identity: set_identity() "

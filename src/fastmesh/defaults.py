@@ -16,8 +16,12 @@ class Defaults:
     splice: bool = True
     # connections
     connect_timeout: float = 10.0  # Istio's default for a cluster's connectTimeout
+    idle_timeout: float = 3600.0  # Istio's connectionPool.tcp.idleTimeout: no byte either way for 1h; 0: never
     drain_timeout: float = 5.0  # on SIGINT/SIGTERM
     backlog: int = 4096
+    # Open connections each listener takes at most; past it a new one is reset at once and
+    # counted (Envoy's listener connection limit, or HAProxy's maxconn). 0: no limit.
+    max_connections: int = 0
     # the control plane's endpoints
     admin: str = "127.0.0.1:15000"  # Envoy's admin port
     metrics: str = "0.0.0.0:15090"  # Envoy's Prometheus port
@@ -27,6 +31,9 @@ class Defaults:
     # telemetry
     reporting_duration: float = 15.0  # Istio's tcpReportingDuration
     collect_interval: float = 1.0  # how often the engine's batch is read
+    # Istio's statsEvictionInterval: a series with no open connection and no change for this long
+    # leaves the exposition. 0: never (as in Istio, where it is off unless annotated).
+    stats_eviction_interval: float = 0.0
     # the peer metadata exchange
     exchange: bool = True
     exchange_plaintext: bool = False  # Istio exchanges only over mTLS; fastmesh's plaintext variant is opt-in

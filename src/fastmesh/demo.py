@@ -7,7 +7,9 @@ identity for each side). Then both reporters' istio_tcp_* series are shown as a
 table, and the task's two queries are answered series by series, as Prometheus's
 console lists them. Everything started is stopped, and every file made removed,
 at the end, on Ctrl-C or on SIGTERM (the task's Cleanup step); with --keep, the
-end is the user's Ctrl-C, so that the task's steps can be followed meanwhile."""
+end is the user's Ctrl-C, so that the task's steps can be followed meanwhile.
+With --pods, the same task between pods in network namespaces (fastmesh.pods), the
+apps captured by iptables and unaware of the sidecars."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from fastmesh import ca, demo_ports, metrics_view, promql
+from fastmesh import ca, demo_ports, metrics_view, pods, promql
 from fastmesh.addr import Address
 from fastmesh.config import load_documents, plan
 from fastmesh.config.istio_api import Sidecar as SidecarSpec
@@ -41,6 +43,11 @@ IDENTITIES = {"ratings-v2": ("default", "bookinfo-ratings-v2"), "mongodb-v1": ("
 # The task's queries: "istio_tcp_connections_opened_total" and "..._closed_total".
 QUERIES = ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total")
 REPORTERS = (("ratings-v2", "source"), ("mongodb-v1", "destination"))
+# The columns of the mutual-TLS branch's tables: the principals and the security policy.
+MTLS_COLUMNS = ("REPORTER", "SOURCE_PRINCIPAL", "DESTINATION_PRINCIPAL", "CONNECTION_SECURITY_POLICY", "OPENED",
+                "CLOSED")
+# --pods: also who the client was and where it went (the plain pod, PassthroughCluster).
+PODS_COLUMNS = ("REPORTER", "SOURCE_WORKLOAD", "DESTINATION_SERVICE_NAME", *MTLS_COLUMNS[1:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,7 @@ class Options:
     mtls: bool = False
     keep: bool = False  # leave everything running until Ctrl-C or SIGTERM
     port_base: int | None = None
+    pods: bool = False  # the pods in network namespaces of fastmesh.pods, as root
 
 
 class _Signals:
@@ -138,6 +146,8 @@ def _choose_ports(options: Options, progress: Callable[[str], None]) -> dict[str
 
 
 async def run(options: Options, out: TextIO, progress: Callable[[str], None]) -> int:
+    if options.pods:
+        return await _run_pods(options, out, progress)
     database, why = choose_database(options.database)
     ports = _choose_ports(options, progress)
     with _Signals() as signals, tempfile.TemporaryDirectory(prefix="fastmesh-demo-") as tmp, \
@@ -164,7 +174,7 @@ async def run(options: Options, out: TextIO, progress: Callable[[str], None]) ->
             await _send(database, ports["client"], options.requests, progress)
             progress("waiting for the sidecars to report (tcpReportingDuration 1s)")
             await asyncio.sleep(2.5)
-            texts = [await _show_sidecar(name, reporter, metrics[name], options.mtls, out)
+            texts = [await _show_sidecar(name, reporter, metrics[name], MTLS_COLUMNS if options.mtls else None, out)
                      for name, reporter in REPORTERS]
             if options.prometheus:
                 await _answer_from_prometheus(ports["prometheus"], texts, out, progress)
@@ -178,6 +188,35 @@ async def run(options: Options, out: TextIO, progress: Callable[[str], None]) ->
     return 0
 
 
+async def _run_pods(options: Options, out: TextIO, progress: Callable[[str], None]) -> int:
+    """--pods: the mesh of fastmesh.pods (mTLS between the sidecars, a pod without one),
+    its traffic, both reporters' series and the task's queries; then everything removed."""
+    unsupported = [flag for flag, given in (("--prometheus", options.prometheus), ("--keep", options.keep),
+                                            ("--port-base", options.port_base is not None)) if given]
+    if unsupported or options.database not in ("auto", "redis"):
+        raise DemoError(f"--pods runs Redis in its pods and answers from the sidecars: it does not take "
+                        f"{', '.join(unsupported) or '--database ' + options.database}")
+    if pods.missing_tools():
+        raise DemoError(f"--pods {pods.missing_tools()}")
+    mesh = pods.Mesh(progress, reporting="1s")
+    with _Signals():
+        try:
+            await _blocking(mesh.start)
+            await _blocking(pods.demo_traffic, mesh, options.requests, progress)
+            progress("waiting for the sidecars to report (tcpReportingDuration 1s)")
+            await asyncio.sleep(2.5)
+            texts = [await _show_sidecar(name, reporter, mesh.metrics_address(name), PODS_COLUMNS, out, mesh.fetch)
+                     for name, reporter in pods.REPORTERS]
+            _answer_from_sidecars(texts, out)
+        except pods.PodsError as exc:
+            raise DemoError(str(exc)) from None
+        finally:
+            progress("cleaning up: uncapture, sidecars, database, namespaces and bridge")
+            mesh.stop()
+    progress("everything the demo started is stopped and removed")
+    return 0
+
+
 async def _send(database: Database, port: int, requests: int, progress: Callable[[str], None]) -> None:
     """ratings-v2's queries, one connection each, alternating between the two reviews."""
     progress(f"ratings-v2 sends {requests} queries to its database through 127.0.0.1:{port}")
@@ -187,14 +226,15 @@ async def _send(database: Database, port: int, requests: int, progress: Callable
         progress(f"  request {i + 1} of {requests}: review {review}, rating {rating}")
 
 
-async def _show_sidecar(name: str, reporter: str, address: Address, mtls: bool, out: TextIO) -> str:
-    """One sidecar's istio_tcp_* series as a table; its exposition text."""
+async def _show_sidecar(name: str, reporter: str, address: Address | str, columns: tuple[str, ...] | None,
+                        out: TextIO, fetch: Callable[[str], str] = metrics_view.fetch) -> str:
+    """One sidecar's istio_tcp_* series as a table (the key labels, or `columns`); its
+    exposition text."""
     url = f"http://{address}/stats/prometheus"
-    text = await _blocking(metrics_view.fetch, url)
-    header, rows = metrics_view.tcp_rows(text, all_labels=mtls)
-    if mtls:  # the principals and the security policy are what this branch shows
-        header, rows = _columns(header, rows, ("REPORTER", "SOURCE_PRINCIPAL", "DESTINATION_PRINCIPAL",
-                                               "CONNECTION_SECURITY_POLICY", "OPENED", "CLOSED"))
+    text = await _blocking(fetch, url)
+    header, rows = metrics_view.tcp_rows(text, all_labels=columns is not None)
+    if columns is not None:
+        header, rows = _columns(header, rows, columns)
     out.write(f"\n{name}'s sidecar (reporter={reporter}): {url}\n{metrics_view.format_table(header, rows)}")
     return text
 

@@ -37,3 +37,5 @@ def _from_text(value: Any) -> float:
 # A YAML field holding a duration: text in the document, seconds (more than 0, less
 # than about 31 years) in the model.
 Duration = Annotated[float, BeforeValidator(_from_text), Field(gt=0, lt=1e9)]
+# One where `0s` means off (Istio's idleTimeout).
+DurationOrOff = Annotated[float, BeforeValidator(_from_text), Field(ge=0, lt=1e9)]

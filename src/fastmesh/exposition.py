@@ -90,6 +90,7 @@ class TcpSeriesRenderer:
     def __init__(self, telemetry: TcpTelemetry) -> None:
         self.telemetry = telemetry
         self._label_strings: dict[tuple[str, ...], str] = {}
+        self._evicted_seen = 0  # the telemetry's evictions the cache has been pruned for
 
     def _labels(self, key: tuple[str, ...]) -> str:
         text = self._label_strings.get(key)
@@ -98,7 +99,16 @@ class TcpSeriesRenderer:
             self._label_strings[key] = text
         return text
 
+    def _forget_evicted(self) -> None:
+        """Keep only the label strings of series still exposed, once some were evicted."""
+        telemetry = self.telemetry
+        if telemetry.evicted != self._evicted_seen:
+            live = telemetry.series
+            self._label_strings = {key: text for key, text in self._label_strings.items() if key in live}
+            self._evicted_seen = telemetry.evicted
+
     def render(self, openmetrics: bool) -> bytes:
+        self._forget_evicted()
         series = [(self._labels(key), values) for key, values in self.telemetry.samples()]
         lines: list[str] = []
         for name, documentation, attribute in _TCP_METRICS:

@@ -10,6 +10,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from fastmesh import bounded_yaml
+
 UNKNOWN = "unknown"
 LATEST = "latest"
 
@@ -126,14 +128,17 @@ def parse_node_metadata(data: Any, source: str = "node metadata") -> NodeMetadat
 
 
 def load_node_metadata(path: str | Path) -> NodeMetadata:
-    """Read node metadata from a JSON or YAML file."""
+    """Read node metadata from a JSON or YAML file, within fastmesh.bounded_yaml's limits."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = bounded_yaml.read_text(path)
+        data = json.loads(text) if path.suffix == ".json" else bounded_yaml.load(text)
     except OSError as exc:
         raise MetadataError(f"{path}: {exc.strerror}") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except bounded_yaml.LimitError as exc:
+        raise MetadataError(f"{path}: {exc}") from None
+    except RecursionError:  # JSON has no depth limit of its own
+        raise MetadataError(f"{path}: nested too deep") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise MetadataError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
     return parse_node_metadata(data, str(path))

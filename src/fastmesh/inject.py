@@ -2,12 +2,15 @@
 sidecar added to every pod (Deployment, StatefulSet, DaemonSet, Job templates and Pods), as
 `istioctl kube-inject` adds Istio's: an init container running `fastmesh capture`, the sidecar as
 a native sidecar, the pod's identity from the Downward API, Istio's labels and annotations.
+Each pod's Sidecar document takes its inbound ports from the Services of the same input that
+select it, and the Istio documents of `--mesh` files follow it in the pod's ConfigMap.
 Documents are read and written with pyyaml; nothing else is touched."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -48,6 +51,13 @@ CAPTURE_ARGS = ["capture", "-p", str(OUTBOUND_PORT), "-z", str(INBOUND_PORT), "-
 
 class InjectError(ValueError):
     """Input kube-inject cannot transform; the message is one line naming where."""
+
+
+@dataclass(frozen=True)
+class Options:
+    image: str = IMAGE
+    mesh: tuple[dict[str, Any], ...] = ()  # Istio documents for every pod's ConfigMap (load_mesh)
+    mtls: bool = False  # the Sidecar reads the pod's certificates, which must then be there
 
 
 def _probe(period: int, failures: int) -> dict[str, Any]:
@@ -103,11 +113,14 @@ def sidecar_container(image: str, kind: str, name: str, app_containers: list[str
     }
 
 
-def volumes(name: str) -> list[dict[str, Any]]:
+def volumes(name: str, mtls: bool = False) -> list[dict[str, Any]]:
+    # Without mTLS the Secret is optional: a pod whose Secret does not exist starts, with an empty
+    # directory. With it, such a pod does not start, rather than silently running plaintext.
     return [
         {"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(name)}},
-        # optional: a pod whose Secret does not exist yet starts, with an empty directory
-        {"name": CERTS_VOLUME, "secret": {"secretName": f"{name}-fastmesh-certs", "optional": True}},
+        {"name": CERTS_VOLUME, "secret": {"secretName": f"{name}-fastmesh-certs", "optional": not mtls,
+                                          # the key readable by the pod's fsGroup (the proxy's), no one else
+                                          **({"defaultMode": 0o440} if mtls else {})}},
         {"name": PODINFO_VOLUME, "downwardAPI": {"items": [
             {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
             {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}},
@@ -118,25 +131,65 @@ def config_map_name(workload: str) -> str:
     return f"{workload}-fastmesh"
 
 
-def sidecar_document(name: str, namespace: str, app_port: int | None) -> dict[str, Any]:
-    """The default Sidecar document: capture's outbound port as Istio's virtualOutbound, its
-    inbound port handed to the app's first port, identity from the pod (podInfo), no certs
-    (plaintext, fastmesh's plaintext exchange), the ports the pod's probes and annotations name."""
-    spec: dict[str, Any] = {"podInfo": PODINFO_DIR, "virtualOutbound": {"port": OUTBOUND_PORT}}
-    if app_port is not None:
-        spec["inbound"] = [{"port": INBOUND_PORT, "bind": "0.0.0.0", "targetPort": app_port}]
+def sidecar_document(name: str, namespace: str, inbound_ports: list[dict[str, Any]],
+                     mtls: bool = False) -> dict[str, Any]:
+    """The default Sidecar document: capture's ports as Istio's virtualOutbound and virtualInbound
+    (the app ports Services name, with their service), identity from the pod (podInfo),
+    fastmesh's plaintext exchange, the ports the pod's probes and annotations name, and the
+    certificates at Istio's mount when asked for mTLS."""
+    inbound: dict[str, Any] = {"port": INBOUND_PORT}
+    if inbound_ports:
+        inbound["ports"] = inbound_ports
+    spec: dict[str, Any] = {"podInfo": PODINFO_DIR, "virtualOutbound": {"port": OUTBOUND_PORT},
+                            "virtualInbound": inbound}
+    if mtls:
+        spec["certs"] = CERTS_DIR
     spec.update({"exchange": {"plaintext": True}, "metrics": f"0.0.0.0:{METRICS_PORT}",
                  "admin": "127.0.0.1:15000", "health": f"0.0.0.0:{HEALTH_PORT}"})
     return {"apiVersion": "fastmesh.io/v1alpha1", "kind": "Sidecar",
             "metadata": {"name": name, "namespace": namespace}, "spec": spec}
 
 
-def config_map(name: str, namespace: str | None, app_port: int | None) -> dict[str, Any]:
+def config_map(name: str, namespace: str | None, inbound_ports: list[dict[str, Any]],
+               options: Options = Options()) -> dict[str, Any]:
+    """The pod's sidecar.yaml: its Sidecar document, then the mesh's Istio documents."""
     metadata: dict[str, Any] = {"name": config_map_name(name)}
     if namespace is not None:
         metadata["namespace"] = namespace
-    text = yaml.safe_dump(sidecar_document(name, namespace or "default", app_port), sort_keys=False)
+    sidecar = sidecar_document(name, namespace or "default", inbound_ports, options.mtls)
+    text = yaml.safe_dump_all([sidecar, *options.mesh], sort_keys=False)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": {CONFIG_FILE: text}}
+
+
+def selects(service: dict[str, Any], namespace: str | None, labels: dict[str, Any]) -> bool:
+    """A Service of the pod's namespace whose selector the pod's labels match (one without a
+    selector selects no pod, as in Kubernetes)."""
+    selector = (service.get("spec") or {}).get("selector") or {}
+    return ((service.get("metadata") or {}).get("namespace") == namespace and bool(selector)
+            and all(key in labels and str(labels[key]) == str(value) for key, value in selector.items()))
+
+
+def inbound_ports(template: dict[str, Any], namespace: str | None, services: list[dict[str, Any]]) -> list[dict]:
+    """virtualInbound's ports: the TCP target ports of the Services that select the pod, each with
+    its Service's name; a named targetPort is the app container port of that name (a name no
+    container port has sends nothing to this pod, as in Kubernetes). A port two Services name is
+    the first one's."""
+    labels = (template.get("metadata") or {}).get("labels") or {}
+    apps = (template.get("spec") or {}).get("containers") or []
+    named = {p["name"]: p["containerPort"] for c in apps for p in (c.get("ports") or [])
+             if "name" in p and "containerPort" in p}
+    found: dict[int, str] = {}
+    for service in services:
+        if not selects(service, namespace, labels):
+            continue
+        for port in (service.get("spec") or {}).get("ports") or []:
+            if str(port.get("protocol", "TCP")).upper() != "TCP":
+                continue  # capture redirects TCP only
+            target = port.get("targetPort", port.get("port"))
+            number = named.get(target) if isinstance(target, str) else target
+            if isinstance(number, int):
+                found.setdefault(number, service["metadata"]["name"])
+    return [{"port": number, "service": service} for number, service in found.items()]
 
 
 def canonical_label(value: str) -> str:
@@ -157,13 +210,12 @@ def skipped(template: dict[str, Any]) -> bool:
     return SIDECAR_NAME in names
 
 
-def inject_template(template: dict[str, Any], kind: str, name: str, image: str) -> int | None:
-    """Add the sidecar to a pod template (or a Pod) in place; the app's first port, if any."""
+def inject_template(template: dict[str, Any], kind: str, name: str, options: Options = Options()) -> None:
+    """Add the sidecar to a pod template (or a Pod) in place."""
     metadata = template.setdefault("metadata", {})
     spec = template.setdefault("spec", {})
     apps = spec.get("containers") or []
     app_names = [c["name"] for c in apps if isinstance(c, dict) and "name" in c]
-    ports = [p["containerPort"] for c in apps for p in (c.get("ports") or []) if "containerPort" in p]
 
     annotations = metadata.setdefault("annotations", {})
     app_prometheus = {key.removeprefix("prometheus.io/"): str(annotations[key]) for key in PROMETHEUS
@@ -186,14 +238,17 @@ def inject_template(template: dict[str, Any], kind: str, name: str, image: str) 
     labels[CANONICAL_NAME] = canonical_label(canonical_service(labels, name))
     labels[CANONICAL_REVISION] = canonical_label(canonical_revision(labels))
 
-    spec["initContainers"] = [init_container(image),
-                              sidecar_container(image, kind, name, app_names, app_prometheus),
+    spec["initContainers"] = [init_container(options.image),
+                              sidecar_container(options.image, kind, name, app_names, app_prometheus),
                               *(spec.get("initContainers") or [])]
-    spec["volumes"] = [*(spec.get("volumes") or []), *volumes(name)]
-    return ports[0] if ports else None
+    spec["volumes"] = [*(spec.get("volumes") or []), *volumes(name, options.mtls)]
+    if options.mtls:
+        # The Secret's files belong to root: the proxy (uid 1337) reads them through the pod's
+        # fsGroup, as Istio's injector once set it for its token volume. A pod's own fsGroup stays.
+        spec.setdefault("securityContext", {}).setdefault("fsGroup", PROXY_UID)
 
 
-def inject_documents(documents: Iterable[Any], source: str = "-", image: str = IMAGE) -> list[Any]:
+def inject_documents(documents: Iterable[Any], source: str = "-", options: Options = Options()) -> list[Any]:
     """Every document, in order, each pod given a sidecar and preceded by its ConfigMap (unless
     the input has a ConfigMap of that name already)."""
     documents = [d for d in documents if d is not None]  # empty documents (a stray `---`) are dropped
@@ -202,6 +257,7 @@ def inject_documents(documents: Iterable[Any], source: str = "-", image: str = I
             raise InjectError(f"{source}: document {number} is not a mapping (a {type(document).__name__})")
     existing = {(d.get("kind"), (d.get("metadata") or {}).get("name"), (d.get("metadata") or {}).get("namespace"))
                 for d in documents}
+    services = [d for d in documents if d.get("kind") == "Service" and (d.get("metadata") or {}).get("name")]
     result: list[Any] = []
     for number, document in enumerate(documents, 1):
         kind = document.get("kind")
@@ -218,10 +274,11 @@ def inject_documents(documents: Iterable[Any], source: str = "-", image: str = I
         if skipped(template):
             result.append(document)
             continue
-        app_port = inject_template(template, kind, name, image)
         namespace = metadata.get("namespace")
+        ports = inbound_ports(template, namespace, services)  # by the input's labels, before Istio's are added
+        inject_template(template, kind, name, options)
         if ("ConfigMap", config_map_name(name), namespace) not in existing:
-            result.append(config_map(name, namespace, app_port))
+            result.append(config_map(name, namespace, ports, options))
         result.append(document)
     return result
 
@@ -247,21 +304,44 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _str)
 
 
-def inject_text(text: str, source: str = "-", image: str = IMAGE) -> str:
-    return yaml.dump_all(inject_documents(parse(text, source), source, image), Dumper=_Dumper, sort_keys=False)
+def load_mesh(paths: Sequence[str]) -> tuple[dict[str, Any], ...]:
+    """The Istio documents of the `--mesh` files, in order, checked by the loader `serve -c`
+    uses, so that a pod's sidecar does not fail at start on them."""
+    from fastmesh.config import ConfigError, load_documents
+
+    mesh: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            loaded = load_documents([path])
+            with open(path, encoding="utf-8") as file:  # the loader has read it: it parses
+                mesh += [document for document in yaml.safe_load_all(file) if document is not None]
+        except ConfigError as exc:
+            raise InjectError("; ".join(exc.problems)) from None
+        except UnicodeDecodeError:
+            raise InjectError(f"{path}: not UTF-8 text") from None
+        for document in loaded:
+            if document.kind == "Sidecar":
+                raise InjectError(f"{document.source}: a Sidecar document; kube-inject writes each pod's own")
+    return tuple(mesh)
 
 
-def run(path: str, image: str = IMAGE) -> int:
-    """`fastmesh kube-inject -f FILE|-`: the injected documents on stdout, or one line on stderr (exit 1)."""
+def inject_text(text: str, source: str = "-", options: Options = Options()) -> str:
+    return yaml.dump_all(inject_documents(parse(text, source), source, options), Dumper=_Dumper, sort_keys=False)
+
+
+def run(path: str, image: str = IMAGE, mesh: Sequence[str] = (), mtls: bool = False) -> int:
+    """`fastmesh kube-inject -f FILE|- [--mesh FILE ...] [--mtls]`: the injected documents on
+    stdout, or one line on stderr (exit 1)."""
     import sys
 
     try:
+        options = Options(image, load_mesh(mesh), mtls)
         if path == "-":
             text, source = sys.stdin.read(), "<stdin>"
         else:
             with open(path, encoding="utf-8") as file:
                 text, source = file.read(), path
-        sys.stdout.write(inject_text(text, source, image))
+        sys.stdout.write(inject_text(text, source, options))
     except OSError as exc:
         print(f"fastmesh kube-inject: {path}: {exc.strerror}", file=sys.stderr)
         return 1

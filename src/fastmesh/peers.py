@@ -1,13 +1,16 @@
 """Who is on the other end of each connection: the identity its TLS certificate
 proved, and the workload its peer-exchange frame names. Payloads are decoded in
 batches and cached by their bytes (a peer sends the same frame on every
-connection, so a payload is decoded once)."""
+connection, so a payload is decoded once). With a lifetime (the sidecar's stats
+eviction interval), a payload no connection brought for that long is forgotten,
+so peers that came and went do not stay in memory."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import NamedTuple, Sequence
+import time
+from typing import Callable, NamedTuple, Sequence
 
 from fastmesh.exchange import ExchangeError, decode_payload
 from fastmesh.identity import UNKNOWN_WORKLOAD, Workload, peer_workload
@@ -53,16 +56,26 @@ def namespace_of(principal: str) -> str:
 class PeerDirectory:
     """Knows each connection's peer. The sidecar's pipeline gives it every batch
     (on_batch), then lets telemetry ask peer_of() about that batch's connections,
-    then forget()s the ones that closed."""
+    then forget()s the ones that closed. With `payload_lifetime` seconds (0: for
+    ever), a decoded payload is kept at least that long after it last came, and
+    at most twice that (Envoy's mark and sweep of unused stats)."""
 
-    def __init__(self) -> None:
+    def __init__(self, payload_lifetime: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.payloads_decoded = 0  # peers found (valid payloads)
         self.payloads_invalid = 0  # a frame whose payload is not an Any holding a Struct (header_not_found)
         self._decoded: dict[bytes, Workload | None] = {}
+        # The payloads of the lifetime before this one: those that come again move back to
+        # _decoded, the others go with the next turn, and their memory with the whole dict.
+        self._decoded_before: dict[bytes, Workload | None] = {}
+        self.payload_lifetime = payload_lifetime
+        self._clock = clock
+        self._turned_at = clock() if payload_lifetime > 0 else 0.0
         self._peers: dict[int, PeerInfo] = {}  # settled connections
         self._awaiting: set[int] = set()  # connections whose Peer record has not come yet
 
     def on_batch(self, batch: Batch) -> None:
+        if self.payload_lifetime > 0:
+            self._age_payloads()
         for opened in batch.opened:
             if opened.identifies_peer:
                 self._awaiting.add(opened.conn_id)
@@ -81,16 +94,24 @@ class PeerDirectory:
             self._peers.pop(record.conn_id, None)
             self._awaiting.discard(record.conn_id)
 
+    def _age_payloads(self) -> None:
+        now = self._clock()
+        if now - self._turned_at >= self.payload_lifetime:
+            self._decoded_before, self._decoded = self._decoded, {}
+            self._turned_at = now
+
     def _decode(self, payload: bytes) -> Workload:
         cached = self._decoded.get(payload, False)
         if cached is False:
-            try:
-                metadata, _ = decode_payload(payload)
-                cached = peer_workload(metadata)
-            except ExchangeError as exc:
-                log.warning("a peer sent an istio-peer-exchange frame that does not decode (%s); "
-                            "its connections are labelled with an unknown peer", exc)
-                cached = None
+            cached = self._decoded_before.pop(payload, False)  # it came again: kept for this lifetime too
+            if cached is False:
+                try:
+                    metadata, _ = decode_payload(payload)
+                    cached = peer_workload(metadata)
+                except ExchangeError as exc:
+                    log.warning("a peer sent an istio-peer-exchange frame that does not decode (%s); "
+                                "its connections are labelled with an unknown peer", exc)
+                    cached = None
             if len(self._decoded) >= _CACHE_LIMIT:
                 self._decoded.clear()
             self._decoded[payload] = cached

@@ -28,6 +28,8 @@ class CloseReason(enum.IntEnum):
     # reset, nothing relayed (contract.TLS_ERRORS counts why).
     DOWNSTREAM_TLS_ERROR = 14
     UPSTREAM_TLS_ERROR = 15
+    # No byte either way for the cluster's idleTimeout: both sides closed (close_notify, FIN).
+    IDLE_TIMEOUT = 16
 
     @property
     def is_connect_failure(self) -> bool:

@@ -32,7 +32,7 @@ from fastmesh.tls import ListenerTls
 log = logging.getLogger("fastmesh.relay")
 
 # Engine counters of failures that no connection record carries a cause for.
-_LOGGED_ERRORS = ("accept_errors",) + tuple(TLS_ERROR_PREFIX + reason for reason in TLS_ERRORS)
+_LOGGED_ERRORS = ("accept_errors", "listener_overflows") + tuple(TLS_ERROR_PREFIX + reason for reason in TLS_ERRORS)
 
 # Closes that mean the upstream was never reached: logged, grouped per upstream and cause.
 _FAILURE_REASONS = frozenset({
@@ -62,6 +62,7 @@ class Listener:
     sock: socket.socket
     exchange: ExchangeSettings | None = None
     tls: ListenerTls | None = None
+    max_connections: int = 0  # open connections it takes at most; 0: no limit
 
 
 @dataclasses.dataclass
@@ -129,11 +130,13 @@ class Relay:
         exchange: ExchangeSettings | None = None,
         mesh_peer: bool = False,
         tls: ListenerTls | None = None,
+        max_connections: int = 0,
     ) -> Listener:
         """Bind `listen` and route every connection: to `upstreams` round robin (names
         resolved now; `mesh_peer`: they run sidecars, reached over mTLS once the relay has an
         identity), or by a RouteTable. With `exchange`, the listener runs the peer metadata
-        exchange; `tls` says what an inbound listener accepts (fastmesh.tls.ListenerTls)."""
+        exchange; `tls` says what an inbound listener accepts (fastmesh.tls.ListenerTls); past
+        `max_connections` open connections (0: no limit) new ones are reset at once, counted."""
         address = listen if isinstance(listen, Address) else parse_address(listen, allow_port_zero=True)
         if isinstance(upstreams, RouteTable):
             routes = upstreams
@@ -141,12 +144,12 @@ class Relay:
             routes = await asyncio.to_thread(RouteTable.single, upstreams, connect_timeout, mesh_peer)
         sock = bind_listener(address, self.backlog)
         try:
-            listener_id = self.engine.add_listener(sock.fileno(), routes, exchange, tls)
+            listener_id = self.engine.add_listener(sock.fileno(), routes, exchange, tls, max_connections)
         except BaseException:
             sock.close()
             raise
         bound = Address(*sock.getsockname()[:2])
-        listener = Listener(listener_id, bound, routes, sock, exchange, tls)
+        listener = Listener(listener_id, bound, routes, sock, exchange, tls, max_connections)
         self.listeners[listener_id] = listener
         self.start()
         log.info("listening on %s, routing to %s", bound,
@@ -212,6 +215,9 @@ class Relay:
         new = {name: stats[name] - self._errors_logged.get(name, 0) for name in _LOGGED_ERRORS
                if stats[name] > self._errors_logged.get(name, 0)}
         self._errors_logged.update({name: stats[name] for name in new})
+        if "listener_overflows" in new:
+            log.warning("%d connection(s) refused at accept since the last read: a listener was at its "
+                        "max_connections", new.pop("listener_overflows"))
         if "accept_errors" in new:
             log.warning("%d accept failure(s) since the last read (out of file descriptors or memory?); "
                         "the listener pauses 100 ms after each", new.pop("accept_errors"))
@@ -252,22 +258,24 @@ class Relay:
         self.engine.set_identity(identity.cert_chain, identity.key, identity.roots, identity.trust_domain)
 
     def reroute(self, listener_id: int, routes: RouteTable, exchange: ExchangeSettings | None,
-                tls: ListenerTls | None = None) -> Listener:
+                tls: ListenerTls | None = None, max_connections: int = 0) -> Listener:
         """New routes (and exchange) for a listener's new connections, on the same socket:
         the engine stops watching it and a new listener takes it over, so connections
-        waiting in its backlog are not lost and open ones keep their old routes.
+        waiting in its backlog are not lost and open ones keep their old routes (and
+        count toward the old listener's max_connections, not the new one's).
         Returns the new listener (with a new id); the old id stays known for logs."""
         old = self.listeners.pop(listener_id)
         self.engine.remove_listener(old.id)
         try:
-            new_id = self.engine.add_listener(old.sock.fileno(), routes, exchange, tls)
+            new_id = self.engine.add_listener(old.sock.fileno(), routes, exchange, tls, max_connections)
         except BaseException:
             # The engine refused the new routes: the old ones go on serving, under a new id.
-            restored = self.engine.add_listener(old.sock.fileno(), old.routes, old.exchange, old.tls)
-            self.listeners[restored] = Listener(restored, old.address, old.routes, old.sock, old.exchange, old.tls)
+            restored = self.engine.add_listener(old.sock.fileno(), old.routes, old.exchange, old.tls,
+                                                old.max_connections)
+            self.listeners[restored] = dataclasses.replace(old, id=restored)
             self.retired[listener_id] = old
             raise
-        listener = Listener(new_id, old.address, routes, old.sock, exchange, tls)
+        listener = Listener(new_id, old.address, routes, old.sock, exchange, tls, max_connections)
         self.listeners[new_id] = listener
         self.retired[listener_id] = old
         log.info("%s: new routes in force for new connections", old.address)

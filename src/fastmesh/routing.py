@@ -27,8 +27,10 @@ INBOUND = "inbound"
 DIRECTIONS = (OUTBOUND, INBOUND)
 
 # In the engines' order. PASSTHROUGH sends each connection to the client's original
-# destination (before iptables REDIRECT), not to the cluster's endpoints.
-LB_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM", "PASSTHROUGH")
+# destination (before iptables REDIRECT), not to the cluster's endpoints; LOCAL_PASSTHROUGH
+# to the loopback address at the original destination's port (the inbound side: the app).
+LB_POLICIES = ("ROUND_ROBIN", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "LOCAL_PASSTHROUGH")
+PASSTHROUGH_POLICIES = ("PASSTHROUGH", "LOCAL_PASSTHROUGH")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Cluster:
     max_connections: int = 0  # 0: no limit
     connect_timeout: float = DEFAULTS.connect_timeout
     tls: ClientTls | None = None  # a DestinationRule's tls; None: auto mTLS to the mesh-peer endpoints
+    idle_timeout: float = DEFAULTS.idle_timeout  # no byte either way this long: closed; 0: never
 
     def __post_init__(self) -> None:
         if self.mesh_peers and len(self.mesh_peers) != len(self.endpoints):
@@ -52,6 +55,9 @@ class Cluster:
             raise ValueError(f"cluster {self.name}: load balancer {self.lb!r} is not one of {LB_POLICIES}")
         if not 0 < self.connect_timeout < 1e9:
             raise ValueError(f"cluster {self.name}: connect timeout must be positive, not {self.connect_timeout}")
+        if not 0 <= self.idle_timeout < 1e9:
+            raise ValueError(f"cluster {self.name}: idle timeout must be 0 (never) or positive, "
+                             f"not {self.idle_timeout}")
         if self.max_connections < 0:
             raise ValueError(f"cluster {self.name}: max_connections cannot be negative")
         for host, port in self.endpoints:
@@ -70,6 +76,10 @@ class Cluster:
 # The cluster of a virtual outbound listener's connections to a destination no config
 # knows: each goes to its original address, and Istio names it so in destination_service_name.
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
+# The virtual inbound listener's, for an app port no Service names: to the app on that port.
+INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughClusterIpv4"
+# Clusters that stand for no service: destination_service_name is the cluster's name.
+SERVICELESS_CLUSTERS = (PASSTHROUGH_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER)
 
 
 @dataclass(frozen=True)
@@ -78,8 +88,13 @@ class Destination:
     connection's original destination, before iptables REDIRECT: its own routes, into the
     table's clusters."""
 
-    address: tuple[str, int]  # numeric IP, port
+    address: tuple[str, int]  # numeric IP, port; 0.0.0.0 or ::, any address of its family at that port
     routes: tuple[tuple[int, int], ...]  # (cluster index, weight); none at all: NR
+    mtls: str | None = None  # inbound: the PeerAuthentication mode of its port; None: the listener's
+
+    @property
+    def any_address(self) -> bool:
+        return ipaddress.ip_address(self.address[0]).is_unspecified
 
 
 @dataclass(frozen=True)
@@ -106,7 +121,7 @@ class RouteTable:
 
     @classmethod
     def single(cls, upstreams: Sequence[str | tuple[str, int]], connect_timeout: float = DEFAULTS.connect_timeout,
-               mesh_peer: bool = False, service: str = "") -> "RouteTable":
+               mesh_peer: bool = False, service: str = "", idle_timeout: float = DEFAULTS.idle_timeout) -> "RouteTable":
         """One cluster of `upstreams`, round robin: what `serve --upstream` builds. Each is
         "HOST:PORT" or (host, port); names are resolved now, once (this may block)."""
         endpoints: list[tuple[str, int]] = []
@@ -115,8 +130,8 @@ class RouteTable:
             endpoints += [(a.host, a.port) for a in resolve(address) if (a.host, a.port) not in endpoints]
         if not endpoints:
             raise ValueError("a listener needs at least one upstream")
-        cluster = Cluster("upstream", service, tuple(endpoints),
-                          (mesh_peer,) * len(endpoints) if mesh_peer else (), connect_timeout=connect_timeout)
+        cluster = Cluster("upstream", service, tuple(endpoints), (mesh_peer,) * len(endpoints) if mesh_peer else (),
+                          connect_timeout=connect_timeout, idle_timeout=idle_timeout)
         return cls((cluster,), ((0, 1),))
 
     def schedule(self, of: tuple[tuple[int, int], ...] | None = None) -> tuple[int, ...]:

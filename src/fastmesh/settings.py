@@ -42,10 +42,12 @@ class ListenerConfig:
     @classmethod
     def to_upstreams(cls, listen: Address, upstreams: Sequence[str | tuple[str, int]], direction: str = OUTBOUND,
                      destination_service: str = "", mesh_peer: bool = False,
-                     connect_timeout: float = DEFAULTS.connect_timeout) -> "ListenerConfig":
+                     connect_timeout: float = DEFAULTS.connect_timeout,
+                     idle_timeout: float = DEFAULTS.idle_timeout) -> "ListenerConfig":
         """A listener relaying to `upstreams` round robin (`serve --listen --upstream`);
         names are resolved now. mesh_peer: they run sidecars that exchange metadata."""
-        return cls(listen, RouteTable.single(upstreams, connect_timeout, mesh_peer), direction, destination_service)
+        routes = RouteTable.single(upstreams, connect_timeout, mesh_peer, idle_timeout=idle_timeout)
+        return cls(listen, routes, direction, destination_service)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class SidecarConfig:
     listeners: Sequence[ListenerConfig] = ()
     workers: int = DEFAULTS.workers
     drain_timeout: float = DEFAULTS.drain_timeout
+    max_connections: int = DEFAULTS.max_connections  # per listener; 0: no limit
     pipe_size: int = DEFAULTS.pipe_size
     max_pipes: int = DEFAULTS.max_pipes
     splice: bool = DEFAULTS.splice
@@ -78,6 +81,7 @@ class SidecarConfig:
         default_factory=lambda: None if DEFAULTS.health is None else _address(DEFAULTS.health))
     node_metadata: NodeMetadata = field(default_factory=NodeMetadata)
     reporting_duration: float = DEFAULTS.reporting_duration
+    stats_eviction_interval: float = DEFAULTS.stats_eviction_interval  # 0: series are never evicted
     exchange: ExchangeConfig = ExchangeConfig()
     certs: Path | None = None  # the mesh identity: cert-chain.pem, key.pem, root-cert.pem (fastmesh.certs)
     peer_authentication: str = DEFAULTS.peer_authentication  # inbound listeners without a mode of their own
@@ -87,10 +91,12 @@ class SidecarConfig:
         object.__setattr__(self, "listeners", tuple(self.listeners))
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers must be between 1 and {MAX_WORKERS}, not {self.workers}")
+        if self.max_connections < 0:
+            raise ValueError(f"max_connections must be 0 (no limit) or positive, not {self.max_connections}")
         if self.peer_authentication not in SERVER_MODES:
             raise ValueError(f"peer authentication must be one of {', '.join(SERVER_MODES)}, "
                              f"not {self.peer_authentication!r}")
-        for name in ("drain_timeout", "reporting_duration"):
+        for name in ("drain_timeout", "reporting_duration", "stats_eviction_interval"):
             value = getattr(self, name)
             if not 0 <= value < 1e9 or (name == "reporting_duration" and value == 0):
                 raise ValueError(f"{name} must be {'positive' if name == 'reporting_duration' else 'zero or more'}"
@@ -118,9 +124,15 @@ class SidecarConfig:
     def listener_tls(self, listener: ListenerConfig) -> ListenerTls:
         """A listener's TLS: inbound, its PeerAuthentication mode (DISABLE without certs);
         outbound, the handshake timeout (each cluster says how it originates TLS)."""
-        mode = DISABLE
-        if listener.direction == INBOUND:
-            mode = listener.mtls or self.peer_authentication
-            if self.certs is None and mode == PERMISSIVE:
-                mode = DISABLE  # no identity: of TLS and plaintext, plaintext is what can be served
-        return ListenerTls(mode, self.tls_handshake_timeout, self.exchange.detect_timeout)
+        if listener.direction != INBOUND:
+            return ListenerTls(DISABLE, self.tls_handshake_timeout, self.exchange.detect_timeout)
+        mode = self._served_mode(listener.mtls)
+        # A virtual inbound listener's app ports each have their own PeerAuthentication.
+        ports = tuple(self._served_mode(d.mtls or listener.mtls) for d in listener.routes.destinations)
+        return ListenerTls(mode, self.tls_handshake_timeout, self.exchange.detect_timeout, ports)
+
+    def _served_mode(self, mode: str | None) -> str:
+        mode = mode or self.peer_authentication
+        if self.certs is None and mode == PERMISSIVE:
+            return DISABLE  # no identity: of TLS and plaintext, plaintext is what can be served
+        return mode

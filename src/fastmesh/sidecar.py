@@ -43,9 +43,11 @@ class Sidecar:
             max_pipes=config.max_pipes,
             splice=config.splice,
         )
-        self.peers = PeerDirectory()
+        # With eviction, the peers' decoded payloads go as their series do (the same interval).
+        self.peers = PeerDirectory(payload_lifetime=config.stats_eviction_interval)
         self.telemetry: TcpTelemetry | None = (
-            TcpTelemetry(peer_of=self.peers.peer_of) if config.metrics is not None else None)
+            TcpTelemetry(peer_of=self.peers.peer_of, eviction_interval=config.stats_eviction_interval)
+            if config.metrics is not None else None)
         self.admin_address: Address | None = None
         self.metrics_address: Address | None = None
         self.health_address: Address | None = None
@@ -71,13 +73,15 @@ class Sidecar:
         exchange = config.exchange_settings(listener_config)
         tls = config.listener_tls(listener_config)
         labels = self._labels(listener_config)
-        if replacing is not None and self._unchanged(replacing, exchange, tls, labels):
+        limit = config.max_connections
+        if replacing is not None and self._unchanged(replacing, exchange, tls, labels, limit):
             self.listener_configs[replacing] = listener_config
             return  # nothing to do: the engine's listener slots are not spent on it
         if replacing is None:
-            listener = await self.relay.listen(listener_config.listen, routes, exchange=exchange, tls=tls)
+            listener = await self.relay.listen(listener_config.listen, routes, exchange=exchange, tls=tls,
+                                               max_connections=limit)
         else:
-            listener = self.relay.reroute(replacing, routes, exchange, tls)
+            listener = self.relay.reroute(replacing, routes, exchange, tls, limit)
         self.listener_configs[listener.id] = listener_config
         if self.telemetry is not None:
             self.telemetry.add_listener(listener.id, labels)
@@ -88,9 +92,10 @@ class Sidecar:
                                  self.identity.spiffe_id if self.identity is not None else "")
 
     def _unchanged(self, listener_id: int, exchange: ExchangeSettings | None, tls: ListenerTls,
-                   labels: ListenerTelemetry) -> bool:
+                   labels: ListenerTelemetry, max_connections: int) -> bool:
         current = self.relay.listeners[listener_id]
         return (current.routes == labels.routes and current.exchange == exchange and current.tls == tls
+                and current.max_connections == max_connections
                 and (self.telemetry is None or self.telemetry.labels_of(listener_id) == labels))
 
     def _use_identity(self, identity: MeshIdentity) -> None:
@@ -105,11 +110,11 @@ class Sidecar:
         """Apply a new config without dropping open connections: listeners on the same
         address get the new routes, identity and exchange for their new connections, new
         addresses are opened, missing ones stop accepting. The metrics, admin and health ports,
-        workers and engine options stay as they were started (a restart changes them)."""
+        workers, engine options and stats eviction stay as they were started (a restart changes them)."""
         accepting = {self.listener_configs[lid].listen: lid for lid in self.relay.listeners}
         self.config = config.replace(
             workers=self.config.workers, admin=self.config.admin, metrics=self.config.metrics,
-            health=self.config.health,
+            health=self.config.health, stats_eviction_interval=self.config.stats_eviction_interval,
             pipe_size=self.config.pipe_size, max_pipes=self.config.max_pipes, splice=self.config.splice,
             certs=self.config.certs)
         for listener_config in config.listeners:
@@ -228,6 +233,7 @@ class Sidecar:
             "listeners": [self._listener_dump(listener) for listener in self.relay.listeners.values()],
             "telemetry": None if self.telemetry is None else {
                 "reporting_duration_seconds": config.reporting_duration,
+                "stats_eviction_interval_seconds": config.stats_eviction_interval,
                 "node_metadata": dict(config.node_metadata.values),
                 "metrics": str(self.metrics_address),
             },

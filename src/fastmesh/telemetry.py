@@ -6,18 +6,24 @@ info once). Closed connections are recorded at the next batch read (every
 second); the byte deltas of open connections are added every reporting
 interval (Istio's `tcpReportingDuration`, 15 s by default). Only connections
 that changed are touched in Python.
+
+With an eviction interval (Istio's `statsEvictionInterval`), a series that has
+no open connection and has not changed for that long is dropped at the next
+report; should its label set come back, its counters start again from 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections import OrderedDict
 from typing import Callable, Iterator
 
 from fastmesh.identity import LATEST, UNKNOWN, Workload
 from fastmesh.peers import UNKNOWN_PEER, PeerInfo
 from fastmesh.reasons import CloseReason
 from fastmesh.records import Batch
-from fastmesh.routing import OUTBOUND, PASSTHROUGH_CLUSTER, RouteTable
+from fastmesh.routing import OUTBOUND, SERVICELESS_CLUSTERS, RouteTable
 
 # Istio >= 1.10 standard TCP labels (response_code and grpc_response_status are not TCP labels).
 TCP_LABELS = (
@@ -82,11 +88,12 @@ class ListenerTelemetry:
 
     def service_for(self, cluster: int | None) -> str:
         """destination_service of a connection: its routed cluster's host, else the listener's
-        (PASSTHROUGH_CLUSTER for a virtual listener's connection to an unknown destination)."""
+        (the cluster's name for a virtual listener's connection to an unknown destination,
+        e.g. PassthroughCluster)."""
         if cluster is not None and self.routes is not None:
             routed = self.routes.clusters[cluster]
-            if routed.name == PASSTHROUGH_CLUSTER:
-                return PASSTHROUGH_CLUSTER
+            if routed.name in SERVICELESS_CLUSTERS:
+                return routed.name
             if routed.service:
                 return routed.service
         return self.destination_service
@@ -105,8 +112,8 @@ class ListenerTelemetry:
         # to the service host's namespace when the peer is unknown (see README).
         namespace = destination.namespace or service_namespace(host)
         short = service_name(host, namespace) if host else ""
-        if host == PASSTHROUGH_CLUSTER:  # no service: Istio names the cluster, the host is unknown
-            host, short = "", PASSTHROUGH_CLUSTER
+        if host in SERVICELESS_CLUSTERS:  # no service: Istio names the cluster, the host is unknown
+            host, short = "", host
         values = (
             "source" if outbound else "destination",
             source.workload, source.namespace, source_principal, source.app, source.version,
@@ -121,12 +128,15 @@ class ListenerTelemetry:
 
 
 class TcpSeries:
-    """The four counters of one label set."""
+    """The four counters of one label set, and what eviction needs to know of it."""
 
-    __slots__ = ("opened", "closed", "sent", "received")
+    __slots__ = ("opened", "closed", "sent", "received", "key", "open_connections", "changed_at")
 
-    def __init__(self) -> None:
+    def __init__(self, key: tuple[str, ...] = ()) -> None:
         self.opened = self.closed = self.sent = self.received = 0
+        self.key = key
+        self.open_connections = 0  # connections reported to it and still open: it is kept while any is
+        self.changed_at = 0.0  # with eviction: when it last changed with no connection open
 
 
 class _Conn:
@@ -149,15 +159,24 @@ PeerLookup = Callable[[int], "PeerInfo | None"]  # conn id -> peer, or None whil
 class TcpTelemetry:
     """Folds engine batches into Istio TCP series: give it every batch (on_batch) and
     call report() every reporting interval. It labels the connections of the
-    listeners added with add_listener(); `peer_of` says who a connection's peer is."""
+    listeners added with add_listener(); `peer_of` says who a connection's peer is.
+    With `eviction_interval` seconds (0: never), report() also drops the series that
+    had no open connection and no change for that long, by `clock`."""
 
-    def __init__(self, peer_of: PeerLookup | None = None) -> None:
+    def __init__(self, peer_of: PeerLookup | None = None, eviction_interval: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._listeners: dict[int, ListenerTelemetry] = {}
         self.series: dict[tuple[str, ...], TcpSeries] = {}
         self.peer_of: PeerLookup = peer_of or (lambda conn_id: UNKNOWN_PEER)
         self._open: dict[int, _Conn] = {}
         self._by_origin: dict[tuple[int, str, PeerInfo, str], TcpSeries] = {}
         self._dirty: set[int] = set()  # open connections with something to report
+        self.eviction_interval = eviction_interval
+        self._clock = clock
+        # With eviction: the series without an open connection, least recently changed first,
+        # so a sweep stops at the first one still fresh (it costs what it evicts).
+        self._idle: OrderedDict[tuple[str, ...], TcpSeries] = OrderedDict()
+        self.evicted = 0  # series dropped so far
 
     def add_listener(self, listener_id: int, labels: ListenerTelemetry) -> None:
         """Report the connections of this listener, labelled so (from their next report on,
@@ -192,14 +211,23 @@ class TcpTelemetry:
             key = listener.labels(peer, flags, service)
             series = self.series.get(key)
             if series is None:
-                series = self.series[key] = TcpSeries()
+                series = self.series[key] = TcpSeries(key)
             self._by_origin[origin] = series
         return series
+
+    def _went_idle(self, series: TcpSeries, now: float) -> None:
+        """A series changed by a close: with no connection left open, its eviction clock restarts."""
+        if series.open_connections == 0:
+            series.changed_at = now
+            self._idle[series.key] = series
+            self._idle.move_to_end(series.key)
 
     def on_batch(self, batch: Batch) -> None:
         # received is what was read from the listener's downstream, sent what was written to it.
         open_conns = self._open
         dirty = self._dirty
+        evicting = self.eviction_interval > 0
+        now = self._clock() if evicting and batch.closed else 0.0
         for opened in batch.opened:
             open_conns[opened.conn_id] = _Conn(opened.listener_id, opened.cluster)
             dirty.add(opened.conn_id)
@@ -221,17 +249,24 @@ class TcpTelemetry:
                     series.closed += 1
                     series.received += closed.down_rx
                     series.sent += closed.down_tx
+                    if evicting:
+                        self._went_idle(series, now)
                 continue
             dirty.discard(closed.conn_id)
-            series = conn.series or self._series_for(closed.conn_id, closed.listener_id, closed.cluster,
-                                                     closed.reason)
-            if series is None:
-                continue
+            series = conn.series
+            if series is not None:
+                series.open_connections -= 1
+            else:
+                series = self._series_for(closed.conn_id, closed.listener_id, closed.cluster, closed.reason)
+                if series is None:
+                    continue
             if not conn.opened_reported:
                 series.opened += 1
             series.closed += 1
             series.received += conn.pending_received + closed.down_rx
             series.sent += conn.pending_sent + closed.down_tx
+            if evicting:
+                self._went_idle(series, now)
 
     def report(self) -> None:
         """Add what open connections did since the last report (Istio's periodic record)."""
@@ -249,6 +284,8 @@ class TcpTelemetry:
                         conn.waited = True
                         still_dirty.add(conn_id)  # waiting for its peer
                     continue
+                series.open_connections += 1
+                self._idle.pop(series.key, None)  # kept while the connection is open
             if not conn.opened_reported:
                 conn.opened_reported = True
                 series.opened += 1
@@ -256,6 +293,28 @@ class TcpTelemetry:
             series.sent += conn.pending_sent
             conn.pending_received = conn.pending_sent = 0
         self._dirty = still_dirty
+        if self.eviction_interval > 0:
+            self._evict(self._clock() - self.eviction_interval)
+
+    def _evict(self, unchanged_since: float) -> None:
+        """Drop the series without an open connection that last changed at or before
+        `unchanged_since` (Istio's statsEvictionInterval)."""
+        idle = self._idle
+        evicted = 0
+        while idle:
+            series = next(iter(idle.values()))
+            if series.changed_at > unchanged_since:
+                break
+            idle.popitem(last=False)
+            del self.series[series.key]
+            evicted += 1
+        if evicted:
+            self.evicted += evicted
+            self._by_origin.clear()  # it may name evicted series; it refills from the labels
+            if evicted >= len(self.series):
+                # A dict keeps its table as keys go: copy what is left, so memory follows.
+                self.series = dict(self.series)
+                self._idle = OrderedDict(idle)
 
     def samples(self) -> Iterator[tuple[tuple[str, ...], TcpSeries]]:
         return iter(self.series.items())

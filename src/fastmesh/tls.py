@@ -22,7 +22,11 @@ TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDH
 # A server keeps the sessions it may resume in memory (stateful tickets), at most
 # this many per identity: OpenSSL 3.0 decodes a stateless ticket's client
 # certificate on every resumption, which costs more than the rest of the handshake.
-SESSION_CACHE_SIZE = 20480
+# A client sidecar keeps one session per endpoint and every handshake issues a new
+# one, so most cached sessions are never asked for again: OpenSSL's default (20,480)
+# held some 50 MiB of them after a soak. Past this many the least recently used goes,
+# and a client whose session went does one full handshake.
+SESSION_CACHE_SIZE = 1024
 
 # DestinationRule trafficPolicy.tls.mode
 DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL = "DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"
@@ -71,10 +75,14 @@ class ListenerTls:
     mode: str = DISABLE
     handshake_timeout: float = DEFAULTS.tls_handshake_timeout
     detect_timeout: float = DEFAULTS.exchange_detect_timeout  # PERMISSIVE: the app's first bytes wait this long
+    # A virtual inbound listener: the mode of each of its RouteTable's destinations (an app
+    # port's PeerAuthentication), in their order; a connection to none of them has `mode`.
+    destination_modes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.mode not in SERVER_MODES:
-            raise ValueError(f"mtls mode must be one of {', '.join(SERVER_MODES)}, not {self.mode!r}")
+        for mode in (self.mode, *self.destination_modes):
+            if mode not in SERVER_MODES:
+                raise ValueError(f"mtls mode must be one of {', '.join(SERVER_MODES)}, not {mode!r}")
         for name in ("handshake_timeout", "detect_timeout"):
             value = getattr(self, name)
             if not 0 < value < 1e9:

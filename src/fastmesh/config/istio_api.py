@@ -16,7 +16,7 @@ from pydantic.alias_generators import to_camel
 
 from fastmesh.contract import MAX_WORKERS
 from fastmesh.defaults import DEFAULTS
-from fastmesh.durations import Duration
+from fastmesh.durations import Duration, DurationOrOff
 
 
 class Model(BaseModel):
@@ -46,6 +46,7 @@ class PortSelector(Model):
 class TcpSettings(Model):
     max_connections: Optional[int] = Field(default=None, ge=0)
     connect_timeout: Optional[Duration] = None
+    idle_timeout: Optional[DurationOrOff] = None  # Istio's default: 1h; 0s: never
     tcp_keepalive: Optional[dict[str, Any]] = None
 
 
@@ -233,6 +234,20 @@ class VirtualOutboundListener(Model):
     bind: str = "127.0.0.1"  # iptables REDIRECT in OUTPUT rewrites the destination to 127.0.0.1
 
 
+class InboundPort(Model):
+    port: int = Port  # an app port, as a connection's original destination names it
+    service: str = ""  # destination_service, e.g. mongodb (short names take the Sidecar's namespace)
+
+
+class VirtualInboundListener(Model):
+    """Istio's virtualInbound: where `fastmesh capture` redirects the pod's inbound TCP. Each
+    connection goes to the app on its original port (127.0.0.1), with that port's
+    PeerAuthentication; a port `ports` does not name is InboundPassthroughClusterIpv4."""
+    port: int = Field(default=DEFAULTS.capture_inbound_port, ge=0, le=65535)
+    bind: str = "0.0.0.0"  # iptables REDIRECT in PREROUTING: connections arrive on the pod's addresses
+    ports: list[InboundPort] = []
+
+
 class ExchangeOptions(Model):
     enabled: bool = DEFAULTS.exchange
     plaintext: bool = DEFAULTS.exchange_plaintext  # also on plaintext connections (fastmesh's own variant)
@@ -249,13 +264,18 @@ class Sidecar(Model):
     inbound: list[InboundListener] = []
     outbound: list[OutboundListener] = []
     virtual_outbound: Optional[VirtualOutboundListener] = None
+    virtual_inbound: Optional[VirtualInboundListener] = None
     tcp_reporting_duration: Duration = DEFAULTS.reporting_duration
+    # Istio's statsEvictionInterval; absent (the default, 0, is not a duration one can write): never
+    stats_eviction_interval: Duration = DEFAULTS.stats_eviction_interval
     metrics: Optional[str] = DEFAULTS.metrics
     admin: Optional[str] = DEFAULTS.admin
     health: Optional[str] = DEFAULTS.health  # Istio's 0.0.0.0:15021, /healthz/ready
     exchange: ExchangeOptions = ExchangeOptions()
     connect_timeout: Duration = DEFAULTS.connect_timeout  # a DestinationRule's connectTimeout overrides it
+    idle_timeout: DurationOrOff = DEFAULTS.idle_timeout  # a DestinationRule's idleTimeout overrides it; 0s: never
     workers: int = Field(default=DEFAULTS.workers, ge=1, le=MAX_WORKERS)
+    max_connections: int = Field(default=DEFAULTS.max_connections, ge=0)  # per listener (serve --max-connections)
     certs: Optional[str] = None  # the directory of cert-chain.pem, key.pem, root-cert.pem (serve --certs)
     tls_handshake_timeout: Duration = DEFAULTS.tls_handshake_timeout
 

@@ -1,7 +1,8 @@
 """Reading config files: multi-document YAML, Kubernetes-style envelopes
 (apiVersion, kind, metadata, spec), each spec checked against its model. Every
 problem is reported with the file, the document's index, the field path and
-what was expected, all at once rather than one per run."""
+what was expected, all at once rather than one per run. A file is read within
+fastmesh.bounded_yaml's limits (size, nesting, aliases expanded)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from fastmesh import bounded_yaml
 from fastmesh.config.istio_api import API_VERSIONS, KINDS, ObjectMeta
 
 
@@ -128,12 +130,13 @@ def load_documents(paths: list[str | Path]) -> list[Document]:
     problems: list[str] = []
     for path in map(Path, paths):
         try:
-            text = path.read_text()
+            raws = bounded_yaml.load_all(bounded_yaml.read_text(path))
         except OSError as exc:
             problems.append(f"{path}: {exc.strerror}")
             continue
-        try:
-            raws = list(yaml.safe_load_all(text))
+        except bounded_yaml.LimitError as exc:
+            problems.append(f"{path}: {exc}")
+            continue
         except yaml.YAMLError as exc:
             problems.append(f"{path}: not valid YAML: {exc}")
             continue

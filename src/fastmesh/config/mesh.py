@@ -21,7 +21,9 @@ from fastmesh.config.istio_api import (
 )
 from fastmesh.config.loader import ConfigError, Document
 from fastmesh.identity import MetadataError, parse_node_metadata
-from fastmesh.routing import INBOUND, OUTBOUND, PASSTHROUGH_CLUSTER, Cluster, Destination, RouteTable
+from fastmesh.routing import (
+    INBOUND, INBOUND_PASSTHROUGH_CLUSTER, OUTBOUND, PASSTHROUGH_CLUSTER, Cluster, Destination, RouteTable,
+)
 from fastmesh.settings import ExchangeConfig, ListenerConfig, SidecarConfig
 from fastmesh.tls import ISTIO_MUTUAL, STRICT, ClientTls
 
@@ -45,6 +47,17 @@ def _single_ip(address: str) -> str | None:
     except ValueError:
         return None
     return str(network.network_address) if network.num_addresses == 1 else None
+
+
+# The protocols Istio serves as plain TCP: a ServiceEntry port of one of them without addresses
+# is matched on any address (Istio's 0.0.0.0:PORT listener).
+TCP_PROTOCOLS = ("TCP", "MONGO", "MYSQL", "REDIS")
+
+
+def _tcp_port(port: Any) -> bool:
+    if port.protocol is not None:
+        return port.protocol.upper() in TCP_PROTOCOLS
+    return port.name.split("-")[0].upper() in TCP_PROTOCOLS  # Istio's name-prefix protocol selection
 
 
 def host_matches(pattern: str, host: str) -> bool:
@@ -121,6 +134,8 @@ def _policy(rule: DestinationRule | None, subset: str | None, port: int) -> dict
                 result["max_connections"] = tcp.max_connections
             if tcp is not None and tcp.connect_timeout is not None:
                 result["connect_timeout"] = tcp.connect_timeout
+            if tcp is not None and tcp.idle_timeout is not None:
+                result["idle_timeout"] = tcp.idle_timeout
             if layer.tls is not None:
                 result["tls"] = layer.tls
 
@@ -165,13 +180,14 @@ class _Builder:
         endpoints = [] if lb == "PASSTHROUGH" else self.endpoints(host, rule, subset, port, where)
         max_connections = policy.get("max_connections", 0)
         connect_timeout = policy.get("connect_timeout", self.connect_timeout)
+        idle_timeout = policy.get("idle_timeout", self.spec.idle_timeout)
         tls = self.client_tls(policy.get("tls"), host, subset, port, found[0].source if found else where)
         try:
             return Cluster(name, host, tuple(e for e, _ in endpoints), tuple(m for _, m in endpoints), lb,
-                           max_connections, connect_timeout, tls)
+                           max_connections, connect_timeout, tls, idle_timeout)
         except ValueError as exc:  # e.g. a WorkloadEntry port out of range
             self.problems.append(f"{where}: {exc}")
-            return Cluster(name, host, (), (), lb, 0, self.connect_timeout)
+            return Cluster(name, host, (), (), lb, 0, self.connect_timeout, idle_timeout=self.spec.idle_timeout)
 
     def client_tls(self, tls: Any, host: str, subset: str | None, port: int, where: str) -> ClientTls | None:
         """A DestinationRule's tls for a cluster, as Istio reads it: ISTIO_MUTUAL with the
@@ -263,9 +279,11 @@ class _Builder:
         listener = self.spec.virtual_outbound
         assert listener is not None
         where = f"{self.doc.source}: spec.virtualOutbound"
-        clusters = [Cluster(PASSTHROUGH_CLUSTER, lb="PASSTHROUGH", connect_timeout=self.connect_timeout)]
+        clusters = [Cluster(PASSTHROUGH_CLUSTER, lb="PASSTHROUGH", connect_timeout=self.connect_timeout,
+                            idle_timeout=self.spec.idle_timeout)]
         destinations: dict[tuple[str, int], Destination] = {}
         for document, entry in self.registry.services:
+            host = fqdn(entry.hosts[0], document.namespace)
             for address in entry.addresses:
                 ip = _single_ip(address)
                 if ip is None:
@@ -275,9 +293,19 @@ class _Builder:
                 for port in entry.ports:
                     if (ip, port.number) in destinations:
                         continue  # the first ServiceEntry to name an address and port has it, as in Istio
-                    host = fqdn(entry.hosts[0], document.namespace)
                     table = self.routes_to(host, port.number, f"{document.source}: spec.ports", clusters)
                     destinations[(ip, port.number)] = Destination((ip, port.number), tuple(table))
+            if entry.addresses:
+                continue
+            # No addresses: its TCP ports on any address (an exact address and port wins over it).
+            for number, port in enumerate(entry.ports):
+                if not _tcp_port(port):
+                    self.warnings.append(f"{document.source}: spec.ports[{number}]: a {port.protocol or port.name} "
+                                         "port without spec.addresses: the virtual outbound listener does not "
+                                         "match it (only TCP ports are matched on any address)")
+                elif ("0.0.0.0", port.number) not in destinations:
+                    table = self.routes_to(host, port.number, f"{document.source}: spec.ports", clusters)
+                    destinations[("0.0.0.0", port.number)] = Destination(("0.0.0.0", port.number), tuple(table))
         return ListenerConfig(self._address(listener.bind, listener.port, where),
                               RouteTable(tuple(clusters), ((0, 1),), tuple(destinations.values())), OUTBOUND)
 
@@ -342,16 +370,48 @@ class _Builder:
         listener = self.spec.inbound[index]
         where = f"{self.doc.source}: spec.inbound[{index}]"
         app = Cluster(f"inbound|{listener.port}||{listener.service}", listener.service,
-                      (("127.0.0.1", listener.target_port),), connect_timeout=self.connect_timeout)
-        mtls, policy = self.peer_authentication(listener.target_port)
-        if mtls == STRICT and self.spec.certs is None and policy is not None:
-            self.problems.append(f"{policy.source}: a PeerAuthentication says STRICT for port "
-                                 f"{listener.target_port}: the Sidecar needs certs (a directory with "
-                                 f"cert-chain.pem, key.pem, root-cert.pem), {where} has none")
+                      (("127.0.0.1", listener.target_port),), connect_timeout=self.connect_timeout,
+                      idle_timeout=self.spec.idle_timeout)
+        mtls = self._inbound_mode(listener.target_port, where)
         return ListenerConfig(self._address(listener.bind, listener.port, where), RouteTable((app,), ((0, 1),)),
                               INBOUND, fqdn(listener.service, self.namespace) if listener.service else "", mtls)
 
-    def peer_authentication(self, port: int) -> tuple[str | None, Document | None]:
+    def virtual_inbound(self) -> ListenerConfig:
+        """Istio's virtualInbound: each connection to the app on its original port, the ports
+        Services name with their service and each port with its PeerAuthentication mode; any
+        other port as InboundPassthroughClusterIpv4."""
+        listener = self.spec.virtual_inbound
+        assert listener is not None
+        where = f"{self.doc.source}: spec.virtualInbound"
+        listen = self._address(listener.bind, listener.port, where)
+        any_address = "::" if ":" in listen.host else "0.0.0.0"
+        clusters = [Cluster(INBOUND_PASSTHROUGH_CLUSTER, lb="LOCAL_PASSTHROUGH", connect_timeout=self.connect_timeout,
+                            idle_timeout=self.spec.idle_timeout)]
+        destinations: list[Destination] = []
+        for number, app_port in enumerate(listener.ports):
+            if app_port.port in [d.address[1] for d in destinations]:
+                self.problems.append(f"{where}.ports[{number}]: port {app_port.port} is named twice")
+                continue
+            service = fqdn(app_port.service, self.namespace) if app_port.service else ""
+            local = "::1" if any_address == "::" else "127.0.0.1"
+            clusters.append(Cluster(f"inbound|{app_port.port}||{service}", service, ((local, app_port.port),),
+                                    connect_timeout=self.connect_timeout, idle_timeout=self.spec.idle_timeout))
+            mode = self._inbound_mode(app_port.port, f"{where}.ports[{number}]")
+            destinations.append(Destination((any_address, app_port.port), ((len(clusters) - 1, 1),), mode))
+        return ListenerConfig(listen, RouteTable(tuple(clusters), ((0, 1),), tuple(destinations)), INBOUND,
+                              mtls=self._inbound_mode(None, where))
+
+    def _inbound_mode(self, port: int | None, where: str) -> str | None:
+        """The PeerAuthentication mode of an app port (None: of a port no policy names one
+        for), checked against the certs STRICT needs."""
+        mtls, policy = self.peer_authentication(port)
+        if mtls == STRICT and self.spec.certs is None and policy is not None:
+            self.problems.append(f"{policy.source}: a PeerAuthentication says STRICT for "
+                                 f"{'port ' + str(port) if port else 'the workload'}: the Sidecar needs certs "
+                                 f"(a directory with cert-chain.pem, key.pem, root-cert.pem), {where} has none")
+        return mtls
+
+    def peer_authentication(self, port: int | None) -> tuple[str | None, Document | None]:
         """The mtls mode of the app's port and the document that sets it, as Istio picks its
         PeerAuthentication: the workload's (by selector) over its namespace's over the
         mesh's (istio-system); a port-level mode over the policy's own; UNSET inherits.
@@ -367,7 +427,7 @@ class _Builder:
                 by_rank.setdefault(2, (document, policy))
         for rank in sorted(by_rank):
             document, policy = by_rank[rank]
-            mode = policy.port_level_mtls[port].mode if port in policy.port_level_mtls else "UNSET"
+            mode = policy.port_level_mtls[port].mode if port is not None and port in policy.port_level_mtls else "UNSET"
             if mode == "UNSET" and policy.mtls is not None:
                 mode = policy.mtls.mode
             if mode != "UNSET":
@@ -396,14 +456,18 @@ class _Builder:
         listeners += [self.outbound(i) for i in range(len(spec.outbound))]
         if spec.virtual_outbound is not None:
             listeners.append(self.virtual_outbound())
+        if spec.virtual_inbound is not None:
+            listeners.append(self.virtual_inbound())
         if not listeners:
             self.problems.append(f"{self.doc.source}: spec: a sidecar needs at least one inbound or outbound listener")
         admin = self.optional_address(spec.admin, "admin")
         metrics = self.optional_address(spec.metrics, "metrics")
         health = self.optional_address(spec.health, "health")
-        # The listeners in the order built: inbound, outbound, then the virtual outbound one.
+        # The listeners in the order built: inbound, outbound, then the virtual ones.
         settings = [f"spec.inbound[{i}]" for i in range(len(spec.inbound))]
-        settings += [f"spec.outbound[{i}]" for i in range(len(spec.outbound))] + ["spec.virtualOutbound"]
+        settings += [f"spec.outbound[{i}]" for i in range(len(spec.outbound))]
+        settings += ["spec.virtualOutbound"] * (spec.virtual_outbound is not None)
+        settings += ["spec.virtualInbound"] * (spec.virtual_inbound is not None)
         named = [(setting, listener.listen) for setting, listener in zip(settings, listeners)]
         named += [("spec.metrics", metrics), ("spec.admin", admin), ("spec.health", health)]
         self.problems += [f"{self.doc.source}: {problem}" for problem in conflicts(named)]
@@ -412,11 +476,13 @@ class _Builder:
         config = SidecarConfig(
             listeners=listeners,
             workers=spec.workers,
+            max_connections=spec.max_connections,
             admin=admin,
             metrics=metrics,
             health=health,
             node_metadata=self.node,
             reporting_duration=spec.tcp_reporting_duration,
+            stats_eviction_interval=spec.stats_eviction_interval,
             exchange=ExchangeConfig(spec.exchange.enabled, spec.exchange.plaintext, spec.exchange.max_payload,
                                     spec.exchange.timeout, spec.exchange.detect_timeout),
             certs=Path(spec.certs) if spec.certs is not None else None,

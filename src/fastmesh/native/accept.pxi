@@ -37,7 +37,25 @@ cdef void on_accept(Worker *w, Listener *l) noexcept nogil:
                 pause_listener(w, l)
             return
         w.stats[S_CONNECTIONS_ACCEPTED] += 1
-        on_accepted(w, l, fd)
+        if admitted(w, l, fd):
+            on_accepted(w, l, fd)
+
+
+cdef bint admitted(Worker *w, Listener *l, int fd) noexcept nogil:
+    # Within the listener's max_connections (counted open until leave_listener()), or
+    # refused at once with a reset, before any upstream work: a flood past the limit
+    # costs an accept and a close, and the open connections go on unharmed.
+    if fm_fetch_inc(&l.open_connections) < l.max_connections or l.max_connections == 0:
+        return True
+    fm_fetch_dec(&l.open_connections)
+    w.stats[S_LISTENER_OVERFLOWS] += 1
+    close_with_reset(fd)
+    return False
+
+
+cdef inline void leave_listener(Listener *l) noexcept nogil:
+    if l != NULL:
+        fm_fetch_dec(&l.open_connections)
 
 
 cdef void release_endpoint(Listener *l, int cluster, int endpoint) noexcept nogil:
@@ -109,9 +127,11 @@ cdef int pick_endpoint(Worker *w, Cluster *cl, Listener *l) noexcept nogil:
 
 
 cdef Destination *known_destination(Listener *l, sockaddr_storage *original) noexcept nogil:
-    # A virtual listener's destination for that original address, or NULL (a linear scan:
-    # a sidecar knows tens of service addresses, and this runs once per connection).
+    # A virtual listener's destination for that original address, or NULL: its address and
+    # port, else the any-address one at its port (a linear scan: a sidecar knows tens of
+    # service addresses, and this runs once per connection).
     cdef int i
+    cdef Destination *any_address = NULL
     cdef sockaddr_in *a4
     cdef sockaddr_in *d4
     cdef sockaddr_in6 *a6
@@ -122,14 +142,30 @@ cdef Destination *known_destination(Listener *l, sockaddr_storage *original) noe
         if original.ss_family == AF_INET:
             a4 = <sockaddr_in *>original
             d4 = <sockaddr_in *>&l.dests[i].address
-            if a4.sin_port == d4.sin_port and a4.sin_addr.s_addr == d4.sin_addr.s_addr:
+            if a4.sin_port != d4.sin_port:
+                continue
+            if a4.sin_addr.s_addr == d4.sin_addr.s_addr:
                 return &l.dests[i]
+            if d4.sin_addr.s_addr == 0:
+                any_address = &l.dests[i]
         else:
             a6 = <sockaddr_in6 *>original
             d6 = <sockaddr_in6 *>&l.dests[i].address
-            if a6.sin6_port == d6.sin6_port and memcmp(&a6.sin6_addr, &d6.sin6_addr, 16) == 0:
+            if a6.sin6_port != d6.sin6_port:
+                continue
+            if memcmp(&a6.sin6_addr, &d6.sin6_addr, 16) == 0:
                 return &l.dests[i]
-    return NULL
+            if memcmp(&in6addr_any, &d6.sin6_addr, 16) == 0:
+                any_address = &l.dests[i]
+    return any_address
+
+
+cdef void to_loopback(sockaddr_storage *address) noexcept nogil:
+    # The app's side of the pod: the same port on the loopback address of its family.
+    if address.ss_family == AF_INET:
+        (<sockaddr_in *>address).sin_addr.s_addr = htonl(INADDR_LOOPBACK)
+    else:
+        memcpy(&(<sockaddr_in6 *>address).sin6_addr, &in6addr_loopback, 16)
 
 
 cdef int pick_route(Worker *w, Listener *l, int down_fd, int *cluster, int *endpoint,
@@ -157,19 +193,22 @@ cdef int pick_route(Worker *w, Listener *l, int down_fd, int *cluster, int *endp
     ci = sched[fm_fetch_inc(rr) % <unsigned long long>nsched]
     cl = &l.clusters[ci]
     cluster[0] = ci
-    if cl.count == 0 and cl.lb != LB_PASSTHROUGH:
+    if cl.count == 0 and cl.lb < LB_PASSTHROUGH:
         w.stats[S_NO_HEALTHY_UPSTREAM] += 1
         return R_NO_HEALTHY_UPSTREAM
     if fm_fetch_inc(&cl.active) >= cl.max_connections and cl.max_connections > 0:
         fm_fetch_dec(&cl.active)
         w.stats[S_UPSTREAM_OVERFLOWS] += 1
         return R_OVERFLOW
-    if cl.lb == LB_PASSTHROUGH:
-        # No endpoint of the cluster's own: the connection goes where the client meant.
+    if cl.lb >= LB_PASSTHROUGH:
+        # No endpoint of the cluster's own: the connection goes where the client meant
+        # (LOCAL: to the app, on the port it meant).
         if not have_original and not original_destination(down_fd, l, original, salen):
             fm_fetch_dec(&cl.active)
             w.stats[S_NO_HEALTHY_UPSTREAM] += 1
             return R_NO_HEALTHY_UPSTREAM
+        if cl.lb == LB_LOCAL_PASSTHROUGH:
+            to_loopback(original)
         sa[0] = original
         return 0
     endpoint[0] = pick_endpoint(w, cl, l)
@@ -189,17 +228,36 @@ cdef int endpoint_tls(Worker *w, Listener *l, int endpoint) noexcept nogil:
 
 cdef bint start_connect(Worker *w, Conn *c, sockaddr_storage *sa, socklen_t salen) noexcept nogil:
     # The upstream connect of a connection that has its route; False when it ended.
-    if connect(c.ends[UP].fd, <sockaddr *>sa, salen) < 0 and errno != EINPROGRESS:
+    cdef int fd = c.ends[UP].fd
+    cdef bint done = connect(fd, <sockaddr *>sa, salen) == 0
+    if not done and errno != EINPROGRESS:
         connect_failed(w, c, R_CONNECT_FAILED, errno)
         return False
-    # A connect that completed at once still reports EPOLLOUT, which opens the conn.
-    arm(w, c, T_CONNECT, now_s() + c.listener.clusters[c.cluster].connect_timeout)
+    # A loopback connect is in progress when connect() returns and done a moment later (the
+    # peer's SYN-ACK is handled on the way out of the call): asking again (0) lets the
+    # relay start at the next loop turn without waiting, as HAProxy's speculative send does,
+    # instead of after a round of EPOLLOUT; the client's first bytes are likely there already.
+    if not done:
+        if connect(fd, <sockaddr *>sa, salen) == 0 or errno == EISCONN:
+            done = True
+        elif errno != EALREADY and errno != EINPROGRESS:  # refused already: the error is this call's now
+            connect_failed(w, c, R_CONNECT_FAILED, errno)
+            return False
+    if not done:
+        arm(w, c, T_CONNECT, now_s() + c.listener.clusters[c.cluster].connect_timeout)
+        return True
+    c.ends[UP].writable = True
+    c.ends[DOWN].readable = True  # a guess: a read that finds nothing clears it
+    if not connected(w, c):
+        return False
+    defer(w, c)  # not enqueue(): a STRICT connection gets here from inside run_ready()
     return True
 
 
 cdef void refuse(Worker *w, Listener *l, int down_fd, int cluster, int reason) noexcept nogil:
     # No upstream connection for this client (NR, UH, UO): close it, record why.
     close(down_fd)
+    leave_listener(l)
     record_closed(w, next_id(w), l.id, cluster, NONE, reason, 0)
 
 
@@ -208,21 +266,37 @@ cdef void local_error(Worker *w, Listener *l, int down_fd, int cluster, int endp
     # it does not look like a clean end.
     release_endpoint(l, cluster, endpoint)
     close_with_reset(down_fd)
+    leave_listener(l)
     record_closed(w, next_id(w), l.id, cluster, endpoint, R_LOCAL_ERROR, err)
+
+
+cdef int client_mtls(Listener *l, int down_fd) noexcept nogil:
+    # What the client is held to: its listener's mode, or a virtual inbound listener's for
+    # the app port it meant (each port has its PeerAuthentication).
+    cdef sockaddr_storage original
+    cdef socklen_t length
+    cdef Destination *d
+    if not l.mtls_by_port or not original_destination(down_fd, l, &original, &length):
+        return l.mtls
+    d = known_destination(l, &original)
+    return d.mtls if d != NULL else l.mtls
 
 
 cdef void on_accepted(Worker *w, Listener *l, int down_fd) noexcept nogil:
     cdef Conn *c
-    if l.mtls != MTLS_STRICT:
-        open_upstream(w, l, down_fd)
+    cdef int mtls = client_mtls(l, down_fd)
+    if mtls != MTLS_STRICT:
+        open_upstream(w, l, down_fd, mtls)
         return
     # STRICT: the client's certificate first; the app sees a connection only once it
     # is verified (connect_secured), so an unauthenticated client never reaches it.
     c = new_conn(w, down_fd, -1, l, NONE, NONE, SECURING)
     if c == NULL:
         close_with_reset(down_fd)
+        leave_listener(l)
         record_closed(w, next_id(w), l.id, NONE, NONE, R_LOCAL_ERROR, ENOMEM)
         return
+    c.mtls = MTLS_STRICT
     c.identifies = True
     c.tls_side = DOWN
     c.tls_phase = TLS_DETECT
@@ -232,7 +306,7 @@ cdef void on_accepted(Worker *w, Listener *l, int down_fd) noexcept nogil:
     arm(w, c, T_TLS, now_s() + l.handshake_timeout)
 
 
-cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
+cdef void open_upstream(Worker *w, Listener *l, int down_fd, int mtls) noexcept nogil:
     cdef int ci, idx, up_fd, reason
     cdef sockaddr_storage original
     cdef sockaddr_storage *sa
@@ -253,7 +327,8 @@ cdef void open_upstream(Worker *w, Listener *l, int down_fd) noexcept nogil:
         local_error(w, l, down_fd, ci, idx, ENOMEM)
         return
     c.tls_mode = endpoint_tls(w, l, idx)
-    if l.mtls == MTLS_PERMISSIVE:
+    c.mtls = mtls
+    if mtls == MTLS_PERMISSIVE:
         c.identifies = True
         c.tls_side = DOWN
         c.tls_phase = TLS_DETECT  # the client's first byte says which (native/tls.pxi)

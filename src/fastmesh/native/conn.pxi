@@ -60,6 +60,7 @@ cdef Conn *new_conn(Worker *w, int down_fd, int up_fd, Listener *l, int cluster,
     c.cluster = cluster
     c.endpoint = endpoint
     c.state = state
+    c.active_at = w.now
     c.first_eof = NONE
     c.x.side = NONE
     c.tls_side = NONE
@@ -100,6 +101,7 @@ cdef void finish(Worker *w, Conn *c, int reason, int err) noexcept nogil:
         disarm(w, c, s)
     if c.cluster != NONE:
         release_endpoint(c.listener, c.cluster, c.endpoint)
+    leave_listener(c.listener)
     for s in range(2):
         release_flow(w, &c.flows[s])
     r = record_closed(w, c.id, c.listener_id, c.cluster, c.endpoint, reason, err)
@@ -119,6 +121,7 @@ cdef void finish(Worker *w, Conn *c, int reason, int err) noexcept nogil:
         c.next.prev = c.prev
     c.state = CLOSED
     w.stats[S_ACTIVE_CONNECTIONS] -= 1
+    w.trim_heap = True
     # Events for c may still be pending in this batch: free it after the batch.
     # A conn in the ready queue is buried when run_ready() pops it.
     if not c.queued:
@@ -130,6 +133,18 @@ cdef void close_clean(Worker *w, Conn *c) noexcept nogil:
     close(c.ends[DOWN].fd)
     close(c.ends[UP].fd)
     finish(w, c, R_DOWNSTREAM_CLOSE if c.first_eof == DOWN else R_UPSTREAM_CLOSE, 0)
+
+
+cdef void close_idle(Worker *w, Conn *c) noexcept nogil:
+    # Its cluster's idleTimeout passed without a byte: a clean end both ways (close_notify
+    # where TLS, best effort: an idle socket has room for it), as Envoy's tcp_proxy does.
+    cdef int s
+    for s in range(2):
+        if c.ends[s].ssl != NULL:
+            tls_close_notify(&c.ends[s])
+        close(c.ends[s].fd)
+    w.stats[S_IDLE_TIMEOUTS] += 1
+    finish(w, c, R_IDLE_TIMEOUT, 0)
 
 
 cdef void abort_conn(Worker *w, Conn *c, int failed_side, int err) noexcept nogil:

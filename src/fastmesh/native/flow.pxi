@@ -205,11 +205,28 @@ cdef void drive(Worker *w, Conn *c) noexcept nogil:
         close_clean(w, c)
 
 
+cdef bint connected(Worker *w, Conn *c) noexcept nogil:
+    # The upstream answered: the connection opens (TLS toward it, or the exchange, starts).
+    # False when that ended it.
+    disarm(w, c, T_CONNECT)
+    c.state = OPEN
+    if c.tls_mode != CT_PLAIN:
+        if not start_tls(w, c, UP):  # originate TLS toward the upstream
+            tls_failed(w, c, S_TLS_ERROR_LOCAL)
+            return False
+    else:
+        exchange_connected(w, c)
+    if c.tls_phase == TLS_DETECT:
+        arm(w, c, T_TLS, now_s() + c.listener.detect_timeout)  # a server-first app's greeting waits
+    return True
+
+
 cdef void on_conn_event(Worker *w, Conn *c, int s, uint32_t events) noexcept nogil:
     cdef End *e = &c.ends[s]
     cdef int err
     if c.state == CLOSED:
         return
+    c.active_at = w.now
     if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
         e.readable = True
     if events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
@@ -232,16 +249,8 @@ cdef void on_conn_event(Worker *w, Conn *c, int s, uint32_t events) noexcept nog
             if err != 0:
                 connect_failed(w, c, R_CONNECT_FAILED, err)
                 return
-        disarm(w, c, T_CONNECT)
-        c.state = OPEN
-        if c.tls_mode != CT_PLAIN:
-            if not start_tls(w, c, UP):  # originate TLS toward the upstream
-                tls_failed(w, c, S_TLS_ERROR_LOCAL)
-                return
-        else:
-            exchange_connected(w, c)
-        if c.tls_phase == TLS_DETECT:
-            arm(w, c, T_TLS, now_s() + c.listener.detect_timeout)  # a server-first app's greeting waits
+        if not connected(w, c):
+            return
     elif events & EPOLLERR:
         err = socket_error(e.fd)
         if err != 0:

@@ -136,6 +136,7 @@ cdef Listener *build_listener(int fd, object routes, object exchange, object tls
             l.clusters[i].lb = LB_POLICIES.index(cluster.lb)
             l.clusters[i].max_connections = cluster.max_connections
             l.clusters[i].connect_timeout = cluster.connect_timeout
+            l.clusters[i].idle_timeout = cluster.idle_timeout
             cluster_tls(&l.clusters[i], cluster.tls)
             for k, (host, port) in enumerate(cluster.endpoints):
                 fill_sockaddr(&l.ups[j], &l.uplens[j], host, port)
@@ -157,6 +158,9 @@ cdef Listener *build_listener(int fd, object routes, object exchange, object tls
         l.xplaintext = exchange.plaintext
     if tls is not None:
         l.mtls = SERVER_TLS_MODES[tls.mode]
+        for i, mode in enumerate(tls.destination_modes[:l.ndest]):
+            l.dests[i].mtls = SERVER_TLS_MODES[mode]
+            l.mtls_by_port = True
         l.handshake_timeout = tls.handshake_timeout
         l.detect_timeout = tls.detect_timeout
     else:

@@ -7,6 +7,7 @@ cdef bint take_pipe(Worker *w, Flow *f) noexcept nogil:
     cdef int cap
     if w.npool > 0:
         w.npool -= 1
+        w.npool_low = min(w.npool_low, w.npool)
         w.stats[S_PIPES_POOLED] -= 1
         f.pipe_r = w.pool_r[w.npool]
         f.pipe_w = w.pool_w[w.npool]
@@ -45,6 +46,7 @@ cdef void give_pipe(Worker *w, Flow *f) noexcept nogil:
 cdef bint take_buf(Worker *w, Flow *f) noexcept nogil:
     if w.nbufs > 0:
         w.nbufs -= 1
+        w.nbufs_low = min(w.nbufs_low, w.nbufs)
         f.buf = w.bufs[w.nbufs]
     else:
         f.buf = <char *>malloc(w.buffer_size)
@@ -71,6 +73,33 @@ cdef void release_flow(Worker *w, Flow *f) noexcept nogil:
     if f.buf != NULL:
         give_buf(w, f)
     f.pending = 0
+
+
+cdef void trim_pools(Worker *w) noexcept nogil:
+    # At each sweep: the pooled pipes and buffers no connection took since the last one go,
+    # down to POOL_IDLE_KEEP, so that after a burst the fds and memory return to what the
+    # steady load needs; a worker left with no connection also gives freed heap back.
+    cdef int spare = min(w.npool_low, w.npool - POOL_IDLE_KEEP)
+    while spare > 0:
+        w.npool -= 1
+        close(w.pool_r[w.npool])
+        close(w.pool_w[w.npool])
+        w.stats[S_PIPES_POOLED] -= 1
+        spare -= 1
+    spare = min(w.nbufs_low, w.nbufs - POOL_IDLE_KEEP)
+    while spare > 0:
+        w.nbufs -= 1
+        free(w.bufs[w.nbufs])
+        spare -= 1
+    w.npool_low = w.npool
+    w.nbufs_low = w.nbufs
+    if w.conns == NULL and w.trim_heap:
+        w.trim_heap = False
+        malloc_trim(0)
+
+
+cdef inline bint pools_to_trim(Worker *w) noexcept nogil:
+    return w.npool > POOL_IDLE_KEEP or w.nbufs > POOL_IDLE_KEEP or w.trim_heap
 
 
 cdef void free_pools(Worker *w) noexcept nogil:

@@ -59,12 +59,31 @@ cdef void run_timers(Worker *w) noexcept nogil:
                     watch_listener(w, l)
 
 
+cdef void sweep_idle(Worker *w) noexcept nogil:
+    # Every IDLE_SWEEP_MS: close the relaying connections whose cluster's idle timeout has
+    # passed since their last event, and let the pools shrink to what the load still needs.
+    cdef Conn *c = w.conns
+    cdef Conn *nxt
+    cdef double timeout
+    w.next_idle_sweep = w.now + IDLE_SWEEP_MS / 1000.0
+    trim_pools(w)
+    while c != NULL:
+        nxt = c.next
+        if c.state == OPEN and c.listener != NULL and c.cluster != NONE:
+            timeout = c.listener.clusters[c.cluster].idle_timeout
+            if timeout > 0 and w.now - c.active_at >= timeout:
+                close_idle(w, c)
+        c = nxt
+
+
 cdef int next_timeout_ms(Worker *w) noexcept nogil:
     cdef double soonest = -1, now, t
     cdef Conn *c
     cdef int i, kind
     if w.later != NULL:
         return 0
+    if w.conns != NULL or pools_to_trim(w):
+        soonest = w.next_idle_sweep
     for kind in range(TIMER_KINDS):
         c = w.timed[kind]
         while c != NULL:

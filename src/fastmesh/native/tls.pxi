@@ -401,7 +401,7 @@ cdef void detect_tls(Worker *w, Conn *c) noexcept nogil:
     if n == 1 and first == 0x16:
         if not start_tls(w, c, DOWN):
             tls_failed(w, c, S_TLS_ERROR_LOCAL)
-    elif c.listener.mtls == MTLS_STRICT:
+    elif c.mtls == MTLS_STRICT:
         tls_failed(w, c, S_TLS_ERROR_PLAINTEXT if n == 1 else S_TLS_ERROR_RESET)  # gone before a byte
     else:
         plaintext_client(w, c)
@@ -443,7 +443,7 @@ cdef void tls_drive(Worker *w, Conn *c) noexcept nogil:
 cdef void tls_timer(Worker *w, Conn *c) noexcept nogil:
     # T_TLS: the client of a PERMISSIVE listener did not speak (plaintext, a
     # server-first app's client), or a handshake did not complete in time.
-    if c.tls_phase == TLS_DETECT and c.listener.mtls == MTLS_PERMISSIVE:
+    if c.tls_phase == TLS_DETECT and c.mtls == MTLS_PERMISSIVE:
         plaintext_client(w, c)
     else:
         tls_failed(w, c, S_TLS_ERROR_TIMEOUT)

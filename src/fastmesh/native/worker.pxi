@@ -21,6 +21,7 @@ cdef void worker_loop(Worker *w) noexcept nogil:
         pthread_mutex_lock(&w.lock)
         if w.stop:
             break
+        w.now = now_s()
         w.stats[S_LOOP_ITERATIONS] += 1
         w.ready = w.later
         w.later = NULL
@@ -36,6 +37,8 @@ cdef void worker_loop(Worker *w) noexcept nogil:
         run_ready(w)
         if w.timed[T_CONNECT] != NULL or w.timed[T_EXCHANGE] != NULL or w.timed[T_TLS] != NULL or w.npaused:
             run_timers(w)
+        if (w.conns != NULL or pools_to_trim(w)) and w.now >= w.next_idle_sweep:
+            sweep_idle(w)
         bury(w)
         timeout = next_timeout_ms(w)
         pthread_mutex_unlock(&w.lock)

@@ -286,19 +286,27 @@ def _document(api_version: str, kind: str, name: str, spec: dict) -> dict:
             "spec": spec}
 
 
-def mesh_documents() -> list[dict]:
-    """What every sidecar of the mesh is given, as a cluster's istiod would: the database's
-    service at the mongodb pod's address, its workload in the mesh (tlsMode istio, so its
-    connections exchange metadata), ISTIO_MUTUAL towards it, PERMISSIVE at it."""
+def _database_documents(name: str, host: str, port: int) -> list[dict]:
+    """The database as a mesh service named `host` on `port`: its ServiceEntry (the mongodb pod's
+    address, its workload in the mesh: tlsMode istio, so its connections exchange metadata) and
+    ISTIO_MUTUAL towards it."""
     endpoint_labels = {**MONGODB.labels, "security.istio.io/tlsMode": "istio"}
     return [
-        _document("networking.istio.io/v1beta1", "ServiceEntry", "mongodb", {
-            "hosts": [DATABASE_SERVICE], "addresses": [MONGODB.address], "location": "MESH_INTERNAL",
-            "resolution": "STATIC", "ports": [{"number": DATABASE_PORT, "name": "tcp-redis", "protocol": "TCP"}],
+        _document("networking.istio.io/v1beta1", "ServiceEntry", name, {
+            "hosts": [host], "addresses": [MONGODB.address], "location": "MESH_INTERNAL",
+            "resolution": "STATIC", "ports": [{"number": port, "name": "tcp-redis", "protocol": "TCP"}],
             "endpoints": [{"address": MONGODB.address, "labels": endpoint_labels,
                            "serviceAccount": MONGODB.service_account}]}),
-        _document("networking.istio.io/v1beta1", "DestinationRule", "mongodb", {
-            "host": DATABASE_SERVICE, "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}),
+        _document("networking.istio.io/v1beta1", "DestinationRule", name, {
+            "host": host, "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}),
+    ]
+
+
+def mesh_documents() -> list[dict]:
+    """What every sidecar of the mesh is given, as a cluster's istiod would: the database's
+    service at the mongodb pod's address, ISTIO_MUTUAL towards it, PERMISSIVE at it."""
+    return [
+        *_database_documents("mongodb", DATABASE_SERVICE, DATABASE_PORT),
         _document("security.istio.io/v1beta1", "PeerAuthentication", "mongodb", {
             "selector": {"matchLabels": {"app": MONGODB.labels["app"]}}, "mtls": {"mode": "PERMISSIVE"}}),
     ]
@@ -313,16 +321,7 @@ DIRECT_SERVICE = f"mongodb-direct.{NAMESPACE}.svc.cluster.local"
 def direct_documents() -> list[dict]:
     """The same database, mTLS and exchange as mesh_documents(), at the mongodb sidecar's
     DIRECT_INBOUND_PORT."""
-    endpoint_labels = {**MONGODB.labels, "security.istio.io/tlsMode": "istio"}
-    return [
-        _document("networking.istio.io/v1beta1", "ServiceEntry", "mongodb-direct", {
-            "hosts": [DIRECT_SERVICE], "addresses": [MONGODB.address], "location": "MESH_INTERNAL",
-            "resolution": "STATIC", "ports": [{"number": DIRECT_INBOUND_PORT, "name": "tcp-redis", "protocol": "TCP"}],
-            "endpoints": [{"address": MONGODB.address, "labels": endpoint_labels,
-                           "serviceAccount": MONGODB.service_account}]}),
-        _document("networking.istio.io/v1beta1", "DestinationRule", "mongodb-direct", {
-            "host": DIRECT_SERVICE, "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}),
-    ]
+    return _database_documents("mongodb-direct", DIRECT_SERVICE, DIRECT_INBOUND_PORT)
 
 
 def sidecar_document(spec: PodSpec, certs: Path, reporting: str, direct: bool = False) -> dict:

@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(iperf3 redis-server redis-tools prometheus mariadb-server iptables iproute2 openssl curl)
+# clang, libbpf-dev and bpftool: `fastmesh capture --ebpf` (its programs are compiled when fastmesh is installed).
+DEBIAN_PACKAGES=(iperf3 redis-server redis-tools prometheus mariadb-server iptables iproute2 openssl curl
+                 clang libbpf-dev bpftool)
 
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do

@@ -444,6 +444,15 @@ GREETING = b"220 server ready\r\n"
 # Network namespaces, for what needs iptables or addresses of its own (capture, the virtual
 # listeners): each test makes its own, removed at teardown, also when it fails.
 IP = shutil.which("ip")
+def ebpf_unavailable() -> str:
+    """Why `fastmesh capture --ebpf` cannot run here ('' when it can)."""
+    from fastmesh import capture_ebpf
+
+    if not shutil.which("bpftool"):
+        return "needs bpftool (apt-get install bpftool)"
+    return "" if capture_ebpf.OBJECT.exists() else "fastmesh was built without clang: no bpf/capture.bpf.o"
+
+
 POD, PEER = "10.79.0.1", "10.79.0.2"  # the two ends of joined_netns's veth
 _netns_names = itertools.count()
 
@@ -530,12 +539,13 @@ def scrape_pod(namespace: str) -> str:
 
 
 @contextlib.contextmanager
-def captured_sidecar(pod: str, config: Path):
-    """`fastmesh capture` in the pod and `serve -c config` there, on this run's engine, until
-    its metrics answer. The sidecar runs as root (uid 1337 could not read this checkout and
-    its Python), so capture leaves root's connections alone, as Istio's leaves uid 1337's."""
+def captured_sidecar(pod: str, config: Path, capture_flags: tuple[str, ...] = ()):
+    """`fastmesh capture` (with `capture_flags`) in the pod and `serve -c config` there, on this
+    run's engine, until its metrics answer. The sidecar runs as root (uid 1337 could not read
+    this checkout and its Python), so capture leaves root's connections alone, as Istio's
+    leaves uid 1337's."""
     env = dict(os.environ, FASTMESH_NO_EXTENSIONS="1") if NO_EXTENSIONS else dict(os.environ)
-    sh(IP, "netns", "exec", pod, sys.executable, "-m", "fastmesh", "capture", "-u", "0", env=env)
+    sh(IP, "netns", "exec", pod, sys.executable, "-m", "fastmesh", "capture", "-u", "0", *capture_flags, env=env)
     sidecar = subprocess.Popen([IP, "netns", "exec", pod, sys.executable, "-m", "fastmesh", "serve", "-c",
                                 str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=env, cwd="/")

@@ -1,5 +1,6 @@
-"""`fastmesh capture` / `uncapture`: istio-iptables' nat rules, checked as text (`--dry-run`
-and `iptables-save`) and by where connections actually go. Every test that touches iptables
+"""`fastmesh capture` / `uncapture`: istio-iptables' nat rules, `-m TPROXY`'s mangle rules and
+`--ebpf`'s capture at connect(), checked as text (`--dry-run` and `iptables-save`) and by where
+connections actually go. Every test that touches iptables
 does it in network namespaces of its own, removed at the end, also when the test fails;
 the host's own namespace is never touched. Needs root, iproute2 and iptables."""
 
@@ -9,10 +10,12 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from conftest import IP, PEER, POD, netns_unavailable, sh
+from conftest import IP, PEER, POD, ebpf_unavailable, netns_unavailable, sh
+from fastmesh import capture_ebpf
 from fastmesh.cli import main
 
 if netns_unavailable():
@@ -72,7 +75,9 @@ FLAGS_RULES = textwrap.dedent("""\
 FOREIGN = [("iptables", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "-j", "ACCEPT"),
            ("iptables", "-t", "nat", "-A", "OUTPUT", "-d", "10.79.9.9/32", "-p", "tcp", "-j", "ACCEPT"),
            ("iptables", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "ACCEPT"),
-           ("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "ACCEPT")]
+           ("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "ACCEPT"),
+           ("iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "-j", "ACCEPT"),
+           ("ip6tables", "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "-j", "ACCEPT")]
 
 NO_NET_ADMIN = ("fastmesh capture: capture needs CAP_NET_ADMIN in this network namespace (run as root, or as "
                 "an init container with NET_ADMIN and NET_RAW)\n")
@@ -122,6 +127,52 @@ def test_dry_run_follows_every_flag(capsys):
                                        f"# ip6tables-save -t nat (IPv6)\n{nat(v6)}")
 
 
+MANGLE_BUILT_INS = (":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+                    ":POSTROUTING ACCEPT [0:0]\n")
+# -m TPROXY's inbound rules for the defaults: no conntrack, the SYNs to the transparent listener.
+TPROXY_RULES = textwrap.dedent("""\
+    -A PREROUTING -p tcp -j ISTIO_INBOUND
+    -A ISTIO_INBOUND -i lo -j RETURN
+    -A ISTIO_INBOUND -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m socket -j RETURN
+    -A ISTIO_INBOUND -p tcp -m tcp --dport 22 -j RETURN
+    -A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN
+    -A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN
+    -A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY
+    -A ISTIO_TPROXY ! -d {loopback} -p tcp -j TPROXY --on-port 15006 --on-ip {any} --tproxy-mark 0x0/0x0
+    """)
+
+
+def mangle(rules: str) -> str:
+    return f"*mangle\n{MANGLE_BUILT_INS}:ISTIO_INBOUND - [0:0]\n:ISTIO_TPROXY - [0:0]\n{rules}COMMIT\n"
+
+
+def outbound_only(rules: str) -> str:
+    """The default nat rules without the inbound ones (-m TPROXY takes those)."""
+    return "".join(line for line in rules.splitlines(True) if not line.startswith("-A ISTIO_INBOUND "))
+
+
+def test_dry_run_of_tproxy_moves_inbound_to_the_mangle_table(capsys):
+    v4_nat = nat("-A OUTPUT -p tcp -j ISTIO_OUTPUT\n" + outbound_only(DEFAULT_V4))
+    v6_nat = nat("-A OUTPUT -p tcp -j ISTIO_OUTPUT\n" + outbound_only(DEFAULT_V6))
+    assert dry_run(capsys, "-m", "TPROXY") == (
+        f"# iptables-save -t nat (IPv4)\n{v4_nat}"
+        f"# iptables-save -t mangle (IPv4)\n{mangle(TPROXY_RULES.format(loopback='127.0.0.1/32', any='0.0.0.0'))}"
+        f"# ip6tables-save -t nat (IPv6)\n{v6_nat}"
+        f"# ip6tables-save -t mangle (IPv6)\n{mangle(TPROXY_RULES.format(loopback='::1/128', any='::'))}")
+
+
+def test_dry_run_of_ebpf_leaves_ipv4_no_nat_rule(capsys):
+    ebpf_line = ("# eBPF (capture.bpf.o, on the root cgroup, for this network namespace): IPv4 TCP connect() to a "
+                 "captured destination goes to 127.0.0.1:15001\n")
+    v4_inbound = "".join(line for line in DEFAULT_V4.splitlines(True)
+                         if line.startswith(("-A ISTIO_INBOUND ", "-A ISTIO_IN_REDIRECT ", "-A ISTIO_REDIRECT ")))
+    assert dry_run(capsys, "--ebpf") == (
+        f"# iptables-save -t nat (IPv4)\n{nat('-A PREROUTING -p tcp -j ISTIO_INBOUND' + chr(10) + v4_inbound)}"
+        f"# ip6tables-save -t nat (IPv6)\n{nat(DEFAULT_JUMPS + DEFAULT_V6)}{ebpf_line}")
+    # With -m TPROXY as well, IPv4 has no nat rule at all: nothing is tracked.
+    assert dry_run(capsys, "-m", "TPROXY", "--ebpf").startswith("# iptables-save -t mangle (IPv4)\n")
+
+
 def test_a_loopback_include_captures_the_apps_own_loopback_calls_as_istio_iptables_does(capsys):
     rules = dry_run(capsys, "-i", "127.0.0.0/8").split("# ip6tables-save")[0]
     assert "! --uid-owner" not in rules and "! --gid-owner" not in rules
@@ -165,10 +216,20 @@ def test_capture_installs_the_rules_replaces_them_and_uncapture_restores_every_t
 
 # Listens on each NAME:HOST:PORT as uid/gid ARGV[1] and answers each connection with its
 # name and the connection's original destination (SO_ORIGINAL_DST, as a sidecar reads it;
-# the socket's own address where no conntrack entry exists).
+# the socket's own address where no conntrack entry exists, as under TPROXY). The listeners
+# are transparent (IP_TRANSPARENT, set as root), as a sidecar's are under -m TPROXY.
 SERVER = textwrap.dedent("""
     import encodings.idna, os, socket, struct, sys, threading  # idna: imported before the uid changes
     uid = int(sys.argv[1])
+    listeners = []
+    for spec in sys.argv[2:]:
+        name, host, port = spec.split(":")
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+        server.bind((host, int(port)))
+        server.listen()
+        listeners.append((name, server))
     if uid:
         os.setgroups([]); os.setgid(uid); os.setuid(uid)
     def serve(name, server):
@@ -181,19 +242,20 @@ SERVER = textwrap.dedent("""
                 except OSError:
                     where = "%s:%d" % conn.getsockname()
                 conn.sendall(("%s %s" % (name, where)).encode())
-    for spec in sys.argv[2:]:
-        name, host, port = spec.split(":")
-        threading.Thread(target=serve, args=(name, socket.create_server((host, int(port)))), daemon=True).start()
+    for name, server in listeners:
+        threading.Thread(target=serve, args=(name, server), daemon=True).start()
     print("ready", flush=True)
     sys.stdin.read()
 """)
 
-# Connects to ARGV[1]:ARGV[2] as uid ARGV[3], gid ARGV[4], and prints the answer.
+# Connects to ARGV[1]:ARGV[2] as uid ARGV[3], gid ARGV[4], and prints the answer, then whom
+# getpeername() says it is connected to.
 CLIENT = textwrap.dedent("""
     import encodings.idna, os, socket, sys  # idna: imported before the uid changes
     os.setgroups([]); os.setgid(int(sys.argv[4])); os.setuid(int(sys.argv[3]))
     with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as conn:
         print(conn.recv(256).decode())
+        print("%s:%d" % conn.getpeername())
 """)
 
 
@@ -219,25 +281,81 @@ def servers(pod):
 
 
 def answer(ns: str, host: str, port: int, uid: int = 0, gid: int = 0) -> str:
-    return sh(IP, "netns", "exec", ns, sys.executable, "-c", CLIENT, host, str(port), str(uid), str(gid)).stdout.strip()
+    """The server's answer; the client must see itself connected to where it dialled, however
+    the connection was captured."""
+    out = sh(IP, "netns", "exec", ns, sys.executable, "-c", CLIENT, host, str(port), str(uid), str(gid)).stdout
+    reply, peer = out.splitlines()
+    assert peer == f"{host}:{port}"
+    return reply
 
 
-def test_captured_connections_reach_the_sidecars_ports_with_their_original_destination(servers):
+def attached_programs() -> list[str]:
+    """Our eBPF programs on the root cgroup now."""
+    with capture_ebpf._cgroup_root() as root:
+        return sorted(capture_ebpf._attached(root))
+
+
+def tracked(ns: str, address: str) -> int:
+    """How many of `ns`'s conntrack entries name `address`."""
+    table = Path("/proc/net/nf_conntrack")
+    text = sh(IP, "netns", "exec", ns, "cat", str(table)).stdout if table.exists() else ""
+    return sum(f"={address} " in line for line in text.splitlines())
+
+
+MODES = [(), ("-m", "TPROXY"), ("--ebpf",), ("-m", "TPROXY", "--ebpf")]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["redirect", "tproxy", "ebpf", "tproxy-ebpf"])
+def test_captured_connections_reach_the_sidecars_ports_with_their_original_destination(servers, mode):
+    if "--ebpf" in mode and ebpf_unavailable():
+        pytest.skip(ebpf_unavailable())
     ns, peer = servers
-    assert fastmesh(ns, "capture").returncode == 0
+    before = saved(ns)
+    result = fastmesh(ns, "capture", *mode)
+    assert (result.returncode, result.stderr) == (0, "")
 
     assert answer(ns, PEER, 8080) == f"outbound {PEER}:8080"  # an app's outbound call
     assert answer(ns, PEER, 8080, uid=1337, gid=1337) == f"peer {PEER}:8080"  # the sidecar's own
     assert answer(ns, PEER, 8080, uid=1000, gid=1337) == f"peer {PEER}:8080"  # the sidecar's gid (-g = -u)
     assert answer(ns, "127.0.0.1", 7070) == "loopback 127.0.0.1:7070"  # localhost is left alone
     assert answer(ns, POD, 9080) == f"app {POD}:9080"  # an app calling its own pod address
+    assert answer(ns, POD, 9080, uid=1337, gid=1337) == f"inbound {POD}:9080"  # the sidecar calling it
 
     assert answer(peer, POD, 9080) == f"inbound {POD}:9080"  # inbound, from another namespace
     assert answer(peer, POD, 15090) == f"metrics {POD}:15090"  # an excluded inbound port (-d)
+    # Without NAT on either side, the namespace tracks none of those connections.
+    assert (tracked(ns, PEER) == 0) == (mode == ("-m", "TPROXY", "--ebpf"))
 
-    assert fastmesh(ns, "uncapture").returncode == 0
+    result = fastmesh(ns, "uncapture")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert ("the eBPF capture of this network namespace is gone" in result.stdout) == ("--ebpf" in mode)
+    assert saved(ns) == before
     assert answer(ns, PEER, 8080) == f"peer {PEER}:8080"
     assert answer(peer, POD, 9080) == f"app {POD}:9080"
+    if "--ebpf" in mode:
+        assert attached_programs() == []  # the last namespace's entry took the programs with it
+
+
+@pytest.mark.skipif(bool(ebpf_unavailable()), reason=ebpf_unavailable() or "-")
+@pytest.mark.parametrize("flags, captured", [
+    (["-o", "8080"], False),
+    (["-x", f"{PEER}/32"], False),
+    (["-i", "10.99.0.0/16"], False),
+    (["-i", f"10.99.0.0/16,{PEER}/32"], True),
+    (["-u", "1000", "-g", "1001"], True),  # 1337 is an app then, and 1000/1001 the proxy
+], ids=["excluded-port", "excluded-cidr", "not-included", "included", "other-proxy-ids"])
+def test_ebpf_capture_follows_the_outbound_flags(servers, flags, captured):
+    ns, _ = servers
+    assert fastmesh(ns, "capture", "--ebpf", *flags).returncode == 0
+    try:
+        expected = f"outbound {PEER}:8080" if captured else f"peer {PEER}:8080"
+        direct = f"peer {PEER}:8080"
+        proxy_ids_given = "-u" in flags
+        assert answer(ns, PEER, 8080) == expected
+        assert answer(ns, PEER, 8080, uid=1337, gid=1337) == (expected if proxy_ids_given else direct)
+        assert answer(ns, PEER, 8080, uid=1000, gid=1001) == (direct if proxy_ids_given else expected)
+    finally:
+        assert fastmesh(ns, "uncapture").returncode == 0
 
 
 @pytest.mark.parametrize("prefix, env, args, expected", [
@@ -252,11 +370,15 @@ def test_captured_connections_reach_the_sidecars_ports_with_their_original_desti
      "fastmesh capture: -d/--exclude-inbound-ports: '15090,http': 'http' is not a port (1-65535)\n"),
     ((), None, ["capture", "-b", "70000"],
      "fastmesh capture: -b/--include-inbound-ports: '70000': '70000' is not a port (1-65535)\n"),
-    ((), None, ["capture", "-m", "TPROXY"],
-     ("fastmesh capture: -m TPROXY is not supported: fastmesh captures with REDIRECT only (its listeners read "
-      "the original destination with SO_ORIGINAL_DST)\n")),
+    ((), None, ["capture", "--ebpf", "-k", "eth1"],
+     "fastmesh capture: --ebpf: -k/--kube-virt-interfaces needs the NAT capture (a VM's packets make no connect())\n"),
+    ((), None, ["capture", "--ebpf", "-i", "127.0.0.0/8"],
+     ("fastmesh capture: --ebpf: -i/--include-outbound-cidrs cannot name a loopback range (connect() to loopback "
+      "is never moved)\n")),
+    ((), None, ["capture", "--ebpf", "-o", ",".join(str(port) for port in range(1, 18))],
+     "fastmesh capture: --ebpf takes at most 16 -o ports (17 given)\n"),
 ], ids=["no-net-admin", "no-iptables", "bad-cidr", "wildcard-exclude", "bad-port-list", "port-out-of-range",
-        "tproxy"])
+        "ebpf-virt-interfaces", "ebpf-loopback-include", "ebpf-too-many-ports"])
 def test_refusals_are_one_line_exit_1_and_change_nothing(pod, prefix, env, args, expected):
     ns, _ = pod
     before = saved(ns)

@@ -348,6 +348,30 @@ def test_mtls_reads_the_workloads_certificates_from_its_secret_which_the_pod_nee
     assert certs.load_identity(tmp_path / "sleep").spiffe_id == identity
 
 
+def test_tproxy_interception_binds_as_root_then_becomes_the_proxy_user(capsys, monkeypatch, tmp_path):
+    annotated = POD.replace("metadata: {name: sleep,", "metadata: {name: sleep, annotations: "
+                            "{sidecar.istio.io/interceptionMode: TPROXY},")
+    configmap, pod = injected(capsys, monkeypatch, annotated)
+    init, sidecar = pod["spec"]["initContainers"]
+    assert init["args"] == [arg if arg != "REDIRECT" else "TPROXY" for arg in CAPTURE]
+    assert sidecar["args"] == ["serve", "-c", "/etc/fastmesh/sidecar.yaml", "--user", "1337", "--group", "1337"]
+    assert sidecar["securityContext"] == {
+        "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False, "allowPrivilegeEscalation": False,
+        "privileged": False, "readOnlyRootFilesystem": True,
+        "capabilities": {"add": ["NET_RAW", "SETUID", "SETGID"], "drop": ["ALL"]}}
+    assert {"name": "ISTIO_META_INTERCEPTION_MODE", "value": "TPROXY"} in sidecar["env"]
+    (document,) = sidecar_documents(configmap)
+    assert document["spec"]["virtualInbound"] == {"port": 15006, "interceptionMode": "TPROXY"}
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(configmap["data"]["sidecar.yaml"])
+    (listener,) = [d for d in load_documents([str(path)]) if d.kind == "Sidecar"]
+    assert listener.spec.virtual_inbound.interception_mode == "TPROXY"
+    assert kube_inject(capsys, POD.replace("metadata: {name: sleep,", "metadata: {name: sleep, annotations: "
+                                           "{sidecar.istio.io/interceptionMode: NONE},"), monkeypatch) == (
+        1, "", "fastmesh kube-inject: <stdin>: document 1 (Pod sleep): sidecar.istio.io/interceptionMode: 'NONE' "
+               "is not one of REDIRECT, TPROXY\n")
+
+
 def test_errors_are_one_line(capsys, monkeypatch, tmp_path):
     assert main(["kube-inject", "-f", str(tmp_path / "missing.yaml")]) == 1
     missing = f"fastmesh kube-inject: {tmp_path / 'missing.yaml'}: No such file or directory\n"

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import EXPECTED_IMPLEMENTATION, IP, netns_unavailable, random_bytes, sha256, wait_until
+from conftest import EXPECTED_IMPLEMENTATION, IP, ebpf_unavailable, netns_unavailable, random_bytes, sha256, wait_until
 from fastmesh import metrics_view, pods
 from fastmesh.pods import MONGODB, PLAIN, RATINGS_V2
 from fastmesh.routing import PASSTHROUGH_CLUSTER
@@ -27,9 +27,16 @@ COUNTERS = {"istio_tcp_connections_opened_total": "opened", "istio_tcp_connectio
 KEY = ("reporter", "source_workload", "destination_service_name")
 
 
-@pytest.fixture
-def mesh():
-    made = pods.Mesh()  # the sidecars inherit FASTMESH_NO_EXTENSIONS from this environment
+# `fastmesh capture`'s flags: Istio's defaults (NAT), and fastmesh's capture without NAT.
+CAPTURE_MODES = {"redirect": (), "tproxy-ebpf": ("-m", "TPROXY", "--ebpf")}
+
+
+@pytest.fixture(params=list(CAPTURE_MODES))
+def mesh(request):
+    flags = CAPTURE_MODES[request.param]
+    if "--ebpf" in flags and ebpf_unavailable():
+        pytest.skip(ebpf_unavailable())
+    made = pods.Mesh(capture_flags=flags)  # the sidecars inherit FASTMESH_NO_EXTENSIONS from this environment
     try:
         with made:
             yield made
@@ -131,6 +138,8 @@ def test_after_uncapture_traffic_flows_directly_and_iptables_are_as_before(mesh)
         assert "-A OUTPUT -p tcp -j ISTIO_OUTPUT" in captured  # capture was really there
         assert mesh.uncapture(pod.name).startswith("uncaptured IPv4")
         assert pod.iptables_rules() == pod.rules_before_capture
+    if mesh.capture_flags:
+        assert "fm_connect4" not in subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
 
     answers = [pods.rating(ratings, MONGODB.address, review) for review in (1, 2, 1)]
     assert answers == ["5", "4", "5"]

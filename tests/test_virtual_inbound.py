@@ -6,6 +6,7 @@ address and know nothing of the proxy. Both engines, each test in network namesp
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 import time
@@ -15,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import IP, POD, captured_sidecar, named_echo, netns_unavailable, scrape_pod, sh, stop_process
-from fastmesh.config import load_documents, plan
+from fastmesh.config import ConfigError, load_documents, plan
 from fastmesh.routing import INBOUND_PASSTHROUGH_CLUSTER
 
 if netns_unavailable():
@@ -40,6 +41,7 @@ CONFIG = textwrap.dedent(f"""\
                      LABELS: {{app: mongodb, version: v1}}}}
       virtualInbound:
         ports: [{{port: {DATABASE_PORT}, service: mongodb}}]
+        interceptionMode: MODE
       certs: CERTS
       metrics: 127.0.0.1:15090
       admin: null
@@ -68,9 +70,9 @@ CLIENT = textwrap.dedent("""\
     print(answer.decode().strip() or "closed")
     """)
 
-def sidecar_config(tmp_path: Path, certs: Path) -> Path:
+def sidecar_config(tmp_path: Path, certs: Path, mode: str = "REDIRECT") -> Path:
     config = tmp_path / "sidecar.yaml"
-    config.write_text(CONFIG.replace("CERTS", str(certs)))
+    config.write_text(CONFIG.replace("CERTS", str(certs)).replace("MODE", mode))
     return config
 
 
@@ -89,17 +91,34 @@ def test_the_virtual_inbound_listener_is_built_from_the_app_ports(tmp_path, mesh
     assert (str(listener.listen), listener.direction, listener.mtls) == ("0.0.0.0:15006", "inbound", "PERMISSIVE")
     tls = sidecar.listener_tls(listener)
     assert (tls.mode, tls.destination_modes) == ("PERMISSIVE", ("STRICT",))
+    assert listener.transparent is False
 
 
-@pytest.fixture
-def captured_pod(joined_netns, tmp_path, mesh_certs):
-    """(pod, peer): in the pod, the app on two ports (127.0.0.1), `fastmesh capture` and the
-    sidecar with a virtual inbound listener; the peer namespace dials the pod's address."""
+def test_tproxy_interception_makes_the_listener_transparent_and_needs_a_capability(tmp_path, mesh_certs):
+    config = sidecar_config(tmp_path, mesh_certs.identity("default", "mongodb"), "TPROXY")
+    assert plan(load_documents([str(config)]), resolve=False).sidecar.listeners[0].transparent is True
+    # Without CAP_NET_RAW and CAP_NET_ADMIN (root, but not those), serve says what it needs.
+    drop = ("setpriv", "--bounding-set", "-net_raw,-net_admin", "--inh-caps", "-net_raw,-net_admin")
+    result = subprocess.run([*drop, sys.executable, "-m", "fastmesh", "serve", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert "interceptionMode TPROXY needs CAP_NET_RAW or CAP_NET_ADMIN (IP_TRANSPARENT)" in result.stderr
+    bad = config.read_text().replace("interceptionMode: TPROXY", "interceptionMode: NONE")
+    config.write_text(bad)
+    with pytest.raises(ConfigError, match="interceptionMode"):
+        plan(load_documents([str(config)]), resolve=False)
+
+
+@pytest.fixture(params=["REDIRECT", "TPROXY"])
+def captured_pod(request, joined_netns, tmp_path, mesh_certs):
+    """(pod, peer): in the pod, the app on two ports (127.0.0.1), `fastmesh capture` (-m
+    REDIRECT or TPROXY) and the sidecar with a virtual inbound listener in the same mode; the
+    peer namespace dials the pod's address."""
     pod, peer = joined_netns
-    config = sidecar_config(tmp_path, mesh_certs.identity("default", "mongodb"))
+    config = sidecar_config(tmp_path, mesh_certs.identity("default", "mongodb"), request.param)
     app = named_echo(pod, "127.0.0.1", f"database:{DATABASE_PORT}", f"admin:{ADMIN_PORT}")
     try:
-        with captured_sidecar(pod, config):
+        with captured_sidecar(pod, config, ("-m", request.param)):
             yield pod, peer
     finally:
         stop_process(app)

@@ -59,12 +59,26 @@ def resolve(address: Address) -> list[Address]:
     return found
 
 
-def bind_listener(address: Address, backlog: int) -> socket.socket:
-    """A non-blocking listening socket; the error names the address on failure."""
+IP_TRANSPARENT, IPV6_TRANSPARENT = 19, 75  # <linux/in.h>, <linux/in6.h>
+
+
+def bind_listener(address: Address, backlog: int, transparent: bool = False) -> socket.socket:
+    """A non-blocking listening socket; the error names the address on failure. `transparent`:
+    it takes connections iptables TPROXY hands it (IP_TRANSPARENT, which needs CAP_NET_RAW or
+    CAP_NET_ADMIN)."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            try:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                else:
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            except PermissionError:
+                raise PermissionError(1, "interceptionMode TPROXY needs CAP_NET_RAW or CAP_NET_ADMIN "
+                                         "(IP_TRANSPARENT)") from None
         sock.bind((address.host, address.port))
         sock.listen(backlog)
         sock.setblocking(False)

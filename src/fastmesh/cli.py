@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"the sidecar's uid, whose traffic is never captured (default {DEFAULTS.proxy_uid})")
     capture.add_argument("-g", "--proxy-gid", metavar="GID", help="likewise, its gid (default: the uid)")
     capture.add_argument("-m", "--inbound-interception-mode", choices=["REDIRECT", "TPROXY"], default="REDIRECT",
-                         help="REDIRECT, the only mode supported")
+                         help="REDIRECT (default: NAT) or TPROXY (inbound handed over without NAT or conntrack; "
+                              "the Sidecar's virtualInbound then needs interceptionMode: TPROXY)")
     capture.add_argument("-i", "--include-outbound-cidrs", default="*", metavar="CIDRS",
                          help="outbound destinations captured: '*' (default) or a comma list")
     capture.add_argument("-x", "--exclude-outbound-cidrs", default="", metavar="CIDRS",
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="outbound destination ports never captured (default none)")
     capture.add_argument("-k", "--kube-virt-interfaces", default="", metavar="IFACES",
                          help="interfaces of VMs inside the pod, whose traffic is captured as outbound")
+    capture.add_argument("--ebpf", action="store_true",
+                         help="capture IPv4 outbound TCP at connect() with eBPF (cgroup/connect4) instead of NAT on "
+                              "every packet; needs bpftool, CAP_BPF and CAP_SYS_ADMIN")
     capture.add_argument("--dry-run", action="store_true", help="print the rules iptables-save will list; change nothing")
     commands.add_parser("uncapture", help="remove every rule and chain `capture` made",
                         description="Remove the ISTIO_* chains `capture` made and the rules that jump to them.")

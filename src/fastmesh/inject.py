@@ -45,8 +45,13 @@ PROMETHEUS_ENV = "ISTIO_PROMETHEUS_ANNOTATIONS"
 WORKLOADS = {"Deployment": "apps/v1/namespaces/{ns}/deployments", "StatefulSet": "apps/v1/namespaces/{ns}/statefulsets",
              "DaemonSet": "apps/v1/namespaces/{ns}/daemonsets", "Job": "batch/v1/namespaces/{ns}/jobs",
              "Pod": "v1/namespaces/{ns}/pods"}
-CAPTURE_ARGS = ["capture", "-p", str(OUTBOUND_PORT), "-z", str(INBOUND_PORT), "-u", str(PROXY_UID),
-                "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", DEFAULTS.capture_excluded_inbound_ports]
+INTERCEPTION = "sidecar.istio.io/interceptionMode"  # Istio's annotation: REDIRECT (default) or TPROXY
+INTERCEPTION_MODES = ("REDIRECT", "TPROXY")
+
+
+def capture_args(mode: str = "REDIRECT") -> list[str]:
+    return ["capture", "-p", str(OUTBOUND_PORT), "-z", str(INBOUND_PORT), "-u", str(PROXY_UID),
+            "-m", mode, "-i", "*", "-x", "", "-b", "*", "-d", DEFAULTS.capture_excluded_inbound_ports]
 
 
 class InjectError(ValueError):
@@ -69,11 +74,11 @@ def _field_env(name: str, field_path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": field_path}}}
 
 
-def init_container(image: str) -> dict[str, Any]:
+def init_container(image: str, mode: str = "REDIRECT") -> dict[str, Any]:
     """istio-init's job, done by `fastmesh capture` with istio-iptables' flags, as root with
     only the capabilities iptables needs."""
     return {
-        "name": INIT_NAME, "image": image, "args": list(CAPTURE_ARGS),
+        "name": INIT_NAME, "image": image, "args": capture_args(mode),
         "securityContext": {"capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
                             "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False,
                             "allowPrivilegeEscalation": False, "privileged": False,
@@ -81,8 +86,21 @@ def init_container(image: str) -> dict[str, Any]:
     }
 
 
+def sidecar_security(mode: str) -> tuple[list[str], dict[str, Any]]:
+    """(serve's extra args, the container's securityContext). Under TPROXY the transparent
+    listener needs CAP_NET_RAW, which Kubernetes gives only to root: the proxy binds as root
+    and becomes uid 1337 with `serve --user` (Istio runs its proxy as root in this mode)."""
+    common = {"allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True}
+    if mode == "TPROXY":
+        return (["--user", str(PROXY_UID), "--group", str(PROXY_UID)],
+                {"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False, **common,
+                 "capabilities": {"add": ["NET_RAW", "SETUID", "SETGID"], "drop": ["ALL"]}})
+    return [], {"runAsUser": PROXY_UID, "runAsGroup": PROXY_UID, "runAsNonRoot": True, **common,
+                "capabilities": {"drop": ["ALL"]}}
+
+
 def sidecar_container(image: str, kind: str, name: str, app_containers: list[str],
-                      app_prometheus: dict[str, str]) -> dict[str, Any]:
+                      app_prometheus: dict[str, str], mode: str = "REDIRECT") -> dict[str, Any]:
     """The proxy as a native sidecar: started (and probed) before the app, stopped after it."""
     env = [_field_env("POD_NAME", "metadata.name"), _field_env("POD_NAMESPACE", "metadata.namespace"),
            _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"), _field_env("INSTANCE_IP", "status.podIP"),
@@ -91,22 +109,21 @@ def sidecar_container(image: str, kind: str, name: str, app_containers: list[str
            {"name": "ISTIO_META_OWNER",
             "value": f"kubernetes://apis/{WORKLOADS[kind].format(ns='$(POD_NAMESPACE)')}/{name}"},
            {"name": "ISTIO_META_CLUSTER_ID", "value": "Kubernetes"},
-           {"name": "ISTIO_META_INTERCEPTION_MODE", "value": "REDIRECT"},
+           {"name": "ISTIO_META_INTERCEPTION_MODE", "value": mode},
            {"name": "ISTIO_META_APP_CONTAINERS", "value": ",".join(app_containers)}]
     if app_prometheus:
         env.append({"name": PROMETHEUS_ENV, "value": json.dumps(app_prometheus, separators=(",", ":"))})
+    extra_args, security = sidecar_security(mode)
     return {
         "name": SIDECAR_NAME, "image": image, "restartPolicy": "Always",
-        "args": ["serve", "-c", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "args": ["serve", "-c", f"{CONFIG_DIR}/{CONFIG_FILE}", *extra_args],
         "ports": [{"name": "http-envoy-prom", "containerPort": METRICS_PORT, "protocol": "TCP"},
                   {"name": "status-port", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
         "env": env,
         "startupProbe": _probe(1, 600),  # Istio's: up to 10 minutes, checked every second
         "readinessProbe": _probe(15, 4),
         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
-        "securityContext": {"runAsUser": PROXY_UID, "runAsGroup": PROXY_UID, "runAsNonRoot": True,
-                            "allowPrivilegeEscalation": False, "privileged": False,
-                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": security,
         "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
                          {"name": CERTS_VOLUME, "mountPath": CERTS_DIR, "readOnly": True},
                          {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True}],
@@ -132,7 +149,7 @@ def config_map_name(workload: str) -> str:
 
 
 def sidecar_document(name: str, namespace: str, inbound_ports: list[dict[str, Any]],
-                     mtls: bool = False) -> dict[str, Any]:
+                     mtls: bool = False, mode: str = "REDIRECT") -> dict[str, Any]:
     """The default Sidecar document: capture's ports as Istio's virtualOutbound and virtualInbound
     (the app ports Services name, with their service), identity from the pod (podInfo),
     fastmesh's plaintext exchange, the ports the pod's probes and annotations name, and the
@@ -140,6 +157,8 @@ def sidecar_document(name: str, namespace: str, inbound_ports: list[dict[str, An
     inbound: dict[str, Any] = {"port": INBOUND_PORT}
     if inbound_ports:
         inbound["ports"] = inbound_ports
+    if mode != "REDIRECT":
+        inbound["interceptionMode"] = mode
     spec: dict[str, Any] = {"podInfo": PODINFO_DIR, "virtualOutbound": {"port": OUTBOUND_PORT},
                             "virtualInbound": inbound}
     if mtls:
@@ -151,12 +170,12 @@ def sidecar_document(name: str, namespace: str, inbound_ports: list[dict[str, An
 
 
 def config_map(name: str, namespace: str | None, inbound_ports: list[dict[str, Any]],
-               options: Options = Options()) -> dict[str, Any]:
+               options: Options = Options(), mode: str = "REDIRECT") -> dict[str, Any]:
     """The pod's sidecar.yaml: its Sidecar document, then the mesh's Istio documents."""
     metadata: dict[str, Any] = {"name": config_map_name(name)}
     if namespace is not None:
         metadata["namespace"] = namespace
-    sidecar = sidecar_document(name, namespace or "default", inbound_ports, options.mtls)
+    sidecar = sidecar_document(name, namespace or "default", inbound_ports, options.mtls, mode)
     text = yaml.safe_dump_all([sidecar, *options.mesh], sort_keys=False)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": {CONFIG_FILE: text}}
 
@@ -210,8 +229,17 @@ def skipped(template: dict[str, Any]) -> bool:
     return SIDECAR_NAME in names
 
 
-def inject_template(template: dict[str, Any], kind: str, name: str, options: Options = Options()) -> None:
-    """Add the sidecar to a pod template (or a Pod) in place."""
+def interception_mode(template: dict[str, Any], where: str) -> str:
+    """The pod's sidecar.istio.io/interceptionMode, REDIRECT when it has none."""
+    mode = str(((template.get("metadata") or {}).get("annotations") or {}).get(INTERCEPTION, "REDIRECT"))
+    if mode not in INTERCEPTION_MODES:
+        raise InjectError(f"{where}: {INTERCEPTION}: {mode!r} is not one of {', '.join(INTERCEPTION_MODES)}")
+    return mode
+
+
+def inject_template(template: dict[str, Any], kind: str, name: str, options: Options = Options(),
+                    mode: str = "REDIRECT") -> None:
+    """Add the sidecar to a pod template (or a Pod) in place; `mode`: its interception mode."""
     metadata = template.setdefault("metadata", {})
     spec = template.setdefault("spec", {})
     apps = spec.get("containers") or []
@@ -238,8 +266,8 @@ def inject_template(template: dict[str, Any], kind: str, name: str, options: Opt
     labels[CANONICAL_NAME] = canonical_label(canonical_service(labels, name))
     labels[CANONICAL_REVISION] = canonical_label(canonical_revision(labels))
 
-    spec["initContainers"] = [init_container(options.image),
-                              sidecar_container(options.image, kind, name, app_names, app_prometheus),
+    spec["initContainers"] = [init_container(options.image, mode),
+                              sidecar_container(options.image, kind, name, app_names, app_prometheus, mode),
                               *(spec.get("initContainers") or [])]
     spec["volumes"] = [*(spec.get("volumes") or []), *volumes(name, options.mtls)]
     if options.mtls:
@@ -275,10 +303,11 @@ def inject_documents(documents: Iterable[Any], source: str = "-", options: Optio
             result.append(document)
             continue
         namespace = metadata.get("namespace")
+        mode = interception_mode(template, f"{source}: document {number} ({kind} {name})")
         ports = inbound_ports(template, namespace, services)  # by the input's labels, before Istio's are added
-        inject_template(template, kind, name, options)
+        inject_template(template, kind, name, options, mode)
         if ("ConfigMap", config_map_name(name), namespace) not in existing:
-            result.append(config_map(name, namespace, ports, options))
+            result.append(config_map(name, namespace, ports, options, mode))
         result.append(document)
     return result
 

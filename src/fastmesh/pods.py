@@ -65,10 +65,18 @@ RATINGS = {1: 5, 2: 4}  # review -> rating, as Bookinfo's ratings data has them
 # The sidecar runs as Istio's proxy user, so `fastmesh capture` keeps its defaults (-u 1337).
 # That user cannot read this Python installation (it may live under /root), so the sidecar
 # keeps one capability, CAP_DAC_READ_SEARCH (read any file), as an ambient one; it has no
-# NET_ADMIN and cannot change the rules that capture it.
+# NET_ADMIN and cannot change the rules that capture it. Under `capture -m TPROXY` it keeps
+# CAP_NET_RAW too, which a transparent listener needs (Istio gives its proxy NET_ADMIN for it).
 PROXY_UID = DEFAULTS.proxy_uid
-AS_PROXY_USER = ("setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
-                 "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search")
+
+
+def as_proxy_user(transparent: bool = False) -> tuple[str, ...]:
+    """setpriv's argv to run a command as the proxy user, with the capabilities above."""
+    caps = "+dac_read_search" + (",+net_raw" if transparent else "")
+    return ("setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+            f"--inh-caps={caps}", f"--ambient-caps={caps}")
+
+
 TOOLS = ("ip", "iptables", "iptables-save", "setpriv", "redis-server")
 CLONE_NEWNET = 0x40000000  # <linux/sched.h>
 
@@ -324,7 +332,8 @@ def direct_documents() -> list[dict]:
     return _database_documents("mongodb-direct", DIRECT_SERVICE, DIRECT_INBOUND_PORT)
 
 
-def sidecar_document(spec: PodSpec, certs: Path, reporting: str, direct: bool = False) -> dict:
+def sidecar_document(spec: PodSpec, certs: Path, reporting: str, direct: bool = False,
+                     interception_mode: str = "REDIRECT") -> dict:
     """A mesh pod's Sidecar: the two virtual listeners capture redirects to, its workload's
     node metadata and identity, the metrics and health ports on every address; `direct`: also
     the listeners of the directly addressed path (direct_documents())."""
@@ -342,7 +351,8 @@ def sidecar_document(spec: PodSpec, certs: Path, reporting: str, direct: bool = 
                          "SERVICE_ACCOUNT": spec.service_account, "CLUSTER_ID": "Kubernetes",
                          "INSTANCE_IPS": spec.address, "LABELS": spec.labels},
         "virtualOutbound": {"port": DEFAULTS.capture_outbound_port},
-        "virtualInbound": {"port": DEFAULTS.capture_inbound_port, "ports": inbound_ports},
+        "virtualInbound": {"port": DEFAULTS.capture_inbound_port, "ports": inbound_ports,
+                           "interceptionMode": interception_mode},
         "certs": str(certs),
         "metrics": f"0.0.0.0:{METRICS_PORT}",
         "health": f"0.0.0.0:{HEALTH_PORT}",
@@ -358,9 +368,12 @@ class Mesh:
     """The three pods on a bridge, started by `start()` (or `with`), removed by `stop()`."""
 
     def __init__(self, progress: Callable[[str], None] = lambda message: None, reporting: str = "500ms",
-                 prefix: str | None = None, direct: bool = False) -> None:
+                 prefix: str | None = None, direct: bool = False, capture_flags: tuple[str, ...] = ()) -> None:
         self.progress = progress
         self.direct = direct  # the sidecars also serve the directly addressed path (bench/capture.py)
+        self.capture_flags = capture_flags  # `fastmesh capture`'s, e.g. ("-m", "TPROXY", "--ebpf")
+        # Under TPROXY the inbound listeners are transparent (they take REDIRECT's connections too).
+        self.interception_mode = "TPROXY" if "TPROXY" in capture_flags else "REDIRECT"
         self.reporting = reporting  # the sidecars' tcpReportingDuration
         self.prefix = prefix or f"fmpods-{os.getpid()}-{next(_meshes)}"  # every namespace's name starts so
         self.node = Pod(PodSpec("node", NODE_ADDRESS), f"{self.prefix}-node")
@@ -452,21 +465,23 @@ class Mesh:
         threading.Thread(target=self._echo.serve_forever, args=(0.1,), name="echo", daemon=True).start()
         self.progress(f"plain: no sidecar; an echo server on 0.0.0.0:{ECHO_PORT} that no config knows")
 
-    def _capture(self, pod: Pod) -> None:
-        # Make the nat tables exist first (a chain made and deleted; listing them does not, with
+    def _capture(self, pod: Pod, flags: tuple[str, ...] | None = None) -> None:
+        # Make the nat and mangle tables exist first (a chain made and deleted; listing them does not, with
         # iptables-nft): uncapture leaves an empty one behind where there was none, and this
         # snapshot is what uncapture must give back.
         for tool in ("iptables", "ip6tables")[:1 + bool(shutil.which("ip6tables"))]:
-            pod.run(tool, "-t", "nat", "-N", "FASTMESH_PODS")
-            pod.run(tool, "-t", "nat", "-X", "FASTMESH_PODS")
+            for table in ("nat", "mangle"):  # -m TPROXY's rules are mangle's
+                pod.run(tool, "-t", table, "-N", "FASTMESH_PODS")
+                pod.run(tool, "-t", table, "-X", "FASTMESH_PODS")
         pod.rules_before_capture = pod.iptables_rules()
         self._captured.add(pod.name)
-        done = pod.run(sys.executable, "-m", "fastmesh", "capture").strip()
-        self.progress(f"{pod.name}: fastmesh capture: {done}")
+        flags = self.capture_flags if flags is None else flags
+        done = pod.run(sys.executable, "-m", "fastmesh", "capture", *flags).strip()
+        self.progress(f"{pod.name}: fastmesh capture {' '.join(flags)}: {done}")
 
-    def capture(self, name: str) -> None:
-        """`fastmesh capture` again in a mesh pod, after uncapture()."""
-        self._capture(self.pods[name])
+    def capture(self, name: str, flags: tuple[str, ...] | None = None) -> None:
+        """`fastmesh capture` again in a mesh pod, after uncapture(); `flags`: other than the mesh's."""
+        self._capture(self.pods[name], flags)
 
     def uncapture(self, name: str) -> str:
         pod = self.pods[name]
@@ -478,9 +493,10 @@ class Mesh:
         assert self.workdir is not None
         config = self.workdir / f"{pod.name}-sidecar.yaml"
         documents = [*mesh_documents(), *(direct_documents() if self.direct else []),
-                     sidecar_document(pod.spec, certs, self.reporting, self.direct)]
+                     sidecar_document(pod.spec, certs, self.reporting, self.direct, self.interception_mode)]
         config.write_text(yaml.safe_dump_all(documents, sort_keys=False))
-        self._start(pod, f"{pod.name}-sidecar", [*AS_PROXY_USER, sys.executable, "-m", "fastmesh", "serve",
+        transparent = self.interception_mode == "TPROXY"
+        self._start(pod, f"{pod.name}-sidecar", [*as_proxy_user(transparent), sys.executable, "-m", "fastmesh", "serve",
                                                  "-c", str(config), "--log-level", "warning"])
 
     def _start(self, pod: Pod, what: str, argv: list[str]) -> None:

@@ -131,18 +131,20 @@ class Relay:
         mesh_peer: bool = False,
         tls: ListenerTls | None = None,
         max_connections: int = 0,
+        transparent: bool = False,
     ) -> Listener:
         """Bind `listen` and route every connection: to `upstreams` round robin (names
         resolved now; `mesh_peer`: they run sidecars, reached over mTLS once the relay has an
         identity), or by a RouteTable. With `exchange`, the listener runs the peer metadata
         exchange; `tls` says what an inbound listener accepts (fastmesh.tls.ListenerTls); past
-        `max_connections` open connections (0: no limit) new ones are reset at once, counted."""
+        `max_connections` open connections (0: no limit) new ones are reset at once, counted;
+        `transparent`: it takes connections iptables TPROXY hands it."""
         address = listen if isinstance(listen, Address) else parse_address(listen, allow_port_zero=True)
         if isinstance(upstreams, RouteTable):
             routes = upstreams
         else:  # the one place a list of upstreams becomes a route table
             routes = await asyncio.to_thread(RouteTable.single, upstreams, connect_timeout, mesh_peer)
-        sock = bind_listener(address, self.backlog)
+        sock = bind_listener(address, self.backlog, transparent)
         try:
             listener_id = self.engine.add_listener(sock.fileno(), routes, exchange, tls, max_connections)
         except BaseException:

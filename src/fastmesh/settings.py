@@ -32,6 +32,7 @@ class ListenerConfig:
     direction: str = OUTBOUND
     destination_service: str = ""  # FQDN; a cluster that names its own service overrides it
     mtls: str | None = None  # inbound: the PeerAuthentication mode; None: the sidecar's default
+    transparent: bool = False  # it takes connections iptables TPROXY hands it (IP_TRANSPARENT)
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:

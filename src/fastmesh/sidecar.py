@@ -79,7 +79,7 @@ class Sidecar:
             return  # nothing to do: the engine's listener slots are not spent on it
         if replacing is None:
             listener = await self.relay.listen(listener_config.listen, routes, exchange=exchange, tls=tls,
-                                               max_connections=limit)
+                                               max_connections=limit, transparent=listener_config.transparent)
         else:
             listener = self.relay.reroute(replacing, routes, exchange, tls, limit)
         self.listener_configs[listener.id] = listener_config

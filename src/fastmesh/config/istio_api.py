@@ -246,6 +246,9 @@ class VirtualInboundListener(Model):
     port: int = Field(default=DEFAULTS.capture_inbound_port, ge=0, le=65535)
     bind: str = "0.0.0.0"  # iptables REDIRECT in PREROUTING: connections arrive on the pod's addresses
     ports: list[InboundPort] = []
+    # As `fastmesh capture -m` (Istio's sidecar.istio.io/interceptionMode): under TPROXY the
+    # listener is transparent, which needs CAP_NET_RAW or CAP_NET_ADMIN.
+    interception_mode: Literal["REDIRECT", "TPROXY"] = "REDIRECT"
 
 
 class ExchangeOptions(Model):

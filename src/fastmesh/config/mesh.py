@@ -399,7 +399,8 @@ class _Builder:
             mode = self._inbound_mode(app_port.port, f"{where}.ports[{number}]")
             destinations.append(Destination((any_address, app_port.port), ((len(clusters) - 1, 1),), mode))
         return ListenerConfig(listen, RouteTable(tuple(clusters), ((0, 1),), tuple(destinations)), INBOUND,
-                              mtls=self._inbound_mode(None, where))
+                              mtls=self._inbound_mode(None, where),
+                              transparent=listener.interception_mode == "TPROXY")
 
     def _inbound_mode(self, port: int | None, where: str) -> str | None:
         """The PeerAuthentication mode of an app port (None: of a port no policy names one

@@ -29,7 +29,7 @@ import ssl
 import struct
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from fastmesh import contract
 from fastmesh._twin_base import DOWN, UP, SideError
@@ -199,6 +199,9 @@ def _target(endpoint: tuple[str, int]) -> tuple[int, tuple[str, int]]:
     return family, (host, port)
 
 
+_UNREAD: Any = object()  # an original destination not read (yet): not a virtual listener's connection
+
+
 class _Listener:
     """A caller's listening socket (our own dup of it) and its route table. Every
     worker accepts on it; a connection stays with the worker that accepted it."""
@@ -209,6 +212,7 @@ class _Listener:
         self.max_connections = max_connections  # 0: no limit
         self.open_connections = 0  # accepted and not yet closed (under _lock)
         self.sock = sock
+        self.local = sock.getsockname()  # what a connection's original destination is compared with
         self.routes = routes
         self.targets = [[_target(e) for e in cluster.endpoints] for cluster in routes.clusters]
         self.exchange = exchange
@@ -238,20 +242,27 @@ class _Listener:
         return (self._destinations.get(_canonical(address))
                 or self._destinations.get(_canonical((any_address, address[1]))))
 
-    def client_mtls(self, client: socket.socket) -> str:
+    def original_of(self, client: socket.socket) -> Any:
+        """A virtual listener's connection's original destination (None: there is none), read
+        once: it picks both the mode and the route. _UNREAD for any other listener."""
+        return _original_destination(client, self.local) if self._destinations else _UNREAD
+
+    def client_mtls(self, original: Any) -> str:
         """What a client is held to: the listener's mode, or its app port's (virtual inbound)."""
-        if not self.tls.destination_modes:
+        if not self.tls.destination_modes or original is _UNREAD:
             return self.tls.mode
-        known = self._known(_original_destination(client, self.sock.getsockname()))
+        known = self._known(original)
         return known[2] if known is not None else self.tls.mode
 
-    def pick(self, client: socket.socket
+    def pick(self, client: socket.socket, original: Any = _UNREAD
              ) -> tuple[Optional[int], Optional[int], Optional[CloseReason], Optional[_Target]]:
         """(cluster, endpoint, None, target) for a connection to make, or (cluster, endpoint,
         reason, None) for a client to turn away. A PASSTHROUGH connection has no endpoint of
-        its cluster's own: it goes where the client meant to go."""
-        original = _original_destination(client, self.sock.getsockname()) if self._destinations else None
-        known = self._known(original)
+        its cluster's own: it goes where the client meant to go. `original`: original_of(client),
+        if it was read already."""
+        if original is _UNREAD:
+            original = self.original_of(client)
+        known = self._known(None if original is _UNREAD else original)
         schedule = known[0] if known is not None else self._schedule
         if not schedule:
             return None, None, CloseReason.NO_ROUTE, None
@@ -269,7 +280,9 @@ class _Listener:
             if cluster.max_connections and self._cluster_active[ci] >= cluster.max_connections:
                 return ci, None, CloseReason.OVERFLOW, None
             if cluster.lb in PASSTHROUGH_POLICIES:
-                destination = original or _original_destination(client, self.sock.getsockname())
+                if original is _UNREAD:
+                    original = _original_destination(client, self.local)
+                destination = original
                 if destination is None:
                     return ci, None, CloseReason.NO_HEALTHY_UPSTREAM, None
                 if cluster.lb == "LOCAL_PASSTHROUGH":  # the app, on the port the client meant
@@ -328,13 +341,16 @@ def _canonical(address: tuple) -> tuple[bytes, int]:
 
 
 def _original_destination(client: socket.socket, listener: tuple) -> Optional[tuple[int, tuple[str, int]]]:
-    """Where the client meant to connect before iptables REDIRECT (SO_ORIGINAL_DST), or
-    under TPROXY the socket's own address; None when that is the listener itself."""
+    """Where the client meant to connect before iptables REDIRECT or capture --ebpf
+    (SO_ORIGINAL_DST; the IPv6 level only on an IPv6 socket), or under TPROXY the socket's own
+    address; None when that is the listener itself."""
     try:
         raw = client.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)  # struct sockaddr_in
         family, address = socket.AF_INET, (socket.inet_ntoa(raw[4:8]), struct.unpack_from("!H", raw, 2)[0])
     except OSError:
         try:
+            if client.family != socket.AF_INET6:
+                raise
             raw = client.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)  # struct sockaddr_in6
             family = socket.AF_INET6
             address = (socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack_from("!H", raw, 2)[0])
@@ -511,11 +527,12 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
                 self.counters["listener_overflows"] += 1
                 _close(sock, reset=True)
                 continue
-            mtls = lst.client_mtls(sock)
+            original = lst.original_of(sock)
+            mtls = lst.client_mtls(original)
             if mtls == STRICT:
                 self._accept_strict(lst, sock)
                 continue
-            cluster, endpoint, refusal, target = lst.pick(sock)
+            cluster, endpoint, refusal, target = lst.pick(sock, original)
             if refusal is not None:
                 self.counters[_REFUSAL_COUNTERS[refusal]] += 1
                 _close(sock)

@@ -89,18 +89,31 @@ cdef bint same_socket_address(sockaddr_storage *a, sockaddr_storage *listener) n
     return any_address or memcmp(&a6.sin6_addr, &l6.sin6_addr, 16) == 0
 
 
+cdef enum:  # what is known of a connection's original destination
+    ORIGINAL_UNREAD = 0
+    ORIGINAL_READ = 1  # read, and it is not the listener itself
+    ORIGINAL_NONE = 2  # read: there is none
+
+
 cdef bint original_destination(int fd, Listener *l, sockaddr_storage *out, socklen_t *length) noexcept nogil:
-    # Where the client meant to connect before iptables REDIRECT (SO_ORIGINAL_DST),
-    # or under TPROXY the socket's own local address. False when that is this listener.
+    # Where the client meant to connect before iptables REDIRECT or capture --ebpf
+    # (SO_ORIGINAL_DST; the IPv6 level only on an IPv6 listener), or under TPROXY the
+    # socket's own local address. False when that is this listener.
     memset(out, 0, sizeof(sockaddr_storage))
     length[0] = sizeof(sockaddr_storage)
-    if getsockopt(fd, IPPROTO_IP, SO_ORIGINAL_DST, out, length) != 0:
-        length[0] = sizeof(sockaddr_storage)
-        if getsockopt(fd, IPPROTO_IPV6, SO_ORIGINAL_DST, out, length) != 0:
-            length[0] = sizeof(sockaddr_storage)
-            if getsockname(fd, <sockaddr *>out, length) != 0:
-                return False
+    if getsockopt(fd, IPPROTO_IP, SO_ORIGINAL_DST, out, length) == 0:
+        return not same_socket_address(out, &l.local)
+    length[0] = sizeof(sockaddr_storage)
+    if l.local.ss_family == AF_INET6 and getsockopt(fd, IPPROTO_IPV6, SO_ORIGINAL_DST, out, length) == 0:
+        return not same_socket_address(out, &l.local)
+    length[0] = sizeof(sockaddr_storage)
+    if getsockname(fd, <sockaddr *>out, length) != 0:
+        return False
     return not same_socket_address(out, &l.local)
+
+
+cdef int read_original(int fd, Listener *l, sockaddr_storage *out, socklen_t *length) noexcept nogil:
+    return ORIGINAL_READ if original_destination(fd, l, out, length) else ORIGINAL_NONE
 
 
 cdef int pick_endpoint(Worker *w, Cluster *cl, Listener *l) noexcept nogil:
@@ -168,23 +181,24 @@ cdef void to_loopback(sockaddr_storage *address) noexcept nogil:
         memcpy(&(<sockaddr_in6 *>address).sin6_addr, &in6addr_loopback, 16)
 
 
-cdef int pick_route(Worker *w, Listener *l, int down_fd, int *cluster, int *endpoint,
-                    sockaddr_storage *original, sockaddr_storage **sa, socklen_t *salen) noexcept nogil:
+cdef int pick_route(Worker *w, Listener *l, int down_fd, int *cluster, int *endpoint, sockaddr_storage *original,
+                    int known, sockaddr_storage **sa, socklen_t *salen) noexcept nogil:
     # The next route of the schedule (a virtual listener's: of the connection's original
     # destination, if it knows it), then an endpoint of its cluster (counted as in use) or
-    # the client's original destination: 0, or why there is none (R_*, counted).
+    # the client's original destination: 0, or why there is none (R_*, counted). `known`
+    # (ORIGINAL_*) says whether `original` and `salen` hold the original destination already.
     cdef Cluster *cl
     cdef Destination *d = NULL
     cdef int ci
     cdef int *sched = l.sched
     cdef int nsched = l.nsched
     cdef unsigned long long *rr = &l.rr
-    cdef bint have_original = False
     cluster[0] = NONE
     endpoint[0] = NONE
     if l.ndest > 0:
-        have_original = original_destination(down_fd, l, original, salen)
-        d = known_destination(l, original) if have_original else NULL
+        if known == ORIGINAL_UNREAD:
+            known = read_original(down_fd, l, original, salen)
+        d = known_destination(l, original) if known == ORIGINAL_READ else NULL
         if d != NULL:
             sched, nsched, rr = l.sched + d.first, d.count, &d.rr
     if nsched == 0:
@@ -203,7 +217,9 @@ cdef int pick_route(Worker *w, Listener *l, int down_fd, int *cluster, int *endp
     if cl.lb >= LB_PASSTHROUGH:
         # No endpoint of the cluster's own: the connection goes where the client meant
         # (LOCAL: to the app, on the port it meant).
-        if not have_original and not original_destination(down_fd, l, original, salen):
+        if known == ORIGINAL_UNREAD:
+            known = read_original(down_fd, l, original, salen)
+        if known != ORIGINAL_READ:
             fm_fetch_dec(&cl.active)
             w.stats[S_NO_HEALTHY_UPSTREAM] += 1
             return R_NO_HEALTHY_UPSTREAM
@@ -270,23 +286,27 @@ cdef void local_error(Worker *w, Listener *l, int down_fd, int cluster, int endp
     record_closed(w, next_id(w), l.id, cluster, endpoint, R_LOCAL_ERROR, err)
 
 
-cdef int client_mtls(Listener *l, int down_fd) noexcept nogil:
+cdef int client_mtls(Listener *l, sockaddr_storage *original, int known) noexcept nogil:
     # What the client is held to: its listener's mode, or a virtual inbound listener's for
     # the app port it meant (each port has its PeerAuthentication).
-    cdef sockaddr_storage original
-    cdef socklen_t length
     cdef Destination *d
-    if not l.mtls_by_port or not original_destination(down_fd, l, &original, &length):
+    if not l.mtls_by_port or known != ORIGINAL_READ:
         return l.mtls
-    d = known_destination(l, &original)
+    d = known_destination(l, original)
     return d.mtls if d != NULL else l.mtls
 
 
 cdef void on_accepted(Worker *w, Listener *l, int down_fd) noexcept nogil:
     cdef Conn *c
-    cdef int mtls = client_mtls(l, down_fd)
+    cdef sockaddr_storage original
+    cdef socklen_t length = 0
+    cdef int known = ORIGINAL_UNREAD
+    cdef int mtls
+    if l.ndest > 0:  # a virtual listener: the original destination, read once, picks the mode and the route
+        known = read_original(down_fd, l, &original, &length)
+    mtls = client_mtls(l, &original, known)
     if mtls != MTLS_STRICT:
-        open_upstream(w, l, down_fd, mtls)
+        open_upstream(w, l, down_fd, mtls, &original, length, known)
         return
     # STRICT: the client's certificate first; the app sees a connection only once it
     # is verified (connect_secured), so an unauthenticated client never reaches it.
@@ -306,13 +326,13 @@ cdef void on_accepted(Worker *w, Listener *l, int down_fd) noexcept nogil:
     arm(w, c, T_TLS, now_s() + l.handshake_timeout)
 
 
-cdef void open_upstream(Worker *w, Listener *l, int down_fd, int mtls) noexcept nogil:
+cdef void open_upstream(Worker *w, Listener *l, int down_fd, int mtls, sockaddr_storage *original,
+                        socklen_t length, int known) noexcept nogil:
     cdef int ci, idx, up_fd, reason
-    cdef sockaddr_storage original
     cdef sockaddr_storage *sa
-    cdef socklen_t salen
+    cdef socklen_t salen = length
     cdef Conn *c
-    reason = pick_route(w, l, down_fd, &ci, &idx, &original, &sa, &salen)
+    reason = pick_route(w, l, down_fd, &ci, &idx, original, known, &sa, &salen)
     if reason:
         refuse(w, l, down_fd, ci, reason)
         return
@@ -349,7 +369,7 @@ cdef void connect_secured(Worker *w, Conn *c) noexcept nogil:
     cdef sockaddr_storage original
     cdef sockaddr_storage *sa
     cdef socklen_t salen
-    reason = pick_route(w, l, c.ends[DOWN].fd, &c.cluster, &c.endpoint, &original, &sa, &salen)
+    reason = pick_route(w, l, c.ends[DOWN].fd, &c.cluster, &c.endpoint, &original, ORIGINAL_UNREAD, &sa, &salen)
     if reason:
         if c.cluster != NONE:
             fm_fetch_inc(&l.clusters[c.cluster].active)  # what finish() gives back

@@ -59,6 +59,12 @@ cdef extern from *:
     int SSL_get_error(const SSL *s, int ret_code);
     int SSL_has_pending(const SSL *s);
     int SSL_free_buffers(SSL *ssl);
+    BIO *SSL_get_rbio(const SSL *s);
+    typedef long (*BIO_callback_fn_ex)(BIO *b, int oper, const char *argp, size_t len, int argi,
+                                       long argl, int ret, size_t *processed);
+    void BIO_set_callback_ex(BIO *b, BIO_callback_fn_ex callback);
+    void BIO_set_callback_arg(BIO *b, char *arg);
+    char *BIO_get_callback_arg(const BIO *b);
     void SSL_get0_alpn_selected(const SSL *ssl, const unsigned char **data, unsigned int *len);
     X509 *SSL_get1_peer_certificate(const SSL *s);
     long SSL_get_verify_result(const SSL *ssl);
@@ -139,6 +145,12 @@ cdef extern from *:
     int SSL_get_error(const SSL *s, int ret_code) nogil
     int SSL_has_pending(const SSL *s) nogil
     int SSL_free_buffers(SSL *ssl) nogil
+    BIO *SSL_get_rbio(const SSL *s) nogil
+    ctypedef long (*BIO_callback_fn_ex)(BIO *b, int oper, const char *argp, size_t len, int argi,
+                                        long argl, int ret, size_t *processed) noexcept nogil
+    void BIO_set_callback_ex(BIO *b, BIO_callback_fn_ex callback) nogil
+    void BIO_set_callback_arg(BIO *b, char *arg) nogil
+    char *BIO_get_callback_arg(const BIO *b) nogil
     void SSL_get0_alpn_selected(const SSL *ssl, const unsigned char **data, unsigned int *len) nogil
     X509 *SSL_get1_peer_certificate(const SSL *s) nogil
     long SSL_get_verify_result(const SSL *ssl) nogil
@@ -173,6 +185,8 @@ cdef enum:
     SSL_ERROR_WANT_WRITE = 3
     SSL_ERROR_SYSCALL = 5
     SSL_ERROR_ZERO_RETURN = 6
+    BIO_CB_READ = 0x02
+    BIO_CB_RETURN = 0x80
     SSL_VERIFY_NONE = 0
     SSL_VERIFY_PEER = 1
     SSL_VERIFY_FAIL_IF_NO_PEER_CERT = 2

@@ -143,6 +143,17 @@ cdef inline ssize_t tls_result(SSL *ssl, int ret) noexcept nogil:
     return -1
 
 
+cdef long on_socket_io(BIO *b, int oper, const char *argp, size_t length, int argi, long argl, int ret,
+                       size_t *processed) noexcept nogil:
+    # After each read OpenSSL makes of the socket: whether it got less than it asked (with
+    # read-ahead it asks for far more than a small request), so the socket was empty then.
+    cdef End *e
+    if oper == (BIO_CB_READ | BIO_CB_RETURN):
+        e = <End *>BIO_get_callback_arg(b)
+        e.tls_drained = ret > 0 and processed != NULL and processed[0] < length
+    return ret
+
+
 cdef ssize_t tls_read(End *e, char *into, size_t room, bint peek) noexcept nogil:
     cdef int n
     ERR_clear_error()
@@ -169,6 +180,12 @@ cdef ssize_t tls_read_records(End *e, char *into, size_t room) noexcept nogil:
         n = tls_read(e, into + got, room - got, False)
         if n > 0:
             got += n
+            if e.tls_drained and not e.hup and not SSL_has_pending(e.ssl):
+                # The socket was emptied by OpenSSL's last read and nothing of it is left
+                # undecrypted: the next bytes raise a new edge, so no read to meet EAGAIN.
+                # (Not once the FIN is in, as for plaintext: no edge would announce the end.)
+                e.readable = False
+                break
             continue
         if got == 0:
             return n
@@ -245,6 +262,9 @@ cdef bint start_tls(Worker *w, Conn *c, int side) noexcept nogil:
             SSL_free(ssl)
         return False
     SSL_set_ex_data(ssl, 0, c)
+    c.ends[side].tls_drained = False
+    BIO_set_callback_arg(SSL_get_rbio(ssl), <char *>&c.ends[side])
+    BIO_set_callback_ex(SSL_get_rbio(ssl), on_socket_io)
     if side == DOWN:
         SSL_set_accept_state(ssl)
     else:

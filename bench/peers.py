@@ -5,6 +5,7 @@ CPU time and memory from /proc."""
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import shlex
 import shutil
@@ -169,9 +170,18 @@ def memory_kib(*roots: int) -> dict[str, int]:
     return {"rss_kib": rss, "pss_kib": pss, "processes": n}
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: killed when the bench dies, even by SIGKILL (no atexit then)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class Proc:
     """A child started in its own session, so that one killpg reaches everything
-    it forks. Every live Proc is stopped at exit, whatever the exit path."""
+    it forks. Every live Proc is stopped at exit, whatever the exit path, and dies
+    with the bench if the bench is killed."""
 
     live: set["Proc"] = set()
 
@@ -180,7 +190,7 @@ class Proc:
         self.log = logdir / f"{name.replace('/', '_')}.{time.monotonic_ns()}.log"
         with open(self.log, "wb") as out:
             self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True, env=env, cwd=cwd)
+                                          start_new_session=True, env=env, cwd=cwd, preexec_fn=_die_with_parent)
         self.pid = self.popen.pid
         Proc.live.add(self)
 

@@ -116,7 +116,9 @@ def test_the_sidecar_kinds_field_sets_the_sidecars_interval(tmp_path):
     path.write_text("apiVersion: fastmesh.io/v1alpha1\nkind: Sidecar\nmetadata: {name: db}\n"
                     "spec:\n  statsEvictionInterval: 5m\n  inbound: [{port: 0, targetPort: 27017}]\n")
     assert plan(load_documents([path])).sidecar.stats_eviction_interval == 300.0
-    path.write_text(path.read_text().replace("5m", "300"))
+    path.write_text(path.read_text().replace("5m", "0s"))  # off, as the flag's 0s
+    assert plan(load_documents([path])).sidecar.stats_eviction_interval == 0.0
+    path.write_text(path.read_text().replace("0s", "300"))
     with pytest.raises(ConfigError, match="spec.statsEvictionInterval: expected a duration such as 500ms"):
         plan(load_documents([path]))
 

@@ -31,6 +31,8 @@ def describe(config: SidecarConfig) -> list[str]:
     lines = ["OK: serve would run"]
     for listener in config.listeners:
         lines += _listener(config, listener)
+    if config.workers_auto is not None:  # a number given is in the file as it is
+        lines.append(f"workers: {config.workers} (auto: {config.workers_auto})")
     lines.append(f"metrics: {_url(config.metrics, '/stats/prometheus')}")
     lines.append(f"admin: {_url(config.admin, '/')}")
     lines.append(f"health: {_url(config.health, '/healthz/ready')}")

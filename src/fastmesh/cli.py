@@ -50,6 +50,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _workers(text: str) -> int | str:
+    from fastmesh.cpus import AUTO
+
+    return AUTO if text == AUTO else _positive_int(text)
+
+
 def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
@@ -91,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to accept on, e.g. 0.0.0.0:15001 or [::]:15001")
     serve.add_argument("--upstream", type=_address, action="append", metavar="HOST:PORT",
                        help="where to relay; repeat for several upstreams (round robin); host names are resolved once")
-    serve.add_argument("--workers", type=_positive_int, default=DEFAULTS.workers, metavar="N",
-                       help=f"relay threads (default {DEFAULTS.workers}; one epoll loop each, without the GIL)")
+    serve.add_argument("--workers", type=_workers, default=DEFAULTS.workers, metavar="N|auto",
+                       help=f"relay threads (default {DEFAULTS.workers}; one epoll loop each, without the GIL); "
+                            "auto: one per CPU this process may use (its affinity mask, capped by its cgroup's "
+                            "CPU quota, rounded up)")
     serve.add_argument("--admin", type=_address, default=_address(DEFAULTS.admin), metavar="HOST:PORT",
                        help=f"admin endpoint: /ready, /stats, /config_dump (default {DEFAULTS.admin})")
     serve.add_argument("--no-admin", action="store_true", help="do not serve the admin endpoint")
@@ -346,6 +354,7 @@ def _config(args: argparse.Namespace, starting: bool = True) -> "SidecarConfig":
     """The config `serve` starts with, checked by fastmesh.preflight as `check` checks it
     (starting=False: what a live reload applies)."""
     from fastmesh import preflight
+    from fastmesh.cpus import worker_count
     from fastmesh.identity import NodeMetadata, load_node_metadata
     from fastmesh.settings import ExchangeConfig, ListenerConfig, SidecarConfig
 
@@ -359,9 +368,11 @@ def _config(args: argparse.Namespace, starting: bool = True) -> "SidecarConfig":
         raise ValueError("--mesh-peer is for outbound listeners: an inbound one detects mesh clients itself")
     listener = ListenerConfig.to_upstreams(args.listen, args.upstream, args.direction, args.destination_service,
                                            args.mesh_peer, args.connect_timeout, args.idle_timeout)
+    workers, workers_auto = worker_count(args.workers)
     config = SidecarConfig(
         listeners=[listener],
-        workers=args.workers,
+        workers=workers,
+        workers_auto=workers_auto,
         drain_timeout=args.drain_timeout,
         max_connections=args.max_connections,
         pipe_size=args.pipe_size,
@@ -422,7 +433,9 @@ async def serve(args: argparse.Namespace) -> int:
         watcher = ConfigWatcher(args.config, sidecar, lambda: _config(args, starting=False), read)
         loop.add_signal_handler(signal.SIGHUP, watcher.request)
         watching = loop.create_task(watcher.run())
-    log.info("ready: %s engine, %d worker(s)", IMPLEMENTATION, sidecar.config.workers)
+    measured = sidecar.config.workers_auto
+    log.info("ready: %s engine, %d worker(s)%s", IMPLEMENTATION, sidecar.config.workers,
+             f" (auto: {measured})" if measured else "")
     await stop.wait()
     if watching is not None:
         watching.cancel()

@@ -71,6 +71,7 @@ def _address(text: str) -> Address:
 class SidecarConfig:
     listeners: Sequence[ListenerConfig] = ()
     workers: int = DEFAULTS.workers
+    workers_auto: str | None = None  # `workers: auto`: how the count was measured (fastmesh.cpus); else None
     drain_timeout: float = DEFAULTS.drain_timeout
     max_connections: int = DEFAULTS.max_connections  # per listener; 0: no limit
     pipe_size: int = DEFAULTS.pipe_size

@@ -113,7 +113,8 @@ class Sidecar:
         workers, engine options and stats eviction stay as they were started (a restart changes them)."""
         accepting = {self.listener_configs[lid].listen: lid for lid in self.relay.listeners}
         self.config = config.replace(
-            workers=self.config.workers, admin=self.config.admin, metrics=self.config.metrics,
+            workers=self.config.workers, workers_auto=self.config.workers_auto, admin=self.config.admin,
+            metrics=self.config.metrics,
             health=self.config.health, stats_eviction_interval=self.config.stats_eviction_interval,
             pipe_size=self.config.pipe_size, max_pipes=self.config.max_pipes, splice=self.config.splice,
             certs=self.config.certs)
@@ -225,7 +226,8 @@ class Sidecar:
             "version": __version__,
             "engine": {
                 "implementation": IMPLEMENTATION,
-                "workers": config.workers,
+                "workers": self.relay.engine.workers,
+                "workers_auto": config.workers_auto,  # how `auto` measured them; None: a number was given
                 "splice": config.splice and config.max_pipes > 0,
                 "pipe_size": config.pipe_size,
                 "max_pipes": config.max_pipes,

@@ -9,12 +9,13 @@ unchanged; fastmesh.config.mesh says which ones it ignores.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError
 from pydantic.alias_generators import to_camel
 
 from fastmesh.contract import MAX_WORKERS
+from fastmesh.cpus import AUTO
 from fastmesh.defaults import DEFAULTS
 from fastmesh.durations import Duration, DurationOrOff
 
@@ -259,6 +260,26 @@ class ExchangeOptions(Model):
     detect_timeout: Duration = DEFAULTS.exchange_detect_timeout
 
 
+_WORKER_NUMBER = TypeAdapter(Annotated[int, Field(ge=1, le=MAX_WORKERS)])
+
+
+def _workers(value: Any) -> int | str:
+    """A number as an int field takes it (its own messages), or `auto`; other words are named as wrong."""
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, str) and not value.strip().isdigit():
+        raise ValueError(f"expected a whole number from 1 to {MAX_WORKERS}, or {AUTO} (as many as this process "
+                         "has CPUs)")
+    try:
+        return _WORKER_NUMBER.validate_python(value)
+    except ValidationError as exc:
+        raise ValueError(exc.errors()[0]["msg"]) from None
+
+
+# Sidecar.workers: a count, or `auto` (fastmesh.cpus measures it when the config is built).
+Workers = Annotated[int | Literal["auto"], PlainValidator(_workers)]
+
+
 class Sidecar(Model):
     node_metadata: dict[str, Any] = {}
     # A directory with the pod's Downward API labels file: nodeMetadata's missing keys are then
@@ -270,14 +291,14 @@ class Sidecar(Model):
     virtual_inbound: Optional[VirtualInboundListener] = None
     tcp_reporting_duration: Duration = DEFAULTS.reporting_duration
     # Istio's statsEvictionInterval; absent (the default, 0, is not a duration one can write): never
-    stats_eviction_interval: Duration = DEFAULTS.stats_eviction_interval
+    stats_eviction_interval: DurationOrOff = DEFAULTS.stats_eviction_interval  # 0s: series are never evicted
     metrics: Optional[str] = DEFAULTS.metrics
     admin: Optional[str] = DEFAULTS.admin
     health: Optional[str] = DEFAULTS.health  # Istio's 0.0.0.0:15021, /healthz/ready
     exchange: ExchangeOptions = ExchangeOptions()
     connect_timeout: Duration = DEFAULTS.connect_timeout  # a DestinationRule's connectTimeout overrides it
     idle_timeout: DurationOrOff = DEFAULTS.idle_timeout  # a DestinationRule's idleTimeout overrides it; 0s: never
-    workers: int = Field(default=DEFAULTS.workers, ge=1, le=MAX_WORKERS)
+    workers: Workers = DEFAULTS.workers  # or auto
     max_connections: int = Field(default=DEFAULTS.max_connections, ge=0)  # per listener (serve --max-connections)
     certs: Optional[str] = None  # the directory of cert-chain.pem, key.pem, root-cert.pem (serve --certs)
     tls_handshake_timeout: Duration = DEFAULTS.tls_handshake_timeout

@@ -20,6 +20,7 @@ from fastmesh.config.istio_api import (
     DestinationRule, PeerAuthentication, ServiceEntry, Sidecar, TrafficPolicy, VirtualService, WorkloadEntry,
 )
 from fastmesh.config.loader import ConfigError, Document
+from fastmesh.cpus import worker_count
 from fastmesh.identity import MetadataError, parse_node_metadata
 from fastmesh.routing import (
     INBOUND, INBOUND_PASSTHROUGH_CLUSTER, OUTBOUND, PASSTHROUGH_CLUSTER, Cluster, Destination, RouteTable,
@@ -474,9 +475,11 @@ class _Builder:
         self.problems += [f"{self.doc.source}: {problem}" for problem in conflicts(named)]
         if self.problems:
             raise ConfigError(self.problems)
+        workers, workers_auto = worker_count(spec.workers)
         config = SidecarConfig(
             listeners=listeners,
-            workers=spec.workers,
+            workers=workers,
+            workers_auto=workers_auto,
             max_connections=spec.max_connections,
             admin=admin,
             metrics=metrics,

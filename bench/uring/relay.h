@@ -1,0 +1,28 @@
+/* A minimal single-threaded plaintext TCP relay, listen port -> one upstream, with two interchangeable
+ * backends (epoll.c, uring.c): a prototype to measure whether io_uring pays against fastmesh's epoll shape.
+ * Both backends keep a byte stream exact, pass a half-close on (EOF one way -> shutdown(SHUT_WR) the other
+ * way), and reset the other side when one side fails. */
+#ifndef RELAY_H
+#define RELAY_H
+
+#include <netinet/in.h>
+#include <stddef.h>
+
+struct relay_config {
+    int listen_fd;                  /* bound, listening, non-blocking */
+    struct sockaddr_in upstream;
+    size_t buffer_size;             /* bytes per receive buffer */
+    unsigned buffers;               /* io_uring: provided buffers in the ring (a power of two) */
+    unsigned queue_cap;             /* io_uring: buffers queued one way before receiving pauses */
+};
+
+/* Shared by both backends, so they make the same per-connection system calls outside the data path. */
+int upstream_socket(void);          /* non-blocking, TCP_NODELAY; -1 on failure */
+void set_nodelay(int fd);
+void reset_on_close(int fd);        /* SO_LINGER 0: close() sends RST, so the far end sees the failure */
+void die(const char *what);
+
+int run_epoll(const struct relay_config *cfg);
+int run_uring(const struct relay_config *cfg);
+
+#endif

@@ -23,6 +23,7 @@ import latency
 import mtls
 import peers
 import report
+import syscalls
 import workloads
 from peers import RelaySpec
 
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--haproxy-threads", type=int, default=1, help="haproxy nbthread (default 1)")
     p.add_argument("--socat-backlog", type=int,
                    help="add backlog=N to socat's listener (default: socat's own, 5; see README)")
+    p.add_argument("--syscalls", action="store_true",
+                   help="after the untraced runs, count every row's system calls and wake-ups per request "
+                        "(and per hop of a pair) in traced runs of its own, under perf stat: bench/syscalls.py")
     p.add_argument("--skip", default="", help=f"comma list of measurements to leave out, from {','.join(UNITS)}")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="output directory (default bench/results)")
     p.add_argument("--record", metavar="NAME",
@@ -256,6 +260,7 @@ def main(argv=None) -> int:
     samples: dict[str, dict[str, list[float]]] = {s.name: {m: [] for m in report.ALL_METRICS} for s in specs}
     errors: list[dict] = []
     interrupted = False
+    traced = None   # bench/syscalls.py's counts, with --syscalls
     print(f"relays: {', '.join(s.name for s in specs)}; {a.repeat} repeat(s); iperf3 {a.seconds:g}s; "
           f"redis {a.requests}/{a.reconnect_requests} requests, {a.latency_requests} per latency point; "
           f"{a.idle_connections} idle connections", flush=True)
@@ -292,6 +297,8 @@ def main(argv=None) -> int:
                         for m, v in nums.items():
                             samples[spec.name][m].append(v)
                         print(f"{label} {_show(unit, nums)}", flush=True)
+            if a.syscalls:   # runs of their own, after the rates: tracing perturbs them
+                traced = syscalls.measure(specs, a.requests, a.reconnect_requests, tmp, opts)
         except KeyboardInterrupt:
             interrupted = True
             print("\ninterrupted: stopping every started process, writing partial results", file=sys.stderr)
@@ -328,6 +335,9 @@ def main(argv=None) -> int:
         "errors": errors,
     }
     md = report.write(doc, a.out, a.record)
+    if traced is not None:
+        md += "\n" + syscalls.write(syscalls.document(traced, a.requests, a.reconnect_requests, specs, commit,
+                                                     doc["command"]), a.out, a.record and f"{a.record}-syscalls")
     print()
     print(md)
     kept = f", {a.record}.json and .md" if a.record else ""

@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 # clang, libbpf-dev and bpftool: `fastmesh capture --ebpf` (its programs are compiled when fastmesh is installed).
 # liburing-dev: tests/test_bench_uring.py builds bench/uring/, the io_uring relay prototype, with gcc.
+# linux-perf: tests/test_bench_syscalls.py counts system calls with perf stat (bench/syscalls.py).
 DEBIAN_PACKAGES=(iperf3 redis-server redis-tools prometheus mariadb-server iptables iproute2 openssl curl
-                 clang libbpf-dev bpftool liburing-dev gcc make)
+                 clang libbpf-dev bpftool liburing-dev gcc make linux-perf)
 
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -443,8 +444,7 @@ listen relay
 
 
 def _nginx(spec: RelaySpec, port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
-    prefix = tmp / f"nginx-{port}"
-    prefix.mkdir()
+    prefix = Path(tempfile.mkdtemp(prefix=f"nginx-{port}-", dir=tmp))  # a port may come round again in one run
     module = nginx_stream_module()
     load = f"load_module {module};\n" if module else ""
     (prefix / "nginx.conf").write_text(f"""\

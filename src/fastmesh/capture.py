@@ -395,8 +395,8 @@ def families() -> tuple[list[Family], str | None]:
 
 
 def capture(options: CaptureOptions) -> str:
-    """Install (or replace) the rules in every family; on a failure, each family already
-    changed gets its nat table back as it was. Returns what was done, one line."""
+    """Install (or replace) the rules in every table and family, then the eBPF entry; on a
+    failure, each table already changed is put back as it was. Returns what was done, one line."""
     present, skipped = families()
     done: list[tuple[Family, str, str]] = []  # what was changed, and the table as it was
     try:

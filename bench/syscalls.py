@@ -184,7 +184,9 @@ def switch_delta(before: dict[int, tuple[int, int]], after: dict[int, tuple[int,
 def figures(counts: dict[str, int], switches: dict[str, int], calls: list[str], requests: int, probes: int) -> dict:
     """One hop's counts under one load, and the same per request."""
     named = {c: counts.get(f"syscalls:sys_enter_{c}", 0) for c in calls}
-    total = counts.get(TOTAL, 0)
+    # perf enables its counters one after another, so a call made meanwhile can be in a named
+    # count and not in the total: the total is never less than the named calls' sum.
+    total = max(counts.get(TOTAL, 0), sum(named.values()))
     waits = {w: counts.get(f"syscalls:sys_exit_{w}", 0) for w in WAITS if w in calls}
     # /proc misses threads that ended before the second reading, or were born and ended in between
     # (socat's children): then perf's inherited count, which has them (the two agree within a few

@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fastmesh import capture_ebpf
+from fastmesh.privileges import CAP_NET_ADMIN, has_capabilities
 
 CHAINS = ("ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT", "ISTIO_REDIRECT")  # nat's
 MANGLE_CHAINS = ("ISTIO_INBOUND", "ISTIO_TPROXY")  # -m TPROXY's
 TABLE_CHAINS = {"nat": CHAINS, "mangle": MANGLE_CHAINS}
 VIRT_COMMENT = '-m comment --comment "Kubevirt outbound redirect"'  # istio-iptables' own, on -k rules
 SSH_PORT = 22  # istio-iptables never captures inbound SSH under `-b '*'`
-CAP_NET_ADMIN = 12  # <linux/capability.h>
 
 NO_NET_ADMIN = ("capture needs CAP_NET_ADMIN in this network namespace "
                 "(run as root, or as an init container with NET_ADMIN and NET_RAW)")
@@ -363,14 +363,6 @@ def table_section(table: str, save_output: str) -> str:
 
 # --- applying --------------------------------------------------------------------------
 
-def _has_net_admin() -> bool:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
-    return False
-
-
 def _run(argv: list[str], stdin: str | None = None) -> str:
     result = subprocess.run(argv, check=False, input=stdin, capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
@@ -385,7 +377,7 @@ def families() -> tuple[list[Family], str | None]:
     """The families this namespace can capture, and why IPv6 is left out if it is."""
     if not (shutil.which(IPV4.save) and shutil.which(IPV4.restore)):
         raise CaptureError(NO_IPTABLES)
-    if not _has_net_admin():
+    if not has_capabilities(CAP_NET_ADMIN):
         raise CaptureError(NO_NET_ADMIN)
     if not (shutil.which(IPV6.save) and shutil.which(IPV6.restore)):
         return [IPV4], "ip6tables is not installed"

@@ -27,6 +27,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from fastmesh.privileges import CAP_BPF, CAP_SYS_ADMIN, has_capabilities
+
 OBJECT = Path(__file__).resolve().parent / "bpf" / "capture.bpf.o"
 # program -> bpftool's name for its cgroup attach point
 PROGRAMS = {"fm_connect4": "connect4", "fm_sockops": "sock_ops", "fm_getsockopt": "getsockopt",
@@ -34,7 +36,6 @@ PROGRAMS = {"fm_connect4": "connect4", "fm_sockops": "sock_ops", "fm_getsockopt"
 CONFIG_MAP = "fm_netns_cfg"
 LOCK = Path("/run/fastmesh-capture-ebpf.lock")  # /run is shared with `ip netns exec`'s mount namespace
 SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>
-CAP_SYS_ADMIN, CAP_BPF = 21, 39  # <linux/capability.h>
 # The fixed sizes of struct netns_config (bpf/capture.bpf.c)
 MAX_IDS, MAX_PORTS, MAX_NETS, MAX_LOCAL = 4, 16, 16, 8
 
@@ -108,8 +109,10 @@ def install(options) -> None:
 def remove() -> bool:
     """Remove this namespace's entry, and the programs with the last one. False if there was none
     (also when this process could not have made one: no bpftool, or not the capabilities)."""
-    if shutil.which("bpftool") is None or not _has_capabilities(CAP_BPF, CAP_SYS_ADMIN):
+    if shutil.which("bpftool") is None or not has_capabilities(CAP_BPF, CAP_SYS_ADMIN):
         return False
+    if not any(program.get("name") == "fm_connect4" for program in _json(_bpftool("prog", "show", "-j"), [])):
+        return False  # nothing loaded: no cgroup to mount, which every plain `capture` would do otherwise
     key = struct.pack("<Q", netns_cookie())
     with _locked(), _cgroup_root() as root:
         attached = _attached(root)
@@ -142,15 +145,6 @@ def _run(argv: list[str]) -> str:
 
 def _bpftool(*args: str) -> str:
     return _run(["bpftool", *args])
-
-
-def _has_capabilities(*numbers: int) -> bool:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("CapEff:"):
-                effective = int(line.split()[1], 16)
-                return all(effective >> number & 1 for number in numbers)
-    return False
 
 
 def _json(text: str, empty):

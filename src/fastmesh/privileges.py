@@ -15,6 +15,19 @@ import os
 import pwd
 from dataclasses import dataclass
 
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39  # <linux/capability.h>
+
+
+def has_capabilities(*numbers: int) -> bool:
+    """Whether this process holds every one of these capabilities (CAP_*) in its effective set."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                effective = int(line.split()[1], 16)
+                return all(effective >> number & 1 for number in numbers)
+    return False
+
+
 # Modules a running sidecar may import after the drop, when the files of this Python may
 # no longer be readable (an interpreter under /root): the codec that resolving a host name
 # added by a reload needs. Everything else serve runs was imported while starting.

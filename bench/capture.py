@@ -31,9 +31,9 @@ from fastmesh import pods
 
 BENCH = Path(__file__).resolve().parent
 MODES = ("captured", "captured-ebpf", "addressed", "no-sidecar")
-CAPTURED = ("captured", "captured-ebpf")
-# `fastmesh capture`'s flags, per mode: Istio's defaults, and fastmesh's capture without NAT
+# `fastmesh capture`'s flags, per captured mode: Istio's defaults, and fastmesh's capture without NAT
 CAPTURE_FLAGS = {"captured": (), "captured-ebpf": ("-m", "TPROXY", "--ebpf")}
+CAPTURED = tuple(CAPTURE_FLAGS)
 WORKLOADS = ("keepalive", "reconnect")
 
 

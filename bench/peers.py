@@ -90,9 +90,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def is_listening(port: int) -> bool:
-    """Read the kernel's socket table rather than connecting: a probe connection
-    would go through the relay to the backend (an iperf3 server takes it for a test)."""
+def listening_socket(port: int) -> str | None:
+    """The inode of the socket listening on `port`, from the kernel's socket tables, or None."""
     suffix = f":{port:04X}"
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -101,10 +100,16 @@ def is_listening(port: int) -> bool:
                 for line in f:
                     cols = line.split()
                     if cols[3] == "0A" and cols[1].endswith(suffix):
-                        return True
+                        return cols[9]
         except FileNotFoundError:
             pass
-    return False
+    return None
+
+
+def is_listening(port: int) -> bool:
+    """Read the kernel's socket table rather than connecting: a probe connection
+    would go through the relay to the backend (an iperf3 server takes it for a test)."""
+    return listening_socket(port) is not None
 
 
 # ---------------------------------------------------------------- processes

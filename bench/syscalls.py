@@ -216,12 +216,7 @@ def figures(counts: dict[str, int], switches: dict[str, int], calls: list[str], 
 
 def listener_pid(port: int) -> int:
     """The process of ours (a descendant of this one) holding the socket that listens on `port`."""
-    inode = None
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for cols in (line.split() for line in f):
-            if cols[3] == "0A" and cols[1].endswith(f":{port:04X}"):
-                inode = cols[9]
+    inode = peers.listening_socket(port)
     for pid in peers.tree(os.getpid())[1:]:
         try:
             if any(os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]" for fd in os.listdir(f"/proc/{pid}/fd")):

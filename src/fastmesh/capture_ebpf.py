@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from fastmesh import cpus
 from fastmesh.privileges import CAP_BPF, CAP_SYS_ADMIN, has_capabilities
 
 OBJECT = Path(__file__).resolve().parent / "bpf" / "capture.bpf.o"
@@ -201,12 +202,11 @@ def _locked() -> Iterator[None]:
 @contextlib.contextmanager
 def _cgroup_root() -> Iterator[str]:
     with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            fstype = fields[fields.index("-") + 1]
-            if fstype == "cgroup2" and fields[3] == "/":
-                yield fields[4]
-                return
+        mounts = cpus.cgroup_mounts(mountinfo.read())
+    for hierarchy, root, mount_point in mounts:
+        if hierarchy == "v2" and root == "/":
+            yield str(mount_point)
+            return
     with _mounted("cgroup2") as root:
         yield root
 

@@ -78,7 +78,7 @@ def cpu_quota(proc: Path = PROC_SELF) -> Quota | None:
     """The tightest quota over the process's cpu cgroups (v2 and v1) and their ancestors."""
     memberships = _memberships(_read(proc / "cgroup"))
     quotas = []
-    for hierarchy, root, mount_point in _cgroup_mounts(_read(proc / "mountinfo")):
+    for hierarchy, root, mount_point in cgroup_mounts(_read(proc / "mountinfo")):
         path = memberships.get(hierarchy)
         if path is None:
             continue
@@ -110,8 +110,9 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)  # mountinfo's \040
 
 
-def _cgroup_mounts(text: str) -> list[tuple[str, str, Path]]:
-    """mountinfo's cgroup mounts that hold CPU limits: (hierarchy, root in it, mount point)."""
+def cgroup_mounts(text: str) -> list[tuple[str, str, Path]]:
+    """mountinfo's cgroup mounts that hold CPU limits: (hierarchy, "v2" or v1's "cpu"; root in it;
+    mount point)."""
     mounts = []
     for line in text.splitlines():
         mount, _, filesystem = line.partition(" - ")

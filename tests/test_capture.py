@@ -131,8 +131,7 @@ MANGLE_BUILT_INS = (":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:FORWARD ACC
                     ":POSTROUTING ACCEPT [0:0]\n")
 # -m TPROXY's inbound rules for the defaults: no conntrack, the SYNs to the transparent listener.
 TPROXY_RULES = textwrap.dedent("""\
-    -A PREROUTING -p tcp -j ISTIO_INBOUND
-    -A ISTIO_INBOUND -i lo -j RETURN
+    -A PREROUTING ! -i lo -p tcp -j ISTIO_INBOUND
     -A ISTIO_INBOUND -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m socket -j RETURN
     -A ISTIO_INBOUND -p tcp -m tcp --dport 22 -j RETURN
     -A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN

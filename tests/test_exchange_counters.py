@@ -5,6 +5,7 @@ names for both) moves by exactly the connections that caused it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import struct
@@ -37,13 +38,17 @@ def exchanging_sidecar(sidecar, upstream_address, direction, node):
 def exchange(address, sent: bytes) -> bytes | None:
     """What the client reads back after sending `sent` and its end of stream; None for a reset."""
     with socket.create_connection(address, timeout=20) as client:
-        client.sendall(sent)
-        client.shutdown(socket.SHUT_WR)
         answer = b""
         try:
+            client.sendall(sent)
+            client.shutdown(socket.SHUT_WR)
             while chunk := client.recv(65536):
                 answer += chunk
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:  # the reset came before our end of stream
+                raise
             return None
         return answer
 

@@ -45,6 +45,7 @@ class App:
         self.received: list[bytes] = []
         self.lock = threading.Lock()
         self.greeting = greeting
+        self.greeting_delay = 0.0  # seconds from the connection to the greeting
         self.answer = answer
         self.server = upstream(self._handle)
         self.address = self.server.address
@@ -53,6 +54,7 @@ class App:
         with self.lock:
             self.connections += 1
         if self.greeting:
+            time.sleep(self.greeting_delay)
             conn.sendall(self.greeting)
         data = read_all_bytes(conn)
         with self.lock:
@@ -139,8 +141,9 @@ class TlsClient:
     """A TLS client over memory BIOs, so that it can half-close (close_notify) and go on
     reading, as TLS 1.3 allows and ssl.SSLSocket.unwrap() does not."""
 
-    def __init__(self, address: tuple[str, int], ctx: ssl.SSLContext) -> None:
+    def __init__(self, address: tuple[str, int], ctx: ssl.SSLContext, delay: float = 0.0) -> None:
         self.sock = socket.create_connection(address, timeout=10)
+        time.sleep(delay)  # a client slow to start its handshake
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self.incoming, self.outgoing)
         self._call(self.obj.do_handshake)
@@ -201,8 +204,8 @@ class TlsClient:
         self.sock.close()
 
 
-def tls_connect(address: tuple[str, int], ctx: ssl.SSLContext) -> TlsClient:
-    return TlsClient(address, ctx)
+def tls_connect(address: tuple[str, int], ctx: ssl.SSLContext, delay: float = 0.0) -> TlsClient:
+    return TlsClient(address, ctx, delay)
 
 
 # ---------------------------------------------------------------- a pair of sidecars
@@ -589,6 +592,37 @@ def test_permissive_serves_tls_and_plaintext_on_one_port(make_engine, upstream, 
     assert principals == ["", MeshCerts.spiffe(*RATINGS)]
     stats = inbound.engine.stats()
     assert (stats["tls_plaintext"], stats["tls_handshakes"]) == (1, 1)
+
+
+def test_permissive_still_handshakes_with_a_tls_client_slower_than_the_detect_timeout(make_engine, upstream,
+                                                                                     mesh_certs):
+    # The detect timeout is a server-first app's wait; a client-first app has said nothing, so a
+    # TLS client that starts late (a loaded machine) is not taken for plaintext: its ClientHello
+    # would reach the app. The app's own first bytes still decide plaintext after the timeout.
+    app = App(upstream)
+    inbound = inbound_side(make_engine, mesh_certs, app, mode="PERMISSIVE", exchange=False, detect_timeout=0.05)
+    ctx = client_context(mesh_certs.identity(*RATINGS), mesh_certs.root, alpn=("istio",))
+    with tls_connect(inbound.address, ctx, delay=0.5) as conn:
+        conn.sendall(b"secured late")
+        conn.close_notify()
+        assert conn.read_all() == b"secured late"
+    app.server.wait(1)
+    assert app.received == [b"secured late"]
+    (record,) = inbound.wait_closed(1)
+    assert record.reason == CloseReason.DOWNSTREAM_CLOSE
+    assert [p.principal for p in inbound.peers.values()] == [MeshCerts.spiffe(*RATINGS)]
+    stats = inbound.engine.stats()
+    assert (stats["tls_plaintext"], stats["tls_handshakes"]) == (0, 1)
+
+    late = App(upstream, greeting=GREETING)  # server-first, its greeting sent only after a while
+    late.greeting_delay = 0.3
+    slow = inbound_side(make_engine, mesh_certs, late, mode="PERMISSIVE", exchange=False, detect_timeout=0.05)
+    with socket.create_connection(slow.address, timeout=10) as plain:
+        assert plain.recv(len(GREETING), socket.MSG_WAITALL) == GREETING
+        plain.sendall(b"plain")
+        plain.shutdown(socket.SHUT_WR)
+        assert read_all_bytes(plain) == b"plain"
+    assert slow.engine.stats()["tls_plaintext"] == 1
 
 
 # ---------------------------------------------------------------- DestinationRule TLS toward a server

@@ -236,6 +236,7 @@ cdef struct Conn:
     bint identifies            # a peer report (x.report) will come: exchange or TLS
     int tls_side               # the end that speaks TLS, or NONE
     int tls_phase              # TLS_*
+    bint detect_waited         # PERMISSIVE's wait for a TLS client is over: the first side to speak decides
     int tls_mode               # CT_* of the upstream end
     int mtls                   # MTLS_* the client is held to (its listener's, or its app port's)
     double active_at           # the loop turn of its last event (for its cluster's idle timeout)

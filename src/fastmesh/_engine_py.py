@@ -146,6 +146,7 @@ class _Conn:
         self.mtls = DISABLE  # the mode the client is held to: its listener's, or its app port's
         self.active_at = time.monotonic()  # its last event, for its cluster's idle timeout
         self.tls_deadline: Optional[float] = None  # the handshake's, or PERMISSIVE's wait for the client
+        self.detect_waited = False  # PERMISSIVE's wait for a TLS client is over: the first side to speak decides
         self.securing = False  # STRICT: the client's handshake first, no upstream yet
         self.holds_route = False  # its cluster (and endpoint) count it: given back at close
         self.session_kept = False
@@ -642,6 +643,8 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
         self._finish(conn, CloseReason.LOCAL_ERROR, _errno_of(exc), reset=(True, True))
 
     def _on_ready(self, conn: _Conn, side: int, mask: int) -> None:
+        if conn.tls_phase == DETECT and side == UP and conn.detect_waited:
+            self._plaintext_client(conn, spoke=False)  # the app spoke first: its client cannot be TLS
         if conn.tls_phase in (DETECT, HANDSHAKE) and side == conn.tls_side:
             self._tls_drive(conn)
             if conn.closed or conn.tls_phase in (DETECT, HANDSHAKE) or conn.deadline is not None:
@@ -779,6 +782,8 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
             # A TLS end settling: only it is read; the other side's bytes wait.
             if side == conn.tls_side:
                 return _READ | raw_out
+            if side == UP and conn.detect_waited:
+                return _READ  # the app speaking first decides plaintext
             return _WRITE if side == UP and conn.deadline is not None else 0
         if conn.deadline is not None:
             # Connecting: wait for the upstream; downstream bytes stay in the kernel.

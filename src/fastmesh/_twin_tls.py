@@ -248,6 +248,19 @@ class TlsWorkerMixin:
         else:
             self._plaintext_client(conn, spoke=True)
 
+    @staticmethod
+    def _app_spoke(conn: "_Conn") -> bool:
+        """The app has sent bytes, or closed (nothing reads it while detecting)."""
+        sock = conn.socks[UP]
+        assert sock is not None
+        try:
+            sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            pass  # an error is the relay's to report
+        return True
+
     def _plaintext_client(self, conn: "_Conn", spoke: bool) -> None:
         self.counters["tls_plaintext"] += 1
         conn.tls_side, conn.tls_phase, conn.tls_deadline = -1, OFF, None
@@ -312,7 +325,12 @@ class TlsWorkerMixin:
         conn.tls_deadline = None
         assert conn.listener is not None
         if conn.tls_phase == DETECT and conn.mtls == "PERMISSIVE":
-            self._plaintext_client(conn, spoke=False)
+            # A server-first app's greeting goes to a plaintext client; while the app is silent
+            # too, nothing is decided (native/tls.pxi's tls_timer says why).
+            if self._app_spoke(conn):
+                self._plaintext_client(conn, spoke=False)
+            else:
+                conn.detect_waited = True
         else:
             self._tls_failed(conn, "timeout")
 

@@ -443,6 +443,8 @@ cdef void tls_drive(Worker *w, Conn *c) noexcept nogil:
     cdef int r, err
     if c.tls_phase == TLS_DETECT:
         if not c.ends[DOWN].readable:
+            if c.detect_waited and c.ends[UP].readable:
+                plaintext_client(w, c)  # the app spoke first: its client cannot be TLS, which speaks first
             return
         detect_tls(w, c)
         if c.state == CLOSED or c.tls_phase != TLS_HANDSHAKE:
@@ -461,9 +463,16 @@ cdef void tls_drive(Worker *w, Conn *c) noexcept nogil:
 
 
 cdef void tls_timer(Worker *w, Conn *c) noexcept nogil:
-    # T_TLS: the client of a PERMISSIVE listener did not speak (plaintext, a
-    # server-first app's client), or a handshake did not complete in time.
+    # T_TLS: the client of a PERMISSIVE listener did not speak by the detect timeout,
+    # or a handshake did not complete in time. A server-first app's greeting then goes
+    # to a plaintext client. While the app is silent too, nothing is decided: a TLS
+    # client slowed by load still handshakes when its first byte comes, and the app's
+    # first bytes, if they come first, decide plaintext (edge-triggered: UP is readable
+    # exactly when the app has sent or closed, since nothing reads it while detecting).
     if c.tls_phase == TLS_DETECT and c.mtls == MTLS_PERMISSIVE:
-        plaintext_client(w, c)
+        if c.ends[UP].readable:
+            plaintext_client(w, c)
+        else:
+            c.detect_waited = True
     else:
         tls_failed(w, c, S_TLS_ERROR_TIMEOUT)

@@ -99,7 +99,9 @@ def markdown(doc: dict) -> str:
     lines += ["", "| ratio | keep-alive | reconnect |", "|---|---|---|",
               *(f"| {mode} / addressed | " + " | ".join(f"{doc['ratios'][mode][w]:.2f}" for w in WORKLOADS) + " |"
                 for mode in CAPTURED),
-              "", "Bar: captured ≥ 0.95 × addressed on both: "
+              *(f"| {mode} / addressed, median of each repeat's ratio | "
+                + " | ".join(f"{doc['paired_ratios'][mode][w]:.2f}" for w in WORKLOADS) + " |" for mode in CAPTURED),
+              "", "Bar (on the ratios of the medians): captured ≥ 0.95 × addressed on both: "
               + "; ".join(f"{mode} {'met' if doc['bar_met'][mode] else 'missed'}" for mode in CAPTURED) + "."]
     return "\n".join(lines) + "\n"
 
@@ -151,9 +153,13 @@ def main() -> int:
     medians = {mode: {w: statistics.median(samples[mode][w]) for w in WORKLOADS} for mode in MODES}
     cpu_us = {mode: {w: statistics.median(cpu[mode][w]) for w in WORKLOADS} for mode in MODES}
     ratios = {mode: {w: medians[mode][w] / medians["addressed"][w] for w in WORKLOADS} for mode in CAPTURED}
+    # Each repeat's own ratio: a captured mode and addressed run next to each other, so the machine's
+    # drift between repeats (large on a shared host) cancels out of it.
+    paired = {mode: {w: statistics.median(c / a for c, a in zip(samples[mode][w], samples["addressed"][w]))
+                     for w in WORKLOADS} for mode in CAPTURED}
     doc = {"date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "commit": commit,
            "command": "python " + " ".join(["bench/capture.py", *sys.argv[1:]]),
-           "samples": samples, "medians": medians, "cpu_us": cpu_us, "ratios": ratios,
+           "samples": samples, "medians": medians, "cpu_us": cpu_us, "ratios": ratios, "paired_ratios": paired,
            "bar_met": {mode: all(ratio >= 0.95 for ratio in ratios[mode].values()) for mode in CAPTURED}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(doc, indent=2) + "\n"

@@ -23,4 +23,11 @@ if ((${#missing[@]})); then
     done
 fi
 
-python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# tests/test_bench_syscalls.py: perf reads the syscall tracepoints from tracefs, which a fresh machine
+# may not have mounted.
+if [[ ! -d /sys/kernel/tracing/events/syscalls ]]; then
+    mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+fi
+
+# bench: matplotlib, for the soak chart that tests/test_soak.py checks.
+python -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"

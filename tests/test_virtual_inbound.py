@@ -130,7 +130,9 @@ def connect(peer: str, port: int, certs: Path | None = None) -> str:
 
 
 def tcp_series(pod: str) -> dict[tuple[str, str], dict]:
-    """(destination_service_name, connection_security_policy) -> labels and opened/closed counts."""
+    """(destination_service_name, connection_security_policy) -> labels and opened/closed counts,
+    summed over the key's series; two series under one key (labels that differ elsewhere) fail
+    here, naming both label sets."""
     text = scrape_pod(pod)
     found: dict[tuple[str, str], dict] = {}
     for family in text_string_to_metric_families(text):
@@ -138,7 +140,9 @@ def tcp_series(pod: str) -> dict[tuple[str, str], dict]:
             if sample.name in ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"):
                 key = (sample.labels["destination_service_name"], sample.labels["connection_security_policy"])
                 entry = found.setdefault(key, {"labels": sample.labels})
-                entry[sample.name.split("_")[3]] = sample.value
+                assert entry["labels"] == sample.labels, f"two series for {key}: {entry['labels']} and {sample.labels}"
+                counter = sample.name.split("_")[3]
+                entry[counter] = entry.get(counter, 0) + sample.value
     return found
 
 

@@ -40,12 +40,13 @@ RATINGS, MONGODB = ("default", "bookinfo-ratings-v2"), ("default", "mongodb")
 class App:
     """The local app behind an inbound sidecar: it counts what reaches it."""
 
-    def __init__(self, upstream: Any, greeting: bytes = b"", answer: bytes | None = None) -> None:
+    def __init__(self, upstream: Any, greeting: bytes = b"", answer: bytes | None = None,
+                 greeting_delay: float = 0.0) -> None:
         self.connections = 0
         self.received: list[bytes] = []
         self.lock = threading.Lock()
         self.greeting = greeting
-        self.greeting_delay = 0.0  # seconds from the connection to the greeting
+        self.greeting_delay = greeting_delay  # seconds from the connection to the greeting
         self.answer = answer
         self.server = upstream(self._handle)
         self.address = self.server.address
@@ -614,8 +615,7 @@ def test_permissive_still_handshakes_with_a_tls_client_slower_than_the_detect_ti
     stats = inbound.engine.stats()
     assert (stats["tls_plaintext"], stats["tls_handshakes"]) == (0, 1)
 
-    late = App(upstream, greeting=GREETING)  # server-first, its greeting sent only after a while
-    late.greeting_delay = 0.3
+    late = App(upstream, greeting=GREETING, greeting_delay=0.3)  # server-first, greeting past the timeout
     slow = inbound_side(make_engine, mesh_certs, late, mode="PERMISSIVE", exchange=False, detect_timeout=0.05)
     with socket.create_connection(slow.address, timeout=10) as plain:
         assert plain.recv(len(GREETING), socket.MSG_WAITALL) == GREETING

@@ -81,6 +81,14 @@ def routed_subset(admin: int) -> str:
     return listener["clusters"][0]["name"].split("|")[2]
 
 
+def _serving_subset(admin: int) -> str | None:
+    """routed_subset(), or None while the admin port is not up yet."""
+    try:
+        return routed_subset(admin)
+    except OSError:
+        return None
+
+
 def test_a_change_made_while_the_config_was_read_is_still_seen(tmp_path: Path):
     # serve takes the files' stamps before it reads them, and the watcher starts from those:
     # a file changed while the sidecar was starting (same size, same inode) is reloaded.
@@ -132,7 +140,8 @@ def test_a_changed_config_reroutes_new_connections_and_keeps_open_ones(tmp_path:
     path = tmp_path / "mesh.yaml"
     path.write_text(config(listen, admin, [v1, v2], "v1"))
     with serving(tmp_path / "serve.log", path) as process:
-        wait_until(lambda: _answers(listen))
+        # The listener may answer before the admin port is bound: wait for both.
+        wait_until(lambda: _answers(listen) and _serving_subset(admin) == "v1")
         assert ask(listen) == b"v1:?"
         held = socket.create_connection(("127.0.0.1", listen), timeout=10)
         held.sendall(b"a")

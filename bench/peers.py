@@ -148,16 +148,22 @@ def tree(root: int) -> list[int]:
     return out
 
 
-def cpu_seconds(*roots: int) -> float:
-    """utime+stime+cutime+cstime over the live trees: a live process counts its own
-    time, one that exited and was reaped shows up in its parent's c-times, so
-    each process is counted once. A process's stat already sums its threads."""
-    ticks = 0
+def cpu_split(*roots: int) -> tuple[float, float]:
+    """(user, kernel) CPU seconds over the live trees: utime+cutime and stime+cstime. A live
+    process counts its own time, one that exited and was reaped shows up in its parent's
+    c-times, so each process is counted once. A process's stat already sums its threads."""
+    user = kernel = 0
     for pid in (pid for root in roots for pid in tree(root)):
         st = _stat(pid)
         if st:
-            ticks += sum(int(x) for x in st[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
+            user += int(st[11]) + int(st[13])
+            kernel += int(st[12]) + int(st[14])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, kernel / tick
+
+
+def cpu_seconds(*roots: int) -> float:
+    return sum(cpu_split(*roots))
 
 
 def memory_kib(*roots: int) -> dict[str, int]:
@@ -273,7 +279,7 @@ def pinned(role: str, argv: list[str]) -> list[str]:
 @dataclass
 class RelaySpec:
     name: str                # row label: direct, fastmesh, fastmesh[py], haproxy, pair[exchange], ...
-    kind: str                # direct | fastmesh | haproxy | nginx | socat | pair | routed
+    kind: str                # direct | fastmesh | haproxy | nginx | socat | prototype | pair | routed
     args: list[str] = field(default_factory=list)   # extra fastmesh CLI args
     env: dict[str, str] = field(default_factory=dict)
     tls: str = ""            # "client": TLS toward the upstream; "server": TLS from clients (mtls.py)
@@ -477,6 +483,27 @@ def _socat(spec: RelaySpec, port: int, upstream: int, tmp: Path, opts: Options) 
             f"TCP:{HOST}:{upstream},nodelay"]
 
 
+PROTOTYPE = REPO / "bench" / "uring"
+# --relays names of bench/uring's minimal C relay, on each of its two backends: the floor a relay's
+# own code can reach on this kernel, the io_uring one being what an io_uring engine could at best save.
+PROTOTYPES = {"proto-epoll": "epoll", "proto-uring": "uring"}
+
+
+def prototype_binary(tmp: Path) -> Path:
+    """bench/uring's relay, built once per run into `tmp` (gcc and liburing-dev)."""
+    binary = tmp / "uring-prototype"
+    if not binary.exists():
+        r = subprocess.run(["make", "-s", "-C", str(PROTOTYPE), f"OUT={binary}"], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"building bench/uring/relay failed (gcc and liburing-dev needed): {r.stderr[-300:]}")
+    return binary
+
+
+def _prototype(spec: RelaySpec, port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
+    return [str(prototype_binary(tmp)), f"--{PROTOTYPES[spec.name]}", "--listen", f"{HOST}:{port}",
+            "--upstream", f"{HOST}:{upstream}"]
+
+
 def _fastmesh(spec: RelaySpec, port: int, upstream: int, tmp: Path, opts: Options) -> list[str]:
     # Admin and metrics on free ports: telemetry stays on unless a variant says --no-metrics.
     tls = mtls.fastmesh_args(spec.tls, opts.certs) if spec.tls else []
@@ -516,7 +543,8 @@ def running(spec: RelaySpec, upstream: int, tmp: Path, opts: Options) -> Iterato
         argv = [sys.executable, "-m", "fastmesh", "serve", "-c", str(_routed_config(port, upstream, tmp))]
         env = fastmesh_env(spec.env)
     else:
-        argv = {"haproxy": _haproxy, "nginx": _nginx, "socat": _socat}[spec.kind](spec, port, upstream, tmp, opts)
+        argv = {"haproxy": _haproxy, "nginx": _nginx, "socat": _socat,
+                "prototype": _prototype}[spec.kind](spec, port, upstream, tmp, opts)
     proc = Proc(spec.name, pinned("relay", argv), tmp, env=env, cwd=tmp)
     try:
         proc.wait_listening(port)

@@ -21,6 +21,10 @@ METRICS = {
     "cpu_keepalive": ("CPU keep-alive", "µs/req", False),
     "cpu_reconnect": ("CPU reconnect", "µs/req", False),
     "idle_rss": ("idle RSS growth", "MiB", False),
+    # The kernel's part of the two CPU figures before them (stime from /proc): what is left once a
+    # relay's own code costs nothing.
+    "kernel_keepalive": ("kernel keep-alive", "µs/req", False),
+    "kernel_reconnect": ("kernel reconnect", "µs/req", False),
 }
 ALL_METRICS = {**METRICS, **latency.METRICS}   # the latency table's columns too
 ADDED = "added_"   # prefix of a check's metric read from the added latency (relay minus direct)
@@ -92,7 +96,9 @@ def checks(values: dict[str, dict[str, float | None]]) -> list[dict]:
         if not relay.startswith("fastmesh"):
             return []
         refs_keep = [v for v in (get("haproxy", "redis_keepalive"), get("nginx", "redis_keepalive")) if v is not None]
-        return [
+        cpu_bars = [(f"CPU {what} <= 0.75 x {peer}'s", f"cpu_{what}", "<=", 0.75, get(peer, f"cpu_{what}"))
+                    for what, peer in (("keepalive", "haproxy"), ("keepalive", "nginx"), ("reconnect", "haproxy"))]
+        return cpu_bars + [
             ("iperf3 1 stream >= 0.70 x direct", "iperf_1", ">=", 0.70, get("direct", "iperf_1")),
             ("redis keep-alive >= 1.0 x max(haproxy, nginx)", "redis_keepalive", ">=", 1.0,
              max(refs_keep) if refs_keep else None),
@@ -128,7 +134,7 @@ def fmt(metric: str, v: float | None) -> str:
         return f"{v / 1e9:.2f}"
     if metric.startswith("redis"):
         return f"{v:,.0f}"
-    return f"{v:.2f}" if metric.startswith("cpu") else f"{v:.1f}"
+    return f"{v:.2f}" if metric.startswith(("cpu", "kernel")) else f"{v:.1f}"
 
 
 def markdown(doc: dict) -> str:

@@ -28,7 +28,8 @@ import workloads
 from peers import RelaySpec
 
 BENCH = Path(__file__).resolve().parent
-KINDS = ["direct", "fastmesh", "haproxy", "nginx", "socat"]
+KINDS = ["direct", "fastmesh", "haproxy", "nginx", "socat"]   # the default rows
+OPTIONAL = list(peers.PROTOTYPES)   # rows only --relays asks for
 # Measurement units in run order; each starts a fresh relay in front of its own backend.
 UNITS = ["idle_rss", "iperf_1", "iperf_4", "redis_keepalive", "redis_reconnect", "latency"]
 
@@ -46,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="redis-benchmark requests per latency point (1 and 10 clients, keep-alive; default 20000)")
     p.add_argument("--idle-connections", type=int, help="connections held open for the RSS test (default 5000)")
     p.add_argument("--repeat", type=int, help="runs of each measurement, median taken (default 3)")
-    p.add_argument("--relays", default=",".join(KINDS), help=f"comma list from {','.join(KINDS)} (default: all)")
+    p.add_argument("--relays", default=",".join(KINDS),
+                   help=f"comma list from {','.join(KINDS + OPTIONAL)} (default: {','.join(KINDS)}); proto-epoll and "
+                        "proto-uring are bench/uring's minimal C relay on epoll and on io_uring")
     p.add_argument("--fastmesh-variant", action="append", default=[], metavar="NAME=ARGS",
                    help="extra row fastmesh[NAME]: leading VAR=VALUE words set the environment, the rest are "
                         "serve options, e.g. 'py=FASTMESH_NO_EXTENSIONS=1' or 'w2=--workers 2' (repeatable)")
@@ -90,9 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def relay_specs(a: argparse.Namespace) -> list[RelaySpec]:
     wanted = [r.strip() for r in a.relays.split(",") if r.strip()]
-    unknown = set(wanted) - set(KINDS)
+    unknown = set(wanted) - set(KINDS + OPTIONAL)
     if unknown:
-        sys.exit(f"unknown relays {sorted(unknown)}; choose from {KINDS}")
+        sys.exit(f"unknown relays {sorted(unknown)}; choose from {KINDS + OPTIONAL}")
     specs = []
     for kind in KINDS:
         if kind in wanted:
@@ -105,6 +108,7 @@ def relay_specs(a: argparse.Namespace) -> list[RelaySpec]:
                 specs += [p for p in peers.mtls_pairs() if p.name not in {s.name for s in specs}]
             if a.routed:
                 specs.append(peers.routed_spec())
+    specs += [RelaySpec(name, "prototype") for name in OPTIONAL if name in wanted]
     # A bench of fastmesh without fastmesh means nothing: a row that cannot even
     # print its version stops the run.
     for s in specs:
@@ -146,6 +150,9 @@ def machine_facts(specs: list[RelaySpec]) -> dict:
             "redis-server": _first_line([w("redis-server"), "--version"]),
             "redis-benchmark": _first_line([w("redis-benchmark"), "--version"]),
             **{s.name: peers.fastmesh_version(s) for s in specs if s.kind == "fastmesh"},
+            **({"gcc": _first_line(["gcc", "--version"]),
+                "liburing-dev": _first_line(["dpkg-query", "-W", "-f=${Version}", "liburing-dev"])}
+               if any(s.kind == "prototype" for s in specs) else {}),
         },
         "sysctl": {k: _read(f"/proc/sys/net/{k.replace('.', '/')}") for k in
                    ("ipv4.tcp_tw_reuse", "ipv4.ip_local_port_range", "core.somaxconn")},
@@ -196,6 +203,8 @@ def headline(unit: str, raw: dict) -> dict[str, float]:
     out = {unit: raw["requests_per_second"]}
     if "cpu_us_per_request" in raw:
         out["cpu_" + unit.removeprefix("redis_")] = raw["cpu_us_per_request"]
+    if "kernel_us_per_request" in raw:
+        out["kernel_" + unit.removeprefix("redis_")] = raw["kernel_us_per_request"]
     return out
 
 
@@ -206,7 +215,8 @@ def _show(unit: str, nums: dict[str, float]) -> str:
     for m, v in nums.items():
         parts.append({"iperf_1": f"{v / 1e9:.2f} Gbit/s", "iperf_4": f"{v / 1e9:.2f} Gbit/s",
                       "cpu_per_gb": f"{v:.3f} CPU s/GB", "cpu_keepalive": f"{v:.2f} CPU µs/req",
-                      "cpu_reconnect": f"{v:.2f} CPU µs/req", "idle_rss": f"{v:+.1f} MiB"}.get(m, f"{v:,.0f} req/s"))
+                      "cpu_reconnect": f"{v:.2f} CPU µs/req", "kernel_keepalive": f"{v:.2f} kernel µs/req",
+                      "kernel_reconnect": f"{v:.2f} kernel µs/req", "idle_rss": f"{v:+.1f} MiB"}.get(m, f"{v:,.0f} req/s"))
     return ", ".join(parts)
 
 

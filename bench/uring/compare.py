@@ -61,11 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(tmp: Path) -> Path:
-    binary = tmp / "relay"
-    r = subprocess.run(["make", "-s", "-C", str(URING), f"OUT={binary}"], check=False, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"building bench/uring/relay failed (gcc and liburing-dev needed):\n{r.stderr}")
-    return binary
+    try:
+        return peers.prototype_binary(tmp)
+    except RuntimeError as exc:
+        sys.exit(str(exc))
 
 
 @contextmanager

@@ -158,7 +158,7 @@ static void accept_all(const struct relay_config *cfg)
             return;
         }
         set_nodelay(fd);
-        int up = upstream_socket();
+        int up = upstream_socket(SOCK_NONBLOCK | SOCK_CLOEXEC);
         struct conn *c = calloc(1, sizeof *c + 2 * buffer_size);
         if (up < 0 || !c) {
             close(fd);

@@ -32,9 +32,9 @@ void reset_on_close(int fd)
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &now, sizeof now);
 }
 
-int upstream_socket(void)
+int upstream_socket(int type_flags)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int fd = socket(AF_INET, SOCK_STREAM | type_flags, 0);
     if (fd >= 0)
         set_nodelay(fd);
     return fd;

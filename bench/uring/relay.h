@@ -17,7 +17,7 @@ struct relay_config {
 };
 
 /* Shared by both backends, so they make the same per-connection system calls outside the data path. */
-int upstream_socket(void);          /* non-blocking, TCP_NODELAY; -1 on failure */
+int upstream_socket(int type_flags); /* socket(2)'s SOCK_* type flags; TCP_NODELAY; -1 on failure */
 void set_nodelay(int fd);
 void reset_on_close(int fd);        /* SO_LINGER 0: close() sends RST, so the far end sees the failure */
 void die(const char *what);

@@ -76,7 +76,9 @@ static void settle(struct conn *c);
 
 static void arm_accept(void)
 {
-    io_uring_prep_multishot_accept(sqe_for(OP_ACCEPT), config->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    /* Blocking sockets: the ring waits for a socket that is not ready. On an O_NONBLOCK socket a send
+     * the peer's window cannot take completes with -EAGAIN instead. */
+    io_uring_prep_multishot_accept(sqe_for(OP_ACCEPT), config->listen_fd, NULL, NULL, SOCK_CLOEXEC);
 }
 
 static void arm_recv(struct conn *c, int i)
@@ -202,7 +204,7 @@ static void on_accept(struct io_uring_cqe *cqe)
         return;
     }
     set_nodelay(cqe->res);
-    int up = upstream_socket();
+    int up = upstream_socket(SOCK_CLOEXEC);
     struct conn *c = aligned_alloc(16, sizeof *c);
     if (up < 0 || !c) {
         close(cqe->res);

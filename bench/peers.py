@@ -263,10 +263,21 @@ def stop_all() -> None:
 
 # ------------------------------------------------------------------- CPU placement
 
-# role -> CPU list for taskset, when --pin is given: the relay alone on one CPU, the
-# load (clients and servers) on the other, for every relay alike. Without it the
-# scheduler places them, and on two cores that placement moves results by ±10%.
+# role (relay, server, client) -> CPU list for taskset, when --pin or --pin-layout is given, for every
+# relay alike. Without it the scheduler places them, and on two cores that placement moves results by
+# ±10% and more. A layout names what shares CPU 1 with the relay: "apart" (--pin) leaves the relay
+# alone there, "with-server" puts the backend server beside it, "with-client" the load generator.
+PIN_LAYOUTS = {
+    "apart": {"relay": "1", "server": "0", "client": "0"},
+    "with-server": {"relay": "1", "server": "1", "client": "0"},
+    "with-client": {"relay": "1", "server": "0", "client": "1"},
+}
 PIN: dict[str, str] = {}
+
+
+def describe_layout(name: str) -> str:
+    cpus = PIN_LAYOUTS[name]
+    return f"--pin-layout {name}: " + ", ".join(f"{role} on CPU {cpu}" for role, cpu in cpus.items()) + " (taskset)"
 
 
 def pinned(role: str, argv: list[str]) -> list[str]:

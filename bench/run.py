@@ -66,7 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and VirtualService files (serve -c) instead of --listen/--upstream")
     p.add_argument("--pin", action="store_true",
                    help="pin every relay to CPU 1 and the clients and servers to CPU 0 (taskset), for every row "
-                        "alike: less spread between runs, at the cost of a placement chosen for all")
+                        "alike: less spread between runs, at the cost of a placement chosen for all "
+                        "(--pin-layout apart)")
+    p.add_argument("--pin-layout", choices=list(peers.PIN_LAYOUTS),
+                   help="pin as --pin, with the relay on CPU 1 alone (apart), beside the backend server "
+                        "(with-server) or beside the client (with-client)")
     p.add_argument("--haproxy-threads", type=int, default=1, help="haproxy nbthread (default 1)")
     p.add_argument("--socat-backlog", type=int,
                    help="add backlog=N to socat's listener (default: socat's own, 5; see README)")
@@ -227,9 +231,10 @@ def main(argv=None) -> int:
     installed = peers.ensure_tools()
     if installed:
         notes.append(f"installed Debian packages: {' '.join(installed)}")
-    if a.pin:
-        peers.PIN.update(relay="1", load="0")
-        notes.append("--pin: every relay on CPU 1, clients and servers on CPU 0 (taskset)")
+    if a.pin or a.pin_layout:
+        layout = a.pin_layout or "apart"
+        peers.PIN.update(peers.PIN_LAYOUTS[layout])
+        notes.append(peers.describe_layout(layout))
     specs = relay_specs(a)
     if not specs:
         sys.exit("nothing to measure")

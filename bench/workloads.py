@@ -42,7 +42,7 @@ def iperf_server(logdir: Path) -> Iterator[int]:
     """A one-shot iperf3 server (-1) per measurement: a fresh server cannot be
     left wedged by an earlier failed test."""
     port = free_port()
-    proc = Proc("iperf3-server", pinned("load", [which("iperf3"), "-s", "-1", "-B", HOST, "-p", str(port)]), logdir)
+    proc = Proc("iperf3-server", pinned("server", [which("iperf3"), "-s", "-1", "-B", HOST, "-p", str(port)]), logdir)
     try:
         proc.wait_listening(port)
         yield port
@@ -56,7 +56,7 @@ def iperf(relay: Relay, seconds: float, streams: int) -> dict:
             "-J", "--connect-timeout", "5000"]
     cpu0 = cpu_seconds(*relay.pids) if relay.pids else None
     try:
-        r = subprocess.run(pinned("load", argv), capture_output=True, text=True, timeout=seconds + 30)
+        r = subprocess.run(pinned("client", argv), capture_output=True, text=True, timeout=seconds + 30)
     except subprocess.TimeoutExpired:
         raise MeasureError("iperf3 client timed out") from None
     cpu1 = cpu_seconds(*relay.pids) if relay.pids else None
@@ -81,7 +81,7 @@ def redis_server(logdir: Path) -> Iterator[int]:
     port = free_port()
     argv = [which("redis-server"), "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no",
             "--daemonize", "no", "--maxclients", "10000"]
-    proc = Proc("redis-server", pinned("load", argv), logdir, cwd=logdir)
+    proc = Proc("redis-server", pinned("server", argv), logdir, cwd=logdir)
     try:
         proc.wait_listening(port)
         yield port
@@ -96,7 +96,7 @@ def redis_benchmark(port: int, clients: int, requests: int, options: list[str],
             "-n", str(requests), "-k", "1" if keepalive else "0", *options]
     # redis-benchmark spins forever when it cannot connect, so bound it (assumes >= 500 req/s).
     try:
-        return subprocess.run(pinned("load", argv), capture_output=True, text=True, timeout=30 + requests / 500,
+        return subprocess.run(pinned("client", argv), capture_output=True, text=True, timeout=30 + requests / 500,
                               check=False)
     except subprocess.TimeoutExpired:
         raise MeasureError("redis-benchmark timed out (relay refusing or stalling connections?)") from None

@@ -92,3 +92,12 @@ def test_a_prototype_row_serves_redis_and_has_its_cpu_split(name, tmp_path):
     assert got["requests_per_second"] > 0
     # A connection per request: the relay accepts and connects 3,000 times, all in the kernel.
     assert 0 < got["kernel_us_per_request"] <= got["cpu_us_per_request"]
+
+
+@pytest.mark.parametrize("layout, server, client", [("apart", "0", "0"), ("with-server", "1", "0"),
+                                                    ("with-client", "0", "1")])
+def test_a_pin_layout_puts_the_server_or_the_client_beside_the_relay(layout, server, client, monkeypatch):
+    monkeypatch.setattr(peers, "PIN", dict(peers.PIN_LAYOUTS[layout]))
+    assert [peers.pinned(role, ["x"]) for role in ("relay", "server", "client")] == [
+        ["taskset", "-c", "1", "x"], ["taskset", "-c", server, "x"], ["taskset", "-c", client, "x"]]
+    assert run.parse_args(["--pin-layout", layout]).pin_layout == layout

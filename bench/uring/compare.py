@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = report.record_stem(a.record) if a.record else None   # refuses a dirty tree before the run
     commit = report.source_commit()
     if a.pin:
-        peers.PIN.update(relay="1", load="0")
+        peers.PIN.update(peers.PIN_LAYOUTS["apart"])
     samples: dict = {m: {} for m in METRICS}
     errors: list[str] = []
     facts = machine()

@@ -22,13 +22,13 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from fastmesh import capture_ebpf
+from fastmesh.host_tools import ToolFailed, run_tool
 from fastmesh.privileges import CAP_NET_ADMIN, has_capabilities
 
 CHAINS = ("ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT", "ISTIO_REDIRECT")  # nat's
@@ -365,13 +365,10 @@ def table_section(table: str, save_output: str) -> str:
 # --- applying --------------------------------------------------------------------------
 
 def _run(argv: list[str], stdin: str | None = None) -> str:
-    result = subprocess.run(argv, check=False, input=stdin, capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        message = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
-        if "Permission denied" in message or "Operation not permitted" in message:
-            raise CaptureError(NO_NET_ADMIN)
-        raise CaptureError(f"{shlex.join(argv)} failed: {message}")
-    return result.stdout
+    try:
+        return run_tool(argv, stdin)
+    except ToolFailed as failed:
+        raise CaptureError(NO_NET_ADMIN if failed.denied else f"{shlex.join(argv)} failed: {failed.message}") from None
 
 
 def families() -> tuple[list[Family], str | None]:

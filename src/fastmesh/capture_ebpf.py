@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fastmesh import cpus
+from fastmesh.host_tools import ToolFailed, run_tool
 from fastmesh.privileges import CAP_BPF, CAP_SYS_ADMIN, has_capabilities
 
 OBJECT = Path(__file__).resolve().parent / "bpf" / "capture.bpf.o"
@@ -133,15 +134,12 @@ def remove() -> bool:
 
 def _run(argv: list[str]) -> str:
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    except FileNotFoundError:
-        raise EbpfError(NO_BPFTOOL if argv[0] == "bpftool" else f"{argv[0]} is not installed") from None
-    if result.returncode != 0:
-        message = " ".join((result.stderr or result.stdout).split()) or f"exit status {result.returncode}"
-        if "Operation not permitted" in message or "Permission denied" in message:
-            raise EbpfError(NO_PRIVILEGE)
-        raise EbpfError(f"{' '.join(argv[:4])} failed: {message[-400:]}")
-    return result.stdout
+        return run_tool(argv)
+    except ToolFailed as failed:
+        if failed.missing:
+            raise EbpfError(NO_BPFTOOL if argv[0] == "bpftool" else failed.message) from None
+        raise EbpfError(NO_PRIVILEGE if failed.denied else f"{' '.join(argv[:4])} failed: {failed.message[-400:]}") \
+            from None
 
 
 def _bpftool(*args: str) -> str:

@@ -18,7 +18,7 @@ from conftest import free_port, random_bytes, read_all, sha256, stop_process
 from test_engine_data import exchange
 
 URING = Path(__file__).resolve().parent.parent / "bench" / "uring"
-BACKENDS = ("epoll", "uring")
+BACKENDS = ("epoll", "uring", "batch")
 MiB = 1 << 20
 
 
@@ -116,9 +116,9 @@ def test_upstream_half_close_is_passed_on_and_the_client_still_sends(backend, up
 
 
 # A small ring and a short queue: receives run out of buffers and pause behind slow senders, and resume.
-@pytest.mark.parametrize("backend,options", [("epoll", ()), ("uring", ()),
+@pytest.mark.parametrize("backend,options", [("epoll", ()), ("uring", ()), ("batch", ()),
                                              ("uring", ("--buffers", "16", "--queue-cap", "4"))],
-                         ids=["epoll", "uring", "uring-small-ring"])
+                         ids=["epoll", "uring", "batch", "uring-small-ring"])
 def test_many_connections_at_once_are_each_byte_exact(backend, options, upstream, relay):
     payloads = [random_bytes(256 * 1024 + 1013 * i) for i in range(40)]
     server = upstream(echo_with_digest)

@@ -1,4 +1,4 @@
-/* relay --epoll|--uring --listen [HOST:]PORT --upstream HOST:PORT [--buffer-size N] [--buffers N]
+/* relay --epoll|--uring|--batch --listen [HOST:]PORT --upstream HOST:PORT [--buffer-size N] [--buffers N]
  *       [--queue-cap N]
  * Prints "listening HOST:PORT" once it accepts connections (PORT 0 picks a free port). */
 #define _GNU_SOURCE
@@ -82,7 +82,7 @@ static int listen_on(const struct sockaddr_in *addr)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: relay --epoll|--uring --listen [HOST:]PORT --upstream HOST:PORT "
+    fprintf(stderr, "usage: relay --epoll|--uring|--batch --listen [HOST:]PORT --upstream HOST:PORT "
                     "[--buffer-size N] [--buffers N] [--queue-cap N]\n");
     exit(2);
 }
@@ -95,7 +95,7 @@ int main(int argc, char **argv)
 
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(arg, "--epoll") || !strcmp(arg, "--uring"))
+        if (!strcmp(arg, "--epoll") || !strcmp(arg, "--uring") || !strcmp(arg, "--batch"))
             backend = arg + 2;
         else if (value && !strcmp(arg, "--listen"))
             listen_text = argv[++i];
@@ -126,5 +126,7 @@ int main(int argc, char **argv)
     printf("listening %s:%d %s\n", host, ntohs(listen_addr.sin_port), backend);
     fflush(stdout);
 
-    return strcmp(backend, "uring") ? run_epoll(&cfg) : run_uring(&cfg);
+    if (!strcmp(backend, "uring"))
+        return run_uring(&cfg);
+    return strcmp(backend, "batch") ? run_epoll(&cfg) : run_batch(&cfg);
 }

@@ -1,5 +1,5 @@
-/* A minimal single-threaded plaintext TCP relay, listen port -> one upstream, with two interchangeable
- * backends (epoll.c, uring.c): a prototype to measure whether io_uring pays against fastmesh's epoll shape.
+/* A minimal single-threaded plaintext TCP relay, listen port -> one upstream, with three interchangeable
+ * backends (epoll.c, uring.c, batch.c): a prototype to measure whether io_uring pays against fastmesh's epoll shape.
  * Both backends keep a byte stream exact, pass a half-close on (EOF one way -> shutdown(SHUT_WR) the other
  * way), and reset the other side when one side fails. */
 #ifndef RELAY_H
@@ -24,5 +24,6 @@ void die(const char *what);
 
 int run_epoll(const struct relay_config *cfg);
 int run_uring(const struct relay_config *cfg);
+int run_batch(const struct relay_config *cfg);
 
 #endif

@@ -438,3 +438,33 @@ def test_the_readmes_usage_block_shows_every_command_and_option_argparse_knows()
         missing = sorted(min(strings) for strings in options if not strings & shown[command])
         unknown = sorted(shown[command] - set().union(*options))
         assert (command, missing, unknown) == (command, [], [])
+
+
+def test_serve_io_uring_batches_the_receives_and_sends_or_says_why_not(serve, upstream):
+    def echo(conn: socket.socket) -> int:
+        total = 0
+        while chunk := conn.recv(65536):
+            conn.sendall(chunk)
+            total += len(chunk)
+        return total
+
+    rounds, messages = 200, [random_bytes(100 + i) for i in range(200)]
+    server = upstream(echo)
+    proxy = serve(server.address, "--io-uring")
+    with socket.create_connection(proxy.listen) as client:
+        for message in messages:  # request and answer, as redis-benchmark's clients do
+            client.sendall(message)
+            assert client.recv(len(message), socket.MSG_WAITALL) == message
+    assert server.wait(1) == [sum(map(len, messages))]
+    counts = [proxy.stats()["engine"][key] for key in ("io_uring_submissions", "io_uring_requests",
+                                                         "io_uring_refused")]
+    in_use = json.loads(proxy.get("/config_dump")[1])["engine"]["io_uring"]
+    if EXPECTED_IMPLEMENTATION == "python":
+        assert (in_use, counts) == (False, [0, 0, 0])
+        assert ("io_uring asked for and not used, plain system calls instead: the Python engine makes plain "
+                "system calls") in proxy.output()
+        return
+    assert in_use and "io_uring asked for" not in proxy.output()
+    submissions, requests, refused = counts
+    # Each round: the request's receive and send, the answer's receive and send, all through the ring.
+    assert requests >= 4 * rounds and 0 < submissions <= requests and refused == 0

@@ -406,3 +406,10 @@ def test_check_names_the_virtual_service_whose_route_is_broken_not_the_sidecar(t
         "no ServiceEntry defines mongo.default.svc.cluster.local: its connections will fail with UH\n"))
     assert "  weight 100: outbound|27017|v1|mongo.default.svc.cluster.local [ROUND_ROBIN] -> no endpoint (UH); " \
            "tls DISABLE\n" in checked.stdout
+
+
+def test_the_sidecar_kind_asks_for_io_uring(tmp_path):
+    listener = "  inbound: [{port: 1, targetPort: 2}]\n"
+    assert plan(load_documents([write(tmp_path, SIDECAR + listener + "  ioUring: true\n")])).sidecar.io_uring
+    assert not plan(load_documents([write(tmp_path, SIDECAR + listener, "plain.yaml")])).sidecar.io_uring
+    assert "spec.ioUring: Input should be a valid boolean" in problems(tmp_path, SIDECAR + listener + "  ioUring: soon\n")

@@ -32,6 +32,27 @@ cdef extern from *:
     const unsigned char fm_exchange_magic[4]
 
 
+# A worker's io_uring (native/ring.h): a loop turn's receives in one submission, its sends in another.
+cdef extern from "native/ring.h" nogil:
+    enum:
+        FM_RING_BATCH
+        FM_OP_RECV
+        FM_OP_SEND
+    ctypedef struct fm_ring:
+        unsigned count
+        unsigned long long data[FM_RING_BATCH]
+        ssize_t res[FM_RING_BATCH]
+        int err[FM_RING_BATCH]
+        unsigned long long fallbacks
+        int broken
+    int fm_ring_built()
+    fm_ring *fm_ring_new(int *err)
+    void fm_ring_free(fm_ring *r)
+    bint fm_ring_full(const fm_ring *r)
+    void fm_ring_queue(fm_ring *r, int op, int fd, char *buf, size_t len, unsigned long long data)
+    unsigned fm_ring_run(fm_ring *r)
+
+
 cdef enum:
     MAX_EVENTS = 256
     PUMP_ROUNDS = 8            # fill+drain rounds per direction before other connections get a turn
@@ -352,6 +373,7 @@ cdef struct Worker:
     int max_pipes
     int buffer_size
     bint use_splice
+    fm_ring *ring              # Engine(io_uring=True): the turn's receives and sends batched; else NULL
     # pools
     int npool
     int pool_r[POOL_KEEP]

@@ -21,6 +21,7 @@ class Engine:
         max_pipes: int = ...,
         buffer_size: int = ...,
         splice: bool = ...,
+        io_uring: bool = ...,
     ) -> None:
         """Defaults: fastmesh.defaults.DEFAULTS. TypeError or ValueError for options
         fastmesh.contract.check_engine_options() refuses."""
@@ -31,6 +32,12 @@ class Engine:
         """Started and not yet stopped."""
     @property
     def splice_enabled(self) -> bool: ...
+    @property
+    def io_uring(self) -> bool:
+        """The workers make their plain receives and sends through io_uring, batched."""
+    @property
+    def io_uring_unavailable(self) -> str | None:
+        """Why io_uring was asked for and is not used; None when it is, or was not asked for."""
     @property
     def has_identity(self) -> bool:
         """set_identity() was called: mTLS is possible."""

@@ -73,6 +73,7 @@ include "native/timers.pxi"
 include "native/exchange.pxi"
 include "native/tls.pxi"
 include "native/flow.pxi"
+include "native/batch.pxi"
 include "native/accept.pxi"
 include "native/worker.pxi"
 include "native/listener.pxi"
@@ -93,10 +94,11 @@ cdef class Engine:
     cdef bint _started
     cdef bint _stopped
     cdef unsigned long long _next_worker
+    cdef str _io_uring_unavailable
 
     def __init__(self, int workers=DEFAULTS.workers, *, int pipe_size=DEFAULTS.pipe_size,
                  int max_pipes=DEFAULTS.max_pipes, int buffer_size=DEFAULTS.buffer_size,
-                 bint splice=DEFAULTS.splice):
+                 bint splice=DEFAULTS.splice, bint io_uring=DEFAULTS.io_uring):
         cdef Worker *w
         cdef epoll_event ev
         cdef int i
@@ -130,6 +132,23 @@ cdef class Engine:
             ev.data.u64 = 0
             if epoll_ctl(w.epfd, EPOLL_CTL_ADD, w.wakefd, &ev) < 0:
                 raise OSError(errno, "cannot watch the engine's eventfd")
+        if io_uring:
+            self._io_uring_unavailable = self._open_rings()
+
+    cdef str _open_rings(self):
+        # One ring per worker, or none: why not, when the build or the kernel has none to give
+        # (a container's seccomp profile commonly refuses io_uring_setup).
+        cdef int i, err = 0
+        if not fm_ring_built():
+            return "this build of fastmesh has no io_uring (it was compiled without liburing-dev)"
+        for i in range(self._nworkers):
+            self._workers[i].ring = fm_ring_new(&err)
+            if self._workers[i].ring == NULL:
+                for i in range(self._nworkers):
+                    fm_ring_free(self._workers[i].ring)
+                    self._workers[i].ring = NULL
+                return f"io_uring_setup: {os.strerror(err)}"
+        return None
 
     def __dealloc__(self):
         cdef Worker *w
@@ -141,6 +160,7 @@ cdef class Engine:
                 if not self._stopped:
                     close_all(w)  # threads never started, or already joined
                 free_pools(w)
+                fm_ring_free(w.ring)
                 for j in range(w.nclosed):
                     release_frame(w.closed[j].peer)
                     free(w.closed[j].principal)
@@ -169,6 +189,16 @@ cdef class Engine:
     @property
     def splice_enabled(self):
         return self._workers[0].use_splice
+
+    @property
+    def io_uring(self):
+        """Whether the workers make their plain receives and sends through io_uring, batched."""
+        return self._workers[0].ring != NULL
+
+    @property
+    def io_uring_unavailable(self):
+        """Why io_uring was asked for and is not used (None when it is, or was not asked for)."""
+        return self._io_uring_unavailable
 
     cdef void _lock_all(self) noexcept:
         cdef int i

@@ -881,8 +881,9 @@ class Engine:
 
     def __init__(self, workers: int = DEFAULTS.workers, *, pipe_size: int = DEFAULTS.pipe_size,
                  max_pipes: int = DEFAULTS.max_pipes, buffer_size: int = DEFAULTS.buffer_size,
-                 splice: bool = DEFAULTS.splice) -> None:
-        # pipe_size, max_pipes and splice only matter to the splice engine.
+                 splice: bool = DEFAULTS.splice, io_uring: bool = DEFAULTS.io_uring) -> None:
+        # pipe_size, max_pipes, splice and io_uring only matter to the Cython engine.
+        self._io_uring_unavailable = "the Python engine makes plain system calls" if io_uring else None
         contract.check_engine_options(workers, pipe_size, max_pipes, buffer_size)
         self._buffer_size = buffer_size
         self._workers = [_Worker(self, i, buffer_size) for i in range(workers)]
@@ -908,6 +909,14 @@ class Engine:
     @property
     def splice_enabled(self) -> bool:
         return False
+
+    @property
+    def io_uring(self) -> bool:
+        return False
+
+    @property
+    def io_uring_unavailable(self) -> str | None:
+        return self._io_uring_unavailable
 
     def start(self) -> None:
         """Start the worker threads."""

@@ -30,6 +30,9 @@ COUNTERS = (
     ("buffers_in_use", "gauge", "copy buffers holding bytes in flight"),
     ("splice_fallbacks", "counter", "bulk transfers that copied because no pipe was free"),
     ("loop_iterations", "counter", "event loop turns of all workers"),
+    ("io_uring_submissions", "counter", "io_uring submissions, each a loop turn's receives or its sends (io_uring)"),
+    ("io_uring_requests", "counter", "receives and sends made through those submissions"),
+    ("io_uring_refused", "counter", "submissions the kernel refused: their calls made plainly, io_uring not used again"),
     ("resets_propagated", "counter", "resets passed from one side to the other"),
     ("records_dropped", "counter", "closed-connection records lost because collect() was not called"),
     # connections that got no upstream

@@ -14,6 +14,7 @@ class Defaults:
     max_pipes: int = 4096  # pipes in flight before bulk transfers copy instead (0: never splice)
     buffer_size: int = 64 * 1024  # bytes per copy buffer
     splice: bool = True
+    io_uring: bool = False  # batch each loop turn's receives and sends into io_uring submissions
     # connections
     connect_timeout: float = 10.0  # Istio's default for a cluster's connectTimeout
     idle_timeout: float = 3600.0  # Istio's connectionPool.tcp.idleTimeout: no byte either way for 1h; 0: never

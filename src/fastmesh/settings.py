@@ -77,6 +77,7 @@ class SidecarConfig:
     pipe_size: int = DEFAULTS.pipe_size
     max_pipes: int = DEFAULTS.max_pipes
     splice: bool = DEFAULTS.splice
+    io_uring: bool = DEFAULTS.io_uring  # batch the workers' receives and sends (serve --io-uring)
     admin: Address | None = field(default_factory=lambda: _address(DEFAULTS.admin))
     metrics: Address | None = field(default_factory=lambda: _address(DEFAULTS.metrics))
     health: Address | None = field(  # /healthz/ready for a kubelet's probes

@@ -42,7 +42,11 @@ class Sidecar:
             pipe_size=config.pipe_size,
             max_pipes=config.max_pipes,
             splice=config.splice,
+            io_uring=config.io_uring,
         )
+        if config.io_uring and not self.relay.engine.io_uring:
+            log.warning("io_uring asked for and not used, plain system calls instead: %s",
+                        self.relay.engine.io_uring_unavailable)
         # With eviction, the peers' decoded payloads go as their series do (the same interval).
         self.peers = PeerDirectory(payload_lifetime=config.stats_eviction_interval)
         self.telemetry: TcpTelemetry | None = (
@@ -117,6 +121,7 @@ class Sidecar:
             metrics=self.config.metrics,
             health=self.config.health, stats_eviction_interval=self.config.stats_eviction_interval,
             pipe_size=self.config.pipe_size, max_pipes=self.config.max_pipes, splice=self.config.splice,
+            io_uring=self.config.io_uring,
             certs=self.config.certs)
         for listener_config in config.listeners:
             await self._listen(listener_config, accepting.pop(listener_config.listen, None))
@@ -231,6 +236,7 @@ class Sidecar:
                 "splice": config.splice and config.max_pipes > 0,
                 "pipe_size": config.pipe_size,
                 "max_pipes": config.max_pipes,
+                "io_uring": self.relay.engine.io_uring,
             },
             "listeners": [self._listener_dump(listener) for listener in self.relay.listeners.values()],
             "telemetry": None if self.telemetry is None else {

@@ -299,6 +299,7 @@ class Sidecar(Model):
     connect_timeout: Duration = DEFAULTS.connect_timeout  # a DestinationRule's connectTimeout overrides it
     idle_timeout: DurationOrOff = DEFAULTS.idle_timeout  # a DestinationRule's idleTimeout overrides it; 0s: never
     workers: Workers = DEFAULTS.workers  # or auto
+    io_uring: bool = DEFAULTS.io_uring  # serve --io-uring
     max_connections: int = Field(default=DEFAULTS.max_connections, ge=0)  # per listener (serve --max-connections)
     certs: Optional[str] = None  # the directory of cert-chain.pem, key.pem, root-cert.pem (serve --certs)
     tls_handshake_timeout: Duration = DEFAULTS.tls_handshake_timeout

@@ -481,6 +481,7 @@ class _Builder:
             workers=workers,
             workers_auto=workers_auto,
             max_connections=spec.max_connections,
+            io_uring=spec.io_uring,
             admin=admin,
             metrics=metrics,
             health=health,

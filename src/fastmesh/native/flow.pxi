@@ -37,34 +37,43 @@ cdef inline bint end_stream(End *dst, bint both_ended) noexcept nogil:
     return True
 
 
+cdef int gave(Worker *w, Conn *c, int s, ssize_t n) noexcept nogil:
+    # What a write of n bytes of side s's direction (or -1, errno set) does to it.
+    cdef Flow *f = &c.flows[s]
+    cdef uint32_t hidden
+    if n > 0:
+        f.pending -= <uint32_t>n
+        f.tx += <uint64_t>n
+        if f.unseen:  # our exchange frame is not relayed bytes
+            hidden = f.unseen if <uint32_t>n > f.unseen else <uint32_t>n
+            f.unseen -= hidden
+            f.tx -= hidden
+        if f.pipe_r < 0:
+            f.buf_off += <uint32_t>n
+        f.stalled = False
+        return MOVED
+    if n < 0 and errno == EAGAIN:
+        c.ends[1 - s].writable = False
+    elif n < 0 and errno != EINTR:
+        w.err = errno
+        return FAILED
+    return IDLE
+
+
 cdef int drain(Worker *w, Conn *c, int s) noexcept nogil:
     # Give what is in flight from side s to the other side; once nothing is in
     # flight, return the pipe or buffer and pass an end of stream on.
     cdef Flow *f = &c.flows[s]
     cdef End *dst = &c.ends[1 - s]
     cdef ssize_t n
-    cdef uint32_t hidden
     cdef int result = IDLE
     if f.pending > 0 and dst.writable:
         if f.pipe_r >= 0:
             n = splice(f.pipe_r, NULL, dst.fd, NULL, f.pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
         else:
             n = write_end(dst, f.buf + f.buf_off, f.pending)
-        if n > 0:
-            f.pending -= <uint32_t>n
-            f.tx += <uint64_t>n
-            if f.unseen:  # our exchange frame is not relayed bytes
-                hidden = f.unseen if <uint32_t>n > f.unseen else <uint32_t>n
-                f.unseen -= hidden
-                f.tx -= hidden
-            if f.pipe_r < 0:
-                f.buf_off += <uint32_t>n
-            f.stalled = False
-            result = MOVED
-        elif n < 0 and errno == EAGAIN:
-            dst.writable = False
-        elif n < 0 and errno != EINTR:
-            w.err = errno
+        result = gave(w, c, s, n)
+        if result == FAILED:
             return FAILED
     if f.pending == 0:
         if f.pipe_r >= 0:
@@ -116,17 +125,29 @@ cdef int fill(Worker *w, Conn *c, int s) noexcept nogil:
     elif f.pending == 0:
         f.buf_off = 0
         n = read_end(src, f.buf, <size_t>w.buffer_size)
-        if n == w.buffer_size:
-            f.bulk = w.use_splice and not f.copy_only
-        elif n > 0 and not src.hup and src.ssl == NULL:
-            # recv returns all that is queued, up to the size asked for: a short
-            # read means the socket is drained, and new bytes will raise a new edge.
-            # Not so once the FIN is in: a short read may have stopped at it, and
-            # the next recv returns 0 with no new edge to announce it. Nor over TLS:
-            # SSL_read returns one record, and more may be queued.
-            src.readable = False
+        read_into_empty(w, f, src, n)
     else:
         return IDLE  # the buffer is refilled only once it is empty
+    return took(w, c, s, n)
+
+
+cdef inline void read_into_empty(Worker *w, Flow *f, End *src, ssize_t n) noexcept nogil:
+    # What a read into the empty buffer says of the source beyond its bytes.
+    if n == w.buffer_size:
+        f.bulk = w.use_splice and not f.copy_only
+    elif n > 0 and not src.hup and src.ssl == NULL:
+        # recv returns all that is queued, up to the size asked for: a short
+        # read means the socket is drained, and new bytes will raise a new edge.
+        # Not so once the FIN is in: a short read may have stopped at it, and
+        # the next recv returns 0 with no new edge to announce it. Nor over TLS:
+        # SSL_read returns one record, and more may be queued.
+        src.readable = False
+
+
+cdef int took(Worker *w, Conn *c, int s, ssize_t n) noexcept nogil:
+    # What a read of n bytes from side s (or -1, errno set) does to its direction.
+    cdef Flow *f = &c.flows[s]
+    cdef End *src = &c.ends[s]
     if n > 0:
         f.pending += <uint32_t>n
         f.rx += <uint64_t>n
@@ -266,16 +287,20 @@ cdef void run_ready(Worker *w) noexcept nogil:
     # Reads first, writes after, as HAProxy does: the peers our writes wake up
     # then run once we have read everything that was ready, instead of
     # preempting us in the middle of the batch.
-    while c != NULL:
-        if c.state == OPEN and not securing(c):
-            for s in range(2):
-                r = fill(w, c, s)
-                if r == FAILED:
-                    abort_conn(w, c, s, w.err)
-                    break
-                if r == GONE:
-                    break
-        c = c.ready_next
+    if batching(w):
+        read_ready_batched(w)
+        send_ready_batched(w)
+    else:
+        while c != NULL:
+            if c.state == OPEN and not securing(c):
+                for s in range(2):
+                    r = fill(w, c, s)
+                    if r == FAILED:
+                        abort_conn(w, c, s, w.err)
+                        break
+                    if r == GONE:
+                        break
+            c = c.ready_next
     c = w.ready
     w.ready = NULL
     while c != NULL:

@@ -2,10 +2,11 @@
 redis-benchmark PING_INLINE keep-alive (50 clients) and reconnect (50 clients, a connection per request)
 with the relay's CPU per request, latency at 1 client, and one iperf3 stream; no relay at all ("direct")
 beside them for scale. The backends alternate within each repeat, their order rotating; the table has
-the medians and uring ÷ epoll. See bench/README.md.
+the medians and each io_uring backend ÷ epoll. See bench/README.md.
 
     python bench/uring/compare.py [--repeat 5] [--requests 100000] [--reconnect-requests 10000]
-                                  [--latency-requests 20000] [--iperf-seconds 3] [--pin] [--record NAME]
+                                  [--latency-requests 20000] [--iperf-seconds 3] [--pin | --pin-layout L]
+                                  [--record NAME]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import run
 import workloads
 from peers import HOST, Proc, Relay
 
-BACKENDS = ("epoll", "uring")
+BACKENDS = ("epoll", "uring", "batch")
 ROWS = ("direct", *BACKENDS)
 # metric -> (label, unit, higher is better, measured for direct)
 METRICS = {
@@ -55,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iperf-seconds", type=float, default=3, help="0 leaves iperf3 out")
     p.add_argument("--relay-args", default="", help="more options for both backends, e.g. '--buffer-size 65536'")
     p.add_argument("--pin", action="store_true", help="relay on CPU 1, clients and servers on CPU 0")
+    p.add_argument("--pin-layout", choices=list(peers.PIN_LAYOUTS),
+                   help="pin as bench/run.py does: the relay on CPU 1 alone (apart, = --pin), beside the server "
+                        "(with-server) or beside the client (with-client)")
     p.add_argument("--out", type=Path, default=URING.parent / "results")
     p.add_argument("--record", metavar="NAME", help="keep the run as OUT/DATE-COMMIT-NAME.json and .md")
     return p.parse_args(argv)
@@ -143,8 +147,10 @@ def _sample(take: Callable[[], dict], what: str, row: str, samples: dict, errors
 
 
 def summarize(samples: dict) -> tuple[dict, dict]:
+    """The medians, and each io_uring backend's ÷ epoll's (ratios[backend][metric])."""
     values = {m: {row: statistics.median(v) for row, v in by_row.items()} for m, by_row in samples.items()}
-    ratios = {m: (v["uring"] / v["epoll"] if v.get("epoll") and "uring" in v else None) for m, v in values.items()}
+    ratios = {backend: {m: (v[backend] / v["epoll"] if v.get("epoll") and backend in v else None)
+                        for m, v in values.items()} for backend in BACKENDS[1:]}
     return values, ratios
 
 
@@ -155,15 +161,17 @@ def _cell(v: float | None) -> str:
 def markdown(doc: dict) -> str:
     title = (f"io_uring vs epoll relay (bench/uring), median of {doc['config']['repeat']} runs, commit "
              f"{doc['commit']}, Linux {doc['machine']['kernel']}, {doc['machine']['cores']} cores")
-    lines = [title,
-             "", "| metric | direct | epoll | uring | uring ÷ epoll | better |", "|---|---:|---:|---:|---:|---|"]
+    others = BACKENDS[1:]
+    lines = [title, "", "| metric | " + " | ".join(ROWS) + " | " + " | ".join(f"{b} ÷ epoll" for b in others)
+             + " | better |", "|---|" + "---:|" * (len(ROWS) + len(others)) + "---|"]
     for metric, (label, unit, higher, _) in METRICS.items():
         v = doc["values"].get(metric, {})
         if not v:
             continue
-        ratio = doc["ratios"].get(metric)
-        lines.append(f"| {label} ({unit}) | " + " | ".join(_cell(v.get(row)) for row in ROWS)
-                     + f" | {'–' if ratio is None else f'{ratio:.3f}'} | {'higher' if higher else 'lower'} |")
+        ratios = [doc["ratios"][b].get(metric) for b in others]
+        lines.append(f"| {label} ({unit}) | " + " | ".join(_cell(v.get(row)) for row in ROWS) + " | "
+                     + " | ".join("–" if r is None else f"{r:.3f}" for r in ratios)
+                     + f" | {'higher' if higher else 'lower'} |")
     if doc["errors"]:
         lines += ["", "Errors:", *(f"- {e.splitlines()[0]}" for e in doc["errors"])]
     return "\n".join(lines) + "\n"
@@ -181,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     stem = report.record_stem(a.record) if a.record else None   # refuses a dirty tree before the run
     commit = report.source_commit()
-    if a.pin:
-        peers.PIN.update(peers.PIN_LAYOUTS["apart"])
+    if a.pin or a.pin_layout:
+        peers.PIN.update(peers.PIN_LAYOUTS[a.pin_layout or "apart"])
     samples: dict = {m: {} for m in METRICS}
     errors: list[str] = []
     facts = machine()

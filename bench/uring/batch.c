@@ -230,36 +230,19 @@ static bool watch(struct conn *c, int side)
     return epoll_ctl(ep, EPOLL_CTL_ADD, c->fd[side], &ev) == 0;
 }
 
-static void accept_all(const struct relay_config *cfg)
+static bool adopt(int fds[2], bool connected)
 {
-    for (int batch = 0; batch < 64; batch++) {
-        int fd = accept4(cfg->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
-                perror("accept4");
-            return;
-        }
-        set_nodelay(fd);
-        int up = upstream_socket(SOCK_NONBLOCK | SOCK_CLOEXEC);
-        struct conn *c = calloc(1, sizeof *c + 2 * buffer_size);
-        if (up < 0 || !c) {
-            close(fd);
-            if (up >= 0)
-                close(up);
-            free(c);
-            continue;
-        }
-        c->fd[CLIENT] = fd;
-        c->fd[UPSTREAM] = up;
-        c->d[0].buf = (char *)(c + 1);
-        c->d[1].buf = c->d[0].buf + buffer_size;
-        if (connect(up, (const struct sockaddr *)&cfg->upstream, sizeof cfg->upstream) < 0 && errno != EINPROGRESS) {
-            finish(c, true);
-            continue;
-        }
-        if (!watch(c, CLIENT) || !watch(c, UPSTREAM))
-            finish(c, true);
-    }
+    struct conn *c = calloc(1, sizeof *c + 2 * buffer_size);
+    if (!c)
+        return false;
+    c->fd[CLIENT] = fds[0];
+    c->fd[UPSTREAM] = fds[1];
+    c->d[0].buf = (char *)(c + 1);
+    c->d[1].buf = c->d[0].buf + buffer_size;
+    c->connected = connected;
+    if (!watch(c, CLIENT) || !watch(c, UPSTREAM))
+        finish(c, true);   /* closes both: taken all the same */
+    return true;
 }
 
 int run_batch(const struct relay_config *cfg)
@@ -285,7 +268,7 @@ int run_batch(const struct relay_config *cfg)
         for (int k = 0; k < n; k++) {
             uint64_t t = events[k].data.u64;
             if (t == 0)
-                accept_all(cfg);
+                accept_clients(cfg, adopt);
             else
                 on_event((struct conn *)(uintptr_t)(t & ~(uint64_t)1), (int)(t & 1), events[k].events);
         }

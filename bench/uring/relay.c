@@ -40,6 +40,43 @@ int upstream_socket(int type_flags)
     return fd;
 }
 
+static int accept_client(const struct relay_config *cfg, int fds[2], bool *connected)
+{
+    int fd = accept4(cfg->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+        if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
+            perror("accept4");
+        return 0;
+    }
+    set_nodelay(fd);
+    fds[0] = fd;
+    fds[1] = upstream_socket(SOCK_NONBLOCK | SOCK_CLOEXEC);
+    *connected = fds[1] >= 0 && connect(fds[1], (const struct sockaddr *)&cfg->upstream, sizeof cfg->upstream) == 0;
+    if (fds[1] < 0 || (!*connected && errno != EINPROGRESS)) {
+        reset_on_close(fd);
+        close(fd);
+        if (fds[1] >= 0)
+            close(fds[1]);
+        return -1;
+    }
+    return 1;
+}
+
+void accept_clients(const struct relay_config *cfg, bool (*adopt)(int fds[2], bool connected))
+{
+    for (int batch = 0; batch < 64; batch++) {
+        int fds[2];
+        bool connected;
+        int got = accept_client(cfg, fds, &connected);
+        if (got == 0)
+            return;
+        if (got > 0 && !adopt(fds, connected)) {
+            close(fds[0]);
+            close(fds[1]);
+        }
+    }
+}
+
 static void parse_address(const char *text, struct sockaddr_in *out, int need_host)
 {
     char host[64] = "127.0.0.1";

@@ -6,6 +6,7 @@
 #define RELAY_H
 
 #include <netinet/in.h>
+#include <stdbool.h>
 #include <stddef.h>
 
 struct relay_config {
@@ -21,6 +22,10 @@ int upstream_socket(int type_flags); /* socket(2)'s SOCK_* type flags; TCP_NODEL
 void set_nodelay(int fd);
 void reset_on_close(int fd);        /* SO_LINGER 0: close() sends RST, so the far end sees the failure */
 void die(const char *what);
+/* epoll and batch: accept up to 64 waiting clients; for each, open its upstream socket and start the
+ * connect (both non-blocking), then give the pair to `adopt` (connected: the connect completed at once),
+ * which closes nothing and says false when it cannot take them. A client that cannot be set up is reset. */
+void accept_clients(const struct relay_config *cfg, bool (*adopt)(int fds[2], bool connected));
 
 int run_epoll(const struct relay_config *cfg);
 int run_uring(const struct relay_config *cfg);

@@ -58,5 +58,5 @@ def test_an_engine_asked_for_io_uring_where_the_kernel_refuses_it_makes_plain_ca
     finally:
         IO_URING_DISABLED.write_text(before)
     assert (engine.io_uring, engine.io_uring_unavailable) == (False, "io_uring_setup: Operation not permitted")
-    plain = _core.Engine(1)
+    plain = _core.Engine(1, io_uring=False)
     assert (plain.io_uring, plain.io_uring_unavailable) == (False, None)

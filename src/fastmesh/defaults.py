@@ -3,6 +3,7 @@ the relay and both engines read their defaults from here and nowhere else."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -14,7 +15,10 @@ class Defaults:
     max_pipes: int = 4096  # pipes in flight before bulk transfers copy instead (0: never splice)
     buffer_size: int = 64 * 1024  # bytes per copy buffer
     splice: bool = True
-    io_uring: bool = False  # batch each loop turn's receives and sends into io_uring submissions
+    # Batch each loop turn's receives and sends into io_uring submissions (serve --io-uring).
+    # FASTMESH_IO_URING=1 makes it the default of every engine the process makes (the whole
+    # test suite can run so); the twin then says it makes plain calls.
+    io_uring: bool = bool(os.environ.get("FASTMESH_IO_URING"))
     # connections
     connect_timeout: float = 10.0  # Istio's default for a cluster's connectTimeout
     idle_timeout: float = 3600.0  # Istio's connectionPool.tcp.idleTimeout: no byte either way for 1h; 0: never

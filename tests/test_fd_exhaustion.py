@@ -23,9 +23,11 @@ descriptors is exact:
    spinning on a level-triggered listener that stays readable. Meanwhile the
    held connections still relay, bulk data included (the Cython engine
    cannot get a pipe then, and copies);
-4. the queued clients close, the limit is raised back: the engine accepts them,
+4. the limit is raised back, the queued clients close: the engine accepts them,
    a new connection relays 2 MiB each way byte exact, the held connections
-   still work, and no fd is left behind.
+   still work, and no fd is left behind. (Raised first: fds freed under the
+   low limit would let the engine accept a queued client and connect it while
+   the echo server, or the upstream socket, finds no fd left.)
 """
 
 from __future__ import annotations
@@ -409,11 +411,11 @@ async def _scenario(report: dict, workers: int, io_uring: bool) -> None:
         # pipe (pipe2 fails with EMFILE) and must copy through its buffer instead.
         report["bulk_while_paused"] = exchange(held[1], payload)
         report["stats_after_bulk_while_paused"] = engine.stats()
-        for sock in queued:
-            sock.close()
-        os.close(placeholder)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for sock in queued:
+        sock.close()
+    os.close(placeholder)
 
     report["stage"] = "recovery"
     wait_closed(LOCAL_ERRORS + QUEUED, "the queued connections")

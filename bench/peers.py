@@ -275,6 +275,14 @@ PIN_LAYOUTS = {
 PIN: dict[str, str] = {}
 
 
+def pin_layout(pin: bool, layout: str | None) -> str | None:
+    """Pin the roles as --pin (apart) or --pin-layout asks; the layout in force, or None."""
+    name = layout or ("apart" if pin else None)
+    if name:
+        PIN.update(PIN_LAYOUTS[name])
+    return name
+
+
 def describe_layout(name: str) -> str:
     cpus = PIN_LAYOUTS[name]
     return f"--pin-layout {name}: " + ", ".join(f"{role} on CPU {cpu}" for role, cpu in cpus.items()) + " (taskset)"

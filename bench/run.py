@@ -231,9 +231,7 @@ def main(argv=None) -> int:
     installed = peers.ensure_tools()
     if installed:
         notes.append(f"installed Debian packages: {' '.join(installed)}")
-    if a.pin or a.pin_layout:
-        layout = a.pin_layout or "apart"
-        peers.PIN.update(peers.PIN_LAYOUTS[layout])
+    if layout := peers.pin_layout(a.pin, a.pin_layout):
         notes.append(peers.describe_layout(layout))
     specs = relay_specs(a)
     if not specs:

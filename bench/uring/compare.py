@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -189,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     stem = report.record_stem(a.record) if a.record else None   # refuses a dirty tree before the run
     commit = report.source_commit()
-    if a.pin or a.pin_layout:
-        peers.PIN.update(peers.PIN_LAYOUTS[a.pin_layout or "apart"])
+    peers.pin_layout(a.pin, a.pin_layout)
     samples: dict = {m: {} for m in METRICS}
     errors: list[str] = []
     facts = machine()

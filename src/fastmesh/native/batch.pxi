@@ -64,23 +64,12 @@ cdef void settle_batch(Worker *w, bint reads) noexcept nogil:
 
 
 cdef void read_ready_batched(Worker *w) noexcept nogil:
-    cdef Conn *c = w.ready
+    cdef Conn *c
     cdef Flow *f
-    cdef int s, r
+    cdef int s
     # The reads that are not plain receives first: they may end a connection, which must
     # not happen while a queued request names one of its buffers.
-    while c != NULL:
-        if c.state == OPEN and not securing(c):
-            for s in range(2):
-                if plain_read_next(c, s):
-                    continue
-                r = fill(w, c, s)
-                if r == FAILED:
-                    abort_conn(w, c, s, w.err)
-                    break
-                if r == GONE:
-                    break
-        c = c.ready_next
+    fill_ready(w, True)
     c = w.ready
     while c != NULL:
         for s in range(2):

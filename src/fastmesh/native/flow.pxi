@@ -280,10 +280,28 @@ cdef void on_conn_event(Worker *w, Conn *c, int s, uint32_t events) noexcept nog
     enqueue(w, c)
 
 
-cdef void run_ready(Worker *w) noexcept nogil:
+cdef void fill_ready(Worker *w, bint leave_plain) noexcept nogil:
+    # The reading pass over the ready connections; leave_plain: not the plain receives
+    # (plain_read_next), which native/batch.pxi makes through the ring.
     cdef Conn *c = w.ready
-    cdef Conn *nxt
     cdef int s, r
+    while c != NULL:
+        if c.state == OPEN and not securing(c):
+            for s in range(2):
+                if leave_plain and plain_read_next(c, s):
+                    continue
+                r = fill(w, c, s)
+                if r == FAILED:
+                    abort_conn(w, c, s, w.err)
+                    break
+                if r == GONE:
+                    break
+        c = c.ready_next
+
+
+cdef void run_ready(Worker *w) noexcept nogil:
+    cdef Conn *c
+    cdef Conn *nxt
     # Reads first, writes after, as HAProxy does: the peers our writes wake up
     # then run once we have read everything that was ready, instead of
     # preempting us in the middle of the batch.
@@ -291,16 +309,7 @@ cdef void run_ready(Worker *w) noexcept nogil:
         read_ready_batched(w)
         send_ready_batched(w)
     else:
-        while c != NULL:
-            if c.state == OPEN and not securing(c):
-                for s in range(2):
-                    r = fill(w, c, s)
-                    if r == FAILED:
-                        abort_conn(w, c, s, w.err)
-                        break
-                    if r == GONE:
-                        break
-            c = c.ready_next
+        fill_ready(w, False)
     c = w.ready
     w.ready = NULL
     while c != NULL:

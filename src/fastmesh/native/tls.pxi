@@ -177,6 +177,10 @@ cdef ssize_t tls_read_records(End *e, char *into, size_t room) noexcept nogil:
         set_errno(held)
         return -1
     while <size_t>got < room:
+        # The flag speaks of this SSL_read's socket reads only: a read that finds its record
+        # already in OpenSSL's buffer makes none, and a stale flag from an earlier turn would
+        # clear the readiness of bytes that arrived since (their edge already taken).
+        e.tls_drained = False
         n = tls_read(e, into + got, room - got, False)
         if n > 0:
             got += n

@@ -81,7 +81,7 @@ STALL_CHECKS = ("connections completed", "every connection ended as its client e
                 "bytes exact (sha256 per connection and direction)")
 
 
-@pytest.mark.timeout(300)  # a hung connection makes the soak wait 120 s before it says so
+@pytest.mark.timeout(300)  # a hung connection: the client's 60 s, then the soak's wait for idle sidecars
 @pytest.mark.skipif(NO_EXTENSIONS, reason="the native TLS read path; gigabytes through the twin take minutes")
 def test_server_first_streams_over_mtls_to_slow_clients_all_finish_on_io_uring(tmp_path):
     # A connection of thousands used to hang here: the outbound's TLS end took the readiness of

@@ -86,7 +86,7 @@ STALL_CHECKS = ("connections completed", "every connection ended as its client e
 def test_server_first_streams_over_mtls_to_slow_clients_all_finish_on_io_uring(tmp_path):
     # A connection of thousands used to hang here: the outbound's TLS end took the readiness of
     # bytes that arrived while its client was slow away on the strength of a "socket empty"
-    # flag from an earlier read (native/tls.pxi, tls_read_records). Thousands of connections
+    # flag from an earlier read (native/tls.pxi, tls_read). Thousands of connections
     # and gigabytes, because one in a few thousand met the interleaving: before the fix, runs of
     # this shape hung in 3 of 3 tries (and in 1 of 3 with 100 warm-up connections instead of 300).
     result = subprocess.run(

@@ -210,7 +210,7 @@ cdef struct End:
     # which reads and writes the socket directly (native/flow.pxi).
     SSL *ssl
     int tls_held               # what ended a run of records read after some bytes: errno, or TLS_HELD_EOF
-    bint tls_drained           # a socket read of the SSL_read under way got less than it asked: it was empty then
+    bint tls_drained           # a socket read of the current SSL_read/SSL_peek got less than it asked: empty then
 
 
 cdef struct Timer:

@@ -157,6 +157,10 @@ cdef long on_socket_io(BIO *b, int oper, const char *argp, size_t length, int ar
 cdef ssize_t tls_read(End *e, char *into, size_t room, bint peek) noexcept nogil:
     cdef int n
     ERR_clear_error()
+    # tls_drained speaks of this call's socket reads only: a call that finds its record already
+    # in OpenSSL's buffer makes none, and a flag kept from an earlier turn would clear the
+    # readiness of bytes that arrived since (their edge already taken).
+    e.tls_drained = False
     n = SSL_peek(e.ssl, into, <int>room) if peek else SSL_read(e.ssl, into, <int>room)
     if n > 0:
         return n
@@ -177,10 +181,6 @@ cdef ssize_t tls_read_records(End *e, char *into, size_t room) noexcept nogil:
         set_errno(held)
         return -1
     while <size_t>got < room:
-        # The flag speaks of this SSL_read's socket reads only: a read that finds its record
-        # already in OpenSSL's buffer makes none, and a stale flag from an earlier turn would
-        # clear the readiness of bytes that arrived since (their edge already taken).
-        e.tls_drained = False
         n = tls_read(e, into + got, room - got, False)
         if n > 0:
             got += n

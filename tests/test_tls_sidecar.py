@@ -77,6 +77,44 @@ def test_ca_errors_are_one_line(tmp_path, args, message):
     assert result.stderr.startswith("fastmesh ca: ") and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of `pages` 4 KiB pages at tmp_path/disk (each file takes at least one page)."""
+    mounted = []
+
+    def mount(pages: int) -> Path:
+        disk = tmp_path / "disk"
+        disk.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * 4}k", "tmpfs", str(disk)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(disk)
+        return disk
+
+    yield mount
+    for disk in mounted:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_ca_init_on_a_full_disk_names_the_file_and_leaves_no_half_root(small_disk):
+    disk = small_disk(1)  # room for the key, not for the certificate after it
+    result = run_cli("ca", "init", str(disk / "root"))
+    assert result.returncode == 1
+    assert result.stderr == f"fastmesh ca: {disk / 'root' / 'root-cert.pem'}: No space left on device\n"
+    assert list((disk / "root").iterdir()) == []  # so `ca init` may simply run again
+
+
+def test_ca_issue_on_a_full_disk_writes_no_part_of_the_identity(small_disk, tmp_path):
+    ca.init(tmp_path / "root")
+    out = small_disk(1) / "ratings"  # room for the key alone
+    result = run_cli("ca", "issue", str(tmp_path / "root"), "--namespace", "default", "--service-account",
+                     "ratings", "--out", str(out))
+    assert result.returncode == 1
+    assert result.stderr == f"fastmesh ca: {out / 'cert-chain.pem'}: No space left on device\n"
+    assert list(out.iterdir()) == []  # no key.pem without its certificate
+
+
 # ---------------------------------------------------------------- certificate sets
 
 

@@ -54,18 +54,28 @@ def _new_key(key_type: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
     raise CaError(f"key type must be one of {', '.join(KEY_TYPES)}, not {key_type!r}")
 
 
-def _write(path: Path, data: bytes, secret: bool = False) -> None:
-    """Replace `path` at once (a temporary file renamed over it), 0600 for a secret."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def _write_set(files: list[tuple[Path, bytes, bool]]) -> None:
+    """Write (path, data, secret) files as one set: each into a temporary file beside it (0600
+    for a secret), then, once every one is written, each renamed over its path in order. A write
+    that fails (a full disk) leaves every path as it was, and says which file it was."""
+    staged: list[tuple[str, Path]] = []
     try:
-        os.fchmod(fd, 0o600 if secret else 0o644)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(temporary, path)
+        for path, data, secret in files:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+                staged.append((temporary, path))
+                os.fchmod(fd, 0o600 if secret else 0o644)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+            except OSError as exc:
+                raise CaError(f"{path}: {exc.strerror or exc}") from None
     except BaseException:
-        os.unlink(temporary)
+        for temporary, _ in staged:
+            os.unlink(temporary)
         raise
+    for temporary, path in staged:
+        os.replace(temporary, path)
 
 
 def _pem_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
@@ -102,8 +112,8 @@ def init(directory: str | Path, trust_domain: str = DEFAULT_TRUST_DOMAIN, key_ty
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write(directory / ROOT_KEY, _pem_key(key), secret=True)
-    _write(directory / ROOT_CERT, cert.public_bytes(serialization.Encoding.PEM))
+    _write_set([(directory / ROOT_KEY, _pem_key(key), True),
+                (directory / ROOT_CERT, cert.public_bytes(serialization.Encoding.PEM), False)])
     return directory
 
 
@@ -164,8 +174,8 @@ def issue(directory: str | Path, namespace: str, service_account: str, out: str 
         .sign(root.key, hashes.SHA256())
     )
     out = Path(out)
-    # The key first: a watcher that sees the new certificate finds its key beside it.
-    _write(out / KEY, _pem_key(key), secret=True)
-    _write(out / CERT_CHAIN, cert.public_bytes(serialization.Encoding.PEM))
-    _write(out / ROOT_CERT, root.cert.public_bytes(serialization.Encoding.PEM))
+    # The key renamed first: a watcher that sees the new certificate finds its key beside it.
+    _write_set([(out / KEY, _pem_key(key), True),
+                (out / CERT_CHAIN, cert.public_bytes(serialization.Encoding.PEM), False),
+                (out / ROOT_CERT, root.cert.public_bytes(serialization.Encoding.PEM), False)])
     return identity

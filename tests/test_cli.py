@@ -346,6 +346,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["serve", "--listen", ":1", "--upstream", "h:1", "--exchange-max-payload", "-1"],
          "'-1' is not a positive whole number"),
         (["serve", "--listen", ":1", "--upstream", "h:1", "--exchange-timeout", "soon"], "'soon' is not a duration"),
+        (["serve", "--listen", ":1", "--upstream", "h:1", "--group", "1337"], "--group goes with --user"),
+        (["serve", "--listen", ":1", "--upstream", "h:1", "--groups", "2000"], "--groups goes with --user"),
     ],
 )
 def test_bad_command_lines_get_precise_errors(args, message):

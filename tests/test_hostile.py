@@ -536,9 +536,54 @@ def test_after_the_drop_a_reload_and_a_certificate_rotation_still_apply(upstream
     assert "Traceback" not in text and "ERROR" not in text, text
 
 
+POD_FS_GROUP = 2000  # a group nobody is not in, as a pod's own fsGroup
+
+
+def as_a_secret_volume(*paths: Path) -> None:
+    """As the kubelet mounts a Secret under an fsGroup with defaultMode 0440: root's, that group's."""
+    for path in paths:
+        os.chown(path, 0, POD_FS_GROUP)
+        path.chmod(0o440)
+
+
+@needs_root
+def test_supplementary_groups_kept_past_the_drop_read_a_rotated_secret(upstream, mesh_certs, world_readable_dir):
+    # kube-inject's TPROXY sidecar: started as root, it keeps the pod's fsGroup (--groups) when it
+    # becomes the proxy user, so the certificates it reads after the switch are still readable.
+    server = upstream(echo_lines)
+    certs = Path(shutil.copytree(mesh_certs.identity("default", "db"), world_readable_dir / "certs"))
+    as_a_secret_volume(*certs.iterdir())
+    listen, admin = free_port(), free_port()
+    log = world_readable_dir / "serve.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fastmesh", "serve", "--listen", f"127.0.0.1:{listen}", "--upstream",
+             f"{server.address[0]}:{server.address[1]}", "--certs", str(certs), "--admin", f"127.0.0.1:{admin}",
+             "--no-metrics", "--user", "nobody", "--group", str(NOBODY.pw_gid), "--groups", str(POD_FS_GROUP)],
+            stdout=output, stderr=subprocess.STDOUT, extra_groups=[POD_FS_GROUP])  # the kubelet's fsGroup
+    try:
+        wait_until(lambda: dumped(admin) is not None)
+        uid = " ".join([str(NOBODY.pw_uid)] * 4)
+        gid = " ".join([str(NOBODY.pw_gid)] * 4)
+        assert ids_of_every_thread(process.pid) == {(uid, gid, " ".join(str(g) for g in sorted((NOBODY.pw_gid, POD_FS_GROUP))))}
+        staged = world_readable_dir / "rotated"
+        ca.issue(mesh_certs.root, "default", "db", staged)
+        as_a_secret_volume(*staged.iterdir())
+        for name in ("cert-chain.pem", "key.pem", "root-cert.pem"):
+            os.replace(staged / name, certs / name)
+        wait_until(lambda: dumped(admin)["identity"]["rotations"] == 1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    text = log.read_text()
+    assert "new certificates in force" in text and "Traceback" not in text and "ERROR" not in text, text
+
+
 def test_an_unknown_user_or_group_is_a_one_line_error():
     assert serve_refusal("--user", "no-such-user") == "--user no-such-user: no such user"
     assert serve_refusal("--user", "nobody", "--group", "no-such-group") == "--group no-such-group: no such group"
+    assert serve_refusal("--user", "nobody", "--groups", "1234,no-such-group") == (
+        "--groups no-such-group: no such group")
 
 
 # A serve that is not root: everything it needs imported first (this Python may be root's

@@ -348,6 +348,26 @@ def test_mtls_reads_the_workloads_certificates_from_its_secret_which_the_pod_nee
     assert certs.load_identity(tmp_path / "sleep").spiffe_id == identity
 
 
+@pytest.mark.parametrize("pod_context, fs_group, keeps", [
+    ("", 1337, []),                                  # ours: the proxy's own group already
+    ("  securityContext: {fsGroup: 2000}\n", 2000, ["--groups", "2000"]),   # the pod's: kept past the switch
+    ("  securityContext: null\n", 1337, []),
+])
+def test_under_tproxy_the_proxy_keeps_the_fsgroup_that_reads_its_certificates(capsys, monkeypatch, pod_context,
+                                                                            fs_group, keeps):
+    # Started as root, the kubelet gives the proxy the pod's fsGroup as a supplementary group; the
+    # switch to 1337 must keep it, or the Secret's 0440 key becomes unreadable at its first rotation.
+    annotated = POD.replace("metadata: {name: sleep,", "metadata: {name: sleep, annotations: "
+                            "{sidecar.istio.io/interceptionMode: TPROXY},") + pod_context
+    _, pod = injected(capsys, monkeypatch, annotated, "--mtls")
+    assert pod["spec"]["securityContext"] == {"fsGroup": fs_group}
+    sidecar = pod["spec"]["initContainers"][1]
+    assert sidecar["args"] == ["serve", "-c", "/etc/fastmesh/sidecar.yaml", "--user", "1337", "--group", "1337",
+                               *keeps]
+    _, plain = injected(capsys, monkeypatch, annotated)  # no Secret to read: nothing to keep
+    assert plain["spec"]["initContainers"][1]["args"][-2:] == ["--group", "1337"]
+
+
 def test_tproxy_interception_binds_as_root_then_becomes_the_proxy_user(capsys, monkeypatch, tmp_path):
     annotated = POD.replace("metadata: {name: sleep,", "metadata: {name: sleep, annotations: "
                             "{sidecar.istio.io/interceptionMode: TPROXY},")

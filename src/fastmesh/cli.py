@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "sidecar runs as 1337); the files read later (--certs, -c) must be readable by USER")
     serve.add_argument("--group", metavar="GROUP",
                        help="with --user: run with GROUP (a name or a gid) instead of USER's own group")
+    serve.add_argument("--groups", metavar="GROUP[,GROUP...]",
+                       help="with --user: supplementary groups to keep as well (names or gids), such as the "
+                            "pod's fsGroup that may read a Secret's key")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     ca = commands.add_parser(
@@ -420,7 +423,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     read = stamps(args.config) if args.config else []  # before the files are read: see ConfigWatcher
     try:
-        run_as = privileges.account(args.user, args.group) if args.user else None  # before binding
+        run_as = privileges.account(args.user, args.group, args.groups) if args.user else None  # before binding
         sidecar = Sidecar(_config(args))
         await sidecar.start()
         if run_as is not None:
@@ -502,8 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("give either -c/--config or --listen and --upstream, not both")
         if not args.config and (args.listen is None or not args.upstream):
             parser.error("serve needs --listen and --upstream, or -c/--config FILE")
-        if args.group is not None and args.user is None:
-            parser.error("--group goes with --user")
+        for flag, value in (("--group", args.group), ("--groups", args.groups)):
+            if value is not None and args.user is None:
+                parser.error(f"{flag} goes with --user")
     logging.basicConfig(
         level=getattr(logging, getattr(args, "log_level", "info").upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

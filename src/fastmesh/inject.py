@@ -86,13 +86,16 @@ def init_container(image: str, mode: str = "REDIRECT") -> dict[str, Any]:
     }
 
 
-def sidecar_security(mode: str) -> tuple[list[str], dict[str, Any]]:
+def sidecar_security(mode: str, fs_group: int | None = None) -> tuple[list[str], dict[str, Any]]:
     """(serve's extra args, the container's securityContext). Under TPROXY the transparent
     listener needs CAP_NET_RAW, which Kubernetes gives only to root: the proxy binds as root
-    and becomes uid 1337 with `serve --user` (Istio runs its proxy as root in this mode)."""
+    and becomes uid 1337 with `serve --user` (Istio runs its proxy as root in this mode),
+    keeping the pod's own fsGroup (`fs_group`, when not the proxy's), by which it reads the
+    certificates' Secret after the switch too."""
     common = {"allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True}
     if mode == "TPROXY":
-        return (["--user", str(PROXY_UID), "--group", str(PROXY_UID)],
+        keep = ["--groups", str(fs_group)] if fs_group is not None and fs_group != PROXY_UID else []
+        return (["--user", str(PROXY_UID), "--group", str(PROXY_UID), *keep],
                 {"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False, **common,
                  "capabilities": {"add": ["NET_RAW", "SETUID", "SETGID"], "drop": ["ALL"]}})
     return [], {"runAsUser": PROXY_UID, "runAsGroup": PROXY_UID, "runAsNonRoot": True, **common,
@@ -100,7 +103,8 @@ def sidecar_security(mode: str) -> tuple[list[str], dict[str, Any]]:
 
 
 def sidecar_container(image: str, kind: str, name: str, app_containers: list[str],
-                      app_prometheus: dict[str, str], mode: str = "REDIRECT") -> dict[str, Any]:
+                      app_prometheus: dict[str, str], mode: str = "REDIRECT",
+                      fs_group: int | None = None) -> dict[str, Any]:
     """The proxy as a native sidecar: started (and probed) before the app, stopped after it."""
     env = [_field_env("POD_NAME", "metadata.name"), _field_env("POD_NAMESPACE", "metadata.namespace"),
            _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"), _field_env("INSTANCE_IP", "status.podIP"),
@@ -113,7 +117,7 @@ def sidecar_container(image: str, kind: str, name: str, app_containers: list[str
            {"name": "ISTIO_META_APP_CONTAINERS", "value": ",".join(app_containers)}]
     if app_prometheus:
         env.append({"name": PROMETHEUS_ENV, "value": json.dumps(app_prometheus, separators=(",", ":"))})
-    extra_args, security = sidecar_security(mode)
+    extra_args, security = sidecar_security(mode, fs_group)
     return {
         "name": SIDECAR_NAME, "image": image, "restartPolicy": "Always",
         "args": ["serve", "-c", f"{CONFIG_DIR}/{CONFIG_FILE}", *extra_args],
@@ -266,14 +270,17 @@ def inject_template(template: dict[str, Any], kind: str, name: str, options: Opt
     labels[CANONICAL_NAME] = canonical_label(canonical_service(labels, name))
     labels[CANONICAL_REVISION] = canonical_label(canonical_revision(labels))
 
-    spec["initContainers"] = [init_container(options.image, mode),
-                              sidecar_container(options.image, kind, name, app_names, app_prometheus, mode),
-                              *(spec.get("initContainers") or [])]
-    spec["volumes"] = [*(spec.get("volumes") or []), *volumes(name, options.mtls)]
+    fs_group = None
     if options.mtls:
         # The Secret's files belong to root: the proxy (uid 1337) reads them through the pod's
         # fsGroup, as Istio's injector once set it for its token volume. A pod's own fsGroup stays.
-        spec.setdefault("securityContext", {}).setdefault("fsGroup", PROXY_UID)
+        context = spec["securityContext"] = spec.get("securityContext") or {}
+        fs_group = context.setdefault("fsGroup", PROXY_UID)
+    spec["initContainers"] = [init_container(options.image, mode),
+                              sidecar_container(options.image, kind, name, app_names, app_prometheus, mode,
+                                                fs_group),
+                              *(spec.get("initContainers") or [])]
+    spec["volumes"] = [*(spec.get("volumes") or []), *volumes(name, options.mtls)]
 
 
 def inject_documents(documents: Iterable[Any], source: str = "-", options: Options = Options()) -> list[Any]:

@@ -51,11 +51,22 @@ def _number(text: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def account(user: str, group: str | None = None) -> Account:
-    """The account `--user USER --group GROUP` name (a name or a number each). A number without
-    a passwd entry is allowed (a container's uid 1337 often has none); its group is then the same
-    number unless --group says. ValueError for a name that does not exist, or a switch only root
-    may make while this process is not root."""
+def _group_id(text: str, flag: str) -> int:
+    number = _number(text)
+    if number is not None:
+        return number
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError(f"{flag} {text}: no such group") from None
+
+
+def account(user: str, group: str | None = None, groups: str | None = None) -> Account:
+    """The account `--user USER --group GROUP --groups G,...` name (a name or a number each). A
+    number without a passwd entry is allowed (a container's uid 1337 often has none); its group is
+    then the same number unless --group says. --groups adds supplementary groups (a pod's fsGroup,
+    through which the kubelet lets the proxy read its Secret). ValueError for a name that does not
+    exist, or a switch only root may make while this process is not root."""
     uid, entry = _number(user), None
     try:
         entry = pwd.getpwuid(uid) if uid is not None else pwd.getpwnam(user)
@@ -67,14 +78,14 @@ def account(user: str, group: str | None = None) -> Account:
     assert uid is not None
     gid = entry.pw_gid if entry is not None else uid
     if group is not None:
-        gid_given = _number(group)
-        try:
-            gid = gid_given if gid_given is not None else grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ValueError(f"--group {group}: no such group") from None
+        gid = _group_id(group, "--group")
     # The user's own groups when it has an entry (a group that may read the key, as an fsGroup).
-    groups = tuple(os.getgrouplist(entry.pw_name, gid)) if entry is not None and group is None else (gid,)
-    found = Account(user, uid, gid, groups)
+    supplementary = tuple(os.getgrouplist(entry.pw_name, gid)) if entry is not None and group is None else (gid,)
+    for extra in (groups.split(",") if groups else ()):
+        extra_gid = _group_id(extra.strip(), "--groups")
+        if extra_gid not in supplementary:
+            supplementary += (extra_gid,)
+    found = Account(user, uid, gid, supplementary)
     if os.geteuid() != 0 and (uid, gid) != (os.getuid(), os.getgid()):
         raise ValueError(f"--user {found}: only root can switch to another user; serve runs as uid "
                          f"{os.getuid()}, gid {os.getgid()}")

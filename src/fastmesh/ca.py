@@ -65,8 +65,8 @@ def _write_set(files: list[tuple[Path, bytes, bool]]) -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
                 staged.append((temporary, path))
-                os.fchmod(fd, 0o600 if secret else 0o644)
                 with os.fdopen(fd, "wb") as out:
+                    os.fchmod(out.fileno(), 0o600 if secret else 0o644)
                     out.write(data)
             except OSError as exc:
                 raise CaError(f"{path}: {exc.strerror or exc}") from None

@@ -81,8 +81,8 @@ def account(user: str, group: str | None = None, groups: str | None = None) -> A
         gid = _group_id(group, "--group")
     # The user's own groups when it has an entry (a group that may read the key, as an fsGroup).
     supplementary = tuple(os.getgrouplist(entry.pw_name, gid)) if entry is not None and group is None else (gid,)
-    for extra in (groups.split(",") if groups else ()):
-        extra_gid = _group_id(extra.strip(), "--groups")
+    for extra in (name.strip() for name in (groups or "").split(",") if name.strip()):
+        extra_gid = _group_id(extra, "--groups")
         if extra_gid not in supplementary:
             supplementary += (extra_gid,)
     found = Account(user, uid, gid, supplementary)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
@@ -25,6 +26,20 @@ TLS_RECORD_HANDSHAKE = 0x16  # the first byte of every TLS client's first bytes
 # How a connection's TLS stands (the Cython engine's TLS_* phases).
 OFF, DETECT, HANDSHAKE, ON = "off", "detect", "handshake", "on"
 _RAW_READ = 65536  # encrypted bytes taken from a socket at a time
+
+
+
+def _session_getter_leaks(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> bool:
+    """Whether reading SSLObject.session leaks a copy of the session, certificates and all
+    (some 6 KB a read): python/cpython#116810, in every 3.11 and in 3.12 and 3.13 until the
+    fix of October 2024 (3.12.8 and 3.13.1 have it, at the latest)."""
+    return version < (3, 12, 8) or (3, 13) <= version < (3, 13, 1)
+
+
+# Client sessions kept and resumed, as the C engine does, only where reading one does not
+# leak: otherwise every mesh connection would leak its session, and every handshake is full
+# (the server issues no ticket that no twin client could keep).
+RESUMPTION = not _session_getter_leaks()
 
 # OpenSSL's reasons, as the ssl module names them, for the counters of contract.COUNTERS.
 _VERIFY_CODES = {10: "expired", 9: "not_yet_valid"}  # X509_V_ERR_CERT_HAS_EXPIRED, _NOT_YET_VALID
@@ -53,7 +68,7 @@ def _context(server: bool, cert_chain: str, key: str, roots: str, mesh_alpn: boo
         raise ValueError(f"{cert_chain or roots}: {exc}") from None
     if server:
         ctx.set_alpn_protocols(list(SERVER_ALPN))
-        ctx.num_tickets = 1  # one is all a client keeps
+        ctx.num_tickets = 1 if RESUMPTION else 0  # one is all a client keeps
         ctx.options |= ssl.OP_NO_TICKET | ssl.OP_CIPHER_SERVER_PREFERENCE  # as the C engine: stateful sessions
     elif mesh_alpn:
         ctx.set_alpn_protocols(list(CLIENT_ALPN))
@@ -91,10 +106,15 @@ class Sessions:
             kept = self._last.get((cluster, endpoint))
         return kept[1] if kept is not None and kept[0] is ctx else None
 
-    def put(self, cluster: int, endpoint: int, ctx: ssl.SSLContext, session: Optional[ssl.SSLSession]) -> None:
+    def keep(self, cluster: int, endpoint: int, obj: ssl.SSLObject) -> None:
+        """The connection's session, if it has a ticket, as the endpoint's last (read only
+        where RESUMPTION: each read of obj.session may cost a leaked copy)."""
+        if not RESUMPTION:
+            return
+        session = obj.session
         if session is not None and session.has_ticket:
             with self._lock:
-                self._last[(cluster, endpoint)] = (ctx, session)
+                self._last[(cluster, endpoint)] = (obj.context, session)
 
 
 class TlsEnd:
@@ -309,7 +329,7 @@ class TlsWorkerMixin:
         if tls.obj.session_reused:
             self.counters["tls_resumed"] += 1
         if side == UP:
-            lst.sessions.put(conn.cluster, conn.endpoint, tls.obj.context, tls.obj.session)
+            lst.sessions.keep(conn.cluster, conn.endpoint, tls.obj)
         self._exchange_after_tls(conn, tls.obj.selected_alpn_protocol() == EXCHANGE_ALPN)  # type: ignore
         if conn.securing:
             self._connect_secured(conn)  # type: ignore[attr-defined]
@@ -366,7 +386,7 @@ class TlsWorkerMixin:
                 self.buffered.add(conn)  # no socket event announces what is left
             if conn.tls_side == UP and conn.listener is not None and not conn.session_kept:
                 conn.session_kept = True  # TLS 1.3 tickets come after the handshake
-                conn.listener.sessions.put(conn.cluster, conn.endpoint, tls.obj.context, tls.obj.session)
+                conn.listener.sessions.keep(conn.cluster, conn.endpoint, tls.obj)
             return data
 
     def _tls_send(self, conn: "_Conn", side: int, data: memoryview) -> int:

@@ -441,6 +441,16 @@ def write(doc: dict, out: Path, record: str | None) -> list[Path]:
     return written
 
 
+def keep_logs(tmp: Path, into: Path) -> list[Path]:
+    """The sidecars' logs of a run that failed a check, which would go with its temporary directory."""
+    into.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for log in sorted(tmp.glob("*.log")):
+        kept.append(into / log.name)
+        kept[-1].write_bytes(log.read_bytes())
+    return kept
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fastmesh-soak-") as tmp:
@@ -448,10 +458,11 @@ def main(argv=None) -> int:
             doc = soak(a, Path(tmp))
         finally:
             peers.stop_all()
+        failed = [c["check"] for c in doc["checks"] if c["status"] == "FAIL"]
+        kept = keep_logs(Path(tmp), a.out / "soak-logs") if failed else []
     print(summary(doc))
-    for path in write(doc, a.out, a.record):
+    for path in [*write(doc, a.out, a.record), *kept]:
         print(f"wrote {path}")
-    failed = [c["check"] for c in doc["checks"] if c["status"] == "FAIL"]
     if failed:
         print(f"soak: {len(failed)} checks failed: {'; '.join(failed)}", file=sys.stderr)
         return 1

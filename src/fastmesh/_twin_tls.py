@@ -28,7 +28,6 @@ OFF, DETECT, HANDSHAKE, ON = "off", "detect", "handshake", "on"
 _RAW_READ = 65536  # encrypted bytes taken from a socket at a time
 
 
-
 def _session_getter_leaks(version: tuple[int, ...] = tuple(sys.version_info[:3])) -> bool:
     """Whether reading SSLObject.session leaks a copy of the session, certificates and all
     (some 6 KB a read): python/cpython#116810, in every 3.11 and in 3.12 and 3.13 until the

@@ -16,6 +16,7 @@ memory BIOs) in _twin_tls.py, each a part of the worker.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import ipaddress
 import itertools
@@ -49,6 +50,20 @@ IMPLEMENTATION = "python"
 SPLICE_SUPPORTED = False
 
 log = logging.getLogger("fastmesh.engine")
+
+
+def _heap_trimmer() -> Any:
+    """glibc's malloc_trim(0): the freed heap of every arena back to the system, as the C engine
+    gives it back once idle (a crowd's buffers otherwise stay resident); a no-op without glibc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+trim_heap = _heap_trimmer()
 
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
@@ -384,6 +399,7 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
         self.listeners: dict[int, _Listener] = {}  # every worker accepts on every listener
         self.paused: dict[int, float] = {}  # listener id -> when this worker accepts on it again
         self.next_idle_sweep = 0.0  # when the open connections are next checked for idleness
+        self.heap_to_trim = False  # a connection ended since the heap was last given back
         self.closed: list[Closed] = []  # records waiting for collect()
         self.kept: dict[bytes, bytes] = {}  # recent distinct peer payloads, shared by the connections that got them
         self.counters = {name: 0 for name in STATS if name not in GAUGES}
@@ -438,7 +454,7 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
         times += [c.xdeadline for c in self.exchanging if c.xdeadline is not None]
         times += [c.tls_deadline for c in self.securing if c.tls_deadline is not None]
         times += self.paused.values()
-        if self.conns:
+        if self.conns or self.heap_to_trim:
             times.append(self.next_idle_sweep)
         if not times:
             return None
@@ -447,7 +463,7 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
 
     def _run_timers(self) -> None:
         now = time.monotonic()
-        if self.conns and now >= self.next_idle_sweep:
+        if (self.conns or self.heap_to_trim) and now >= self.next_idle_sweep:
             self._sweep_idle(now)
         for conn in [c for c in self.connecting if c.deadline is not None and c.deadline <= now]:
             self.counters["connect_timeouts"] += 1
@@ -484,7 +500,8 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
 
     def _sweep_idle(self, now: float) -> None:
         """Every IDLE_SWEEP: close the relaying connections whose cluster's idle timeout has
-        passed since their last event, cleanly (close_notify where TLS, best effort)."""
+        passed since their last event, cleanly (close_notify where TLS, best effort); with none
+        left open, give the freed heap back."""
         self.next_idle_sweep = now + IDLE_SWEEP
         for conn in list(self.conns.values()):
             lst = conn.listener
@@ -498,6 +515,9 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
                             self._tls_close_notify(conn, side)
                 self.counters["idle_timeouts"] += 1
                 self._finish(conn, CloseReason.IDLE_TIMEOUT, 0)
+        if not self.conns and self.heap_to_trim:
+            self.heap_to_trim = False
+            trim_heap()
 
     def _guarded(self, conn: _Conn, side: int, mask: int) -> None:
         try:
@@ -820,6 +840,7 @@ class _Worker(ExchangeWorkerMixin, TlsWorkerMixin):
         if conn.closed:
             return
         conn.closed = True
+        self.heap_to_trim = True
         for side, sock in enumerate(conn.socks):
             if sock is None:
                 continue

@@ -496,6 +496,14 @@ def give_to_nobody(*paths: Path) -> None:
         os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
 
 
+def rotate_identity(mesh_certs, certs: Path, staged: Path, own) -> None:
+    """A new identity for db, issued in `staged`, owned by `own`, moved into `certs` file by file."""
+    ca.issue(mesh_certs.root, "default", "db", staged)
+    own(*staged.iterdir())
+    for name in ("cert-chain.pem", "key.pem", "root-cert.pem"):
+        os.replace(staged / name, certs / name)
+
+
 @needs_root
 def test_after_the_drop_a_reload_and_a_certificate_rotation_still_apply(upstream, mesh_certs, world_readable_dir):
     # Files read after the drop (the config on reload, certificates on rotation) are read as
@@ -521,11 +529,7 @@ def test_after_the_drop_a_reload_and_a_certificate_rotation_still_apply(upstream
         os.replace(moved, path)
         process.send_signal(signal.SIGHUP)
         wait_until(lambda: ask(listen) == b"v2:?")
-        staged = world_readable_dir / "rotated"
-        ca.issue(mesh_certs.root, "default", "db", staged)
-        give_to_nobody(*staged.iterdir())
-        for name in ("cert-chain.pem", "key.pem", "root-cert.pem"):
-            os.replace(staged / name, certs / name)
+        rotate_identity(mesh_certs, certs, world_readable_dir / "rotated", give_to_nobody)
         wait_until(lambda: dumped(admin)["identity"]["rotations"] == 1)
         assert ask(listen) == b"v2:?"
     finally:
@@ -565,12 +569,9 @@ def test_supplementary_groups_kept_past_the_drop_read_a_rotated_secret(upstream,
         wait_until(lambda: dumped(admin) is not None)
         uid = " ".join([str(NOBODY.pw_uid)] * 4)
         gid = " ".join([str(NOBODY.pw_gid)] * 4)
-        assert ids_of_every_thread(process.pid) == {(uid, gid, " ".join(str(g) for g in sorted((NOBODY.pw_gid, POD_FS_GROUP))))}
-        staged = world_readable_dir / "rotated"
-        ca.issue(mesh_certs.root, "default", "db", staged)
-        as_a_secret_volume(*staged.iterdir())
-        for name in ("cert-chain.pem", "key.pem", "root-cert.pem"):
-            os.replace(staged / name, certs / name)
+        groups = " ".join(str(g) for g in sorted((NOBODY.pw_gid, POD_FS_GROUP)))
+        assert ids_of_every_thread(process.pid) == {(uid, gid, groups)}
+        rotate_identity(mesh_certs, certs, world_readable_dir / "rotated", as_a_secret_volume)
         wait_until(lambda: dumped(admin)["identity"]["rotations"] == 1)
     finally:
         process.send_signal(signal.SIGTERM)

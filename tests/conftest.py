@@ -212,7 +212,19 @@ class Upstream:
             return list(self.results)
 
     def close(self) -> None:
-        self.sock.close()
+        stop_accepting(self.sock, self._acceptor)
+
+
+def stop_accepting(sock: socket.socket, acceptor: threading.Thread) -> None:
+    """Close a listening socket whose accept loop runs in `acceptor`, once the loop has ended.
+    close() alone does not wake a thread blocked in accept(): the socket goes on listening for it,
+    and a later test's stray connection to that port would be taken and answered by this one's
+    handler. shutdown() wakes it."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    acceptor.join(10)
+    assert not acceptor.is_alive(), "the accept loop did not end"
+    sock.close()
 
 
 @pytest.fixture

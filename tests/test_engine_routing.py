@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import Collector, assert_closed_by_relay, listening_socket
+from conftest import Collector, assert_closed_by_relay, listening_socket, stop_accepting
 
 from fastmesh.reasons import CloseReason
 from fastmesh.routing import Cluster, Destination, RouteTable
@@ -24,8 +24,10 @@ class Counting:
         self.held: list[socket.socket] = []
         self.hold = False
         self.lock = threading.Lock()
-        for index, sock in enumerate(self.socks):
-            threading.Thread(target=self._serve, args=(index, sock), daemon=True).start()
+        self.acceptors = [threading.Thread(target=self._serve, args=(index, sock), daemon=True)
+                          for index, sock in enumerate(self.socks)]
+        for acceptor in self.acceptors:
+            acceptor.start()
 
     def _serve(self, index: int, sock: socket.socket) -> None:
         while True:
@@ -45,7 +47,9 @@ class Counting:
         return self.socks[index].getsockname()
 
     def close(self) -> None:
-        for sock in self.socks + self.held:
+        for sock, acceptor in zip(self.socks, self.acceptors):
+            stop_accepting(sock, acceptor)
+        for sock in self.held:
             sock.close()
 
 

@@ -101,14 +101,15 @@ def nginx_listen(side: str) -> str:
     return " ssl" if side == "server" else ""
 
 
-def nginx_directives(side: str, certs: MeshCerts) -> str:
+def nginx_directives(side: str, certs: MeshCerts, protocols: str = "") -> str:
     """nginx stream's TLS: the server side verifies the client's chain
     (ssl_verify_client on). The client side cannot verify the server: nginx checks
     a certificate against proxy_ssl_name, a host name, and mesh certificates carry
     only a URI SAN, so it runs with proxy_ssl_verify off (as nginx users of a mesh
     set it up), which spares it one verification per handshake. nginx's
     stream proxy has no client-side ALPN directive. Sessions resume by default
-    (proxy_ssl_session_reuse on; session tickets on the server side)."""
+    (proxy_ssl_session_reuse on; session tickets on the server side). `protocols`: the
+    TLS versions of that side (proxy_ssl_protocols, ssl_protocols), or nginx's default."""
     if not side:
         return ""
     me = certs.of(side)
@@ -117,9 +118,11 @@ def nginx_directives(side: str, certs: MeshCerts) -> str:
                 f"        proxy_ssl_certificate {me.chain};\n"
                 f"        proxy_ssl_certificate_key {me.key};\n"
                 f"        proxy_ssl_trusted_certificate {me.root};\n"
-                f"        proxy_ssl_verify off;\n")
+                f"        proxy_ssl_verify off;\n"
+                + (f"        proxy_ssl_protocols {protocols};\n" if protocols else ""))
     return (f"        ssl_certificate {me.chain};\n"
             f"        ssl_certificate_key {me.key};\n"
             f"        ssl_client_certificate {me.root};\n"
             f"        ssl_verify_client on;\n"
-            f"        ssl_alpn {' '.join(SERVER_ALPN)};\n")
+            f"        ssl_alpn {' '.join(SERVER_ALPN)};\n"
+            + (f"        ssl_protocols {protocols};\n" if protocols else ""))

@@ -302,6 +302,7 @@ class RelaySpec:
     args: list[str] = field(default_factory=list)   # extra fastmesh CLI args
     env: dict[str, str] = field(default_factory=dict)
     tls: str = ""            # "client": TLS toward the upstream; "server": TLS from clients (mtls.py)
+    tls_protocols: str = ""  # nginx's protocol list for that TLS, e.g. "TLSv1.3" ("": nginx's default)
     outbound: "RelaySpec | None" = None   # a pair's two relays: clients reach `outbound`,
     inbound: "RelaySpec | None" = None    # which relays to `inbound`, in front of the backend
 
@@ -309,7 +310,8 @@ class RelaySpec:
         """What the JSON records of a row."""
         if self.kind == "pair":
             return {"kind": "pair", "outbound": self.outbound.describe(), "inbound": self.inbound.describe()}
-        return {"kind": self.kind, "args": self.args, "env": self.env, **({"tls": self.tls} if self.tls else {})}
+        return {"kind": self.kind, "args": self.args, "env": self.env, **({"tls": self.tls} if self.tls else {}),
+                **({"tls_protocols": self.tls_protocols} if self.tls_protocols else {})}
 
 
 NODE_METADATA = REPO / "examples" / "node-metadata"
@@ -375,12 +377,12 @@ def _fastmesh_pair(name: str, outbound: list[str], inbound: list[str], tls: bool
                  RelaySpec(f"{name}:inbound", "fastmesh", [*INBOUND_SIDECAR, *inbound], tls="server" if tls else ""))
 
 
-def relay_pair(kind: str, tls: bool = False) -> RelaySpec:
+def relay_pair(kind: str, tls: bool = False, protocols: str = "", label: str = "") -> RelaySpec:
     """The same two hops made of haproxy or nginx: `kind[pair]`, or `kind[tls-pair]` with mutual TLS
-    between them (mtls.py)."""
-    name = f"{kind}[{'tls-pair' if tls else 'pair'}]"
-    return _pair(name, RelaySpec(name, kind, tls="client" if tls else ""),
-                 RelaySpec(f"{name}:inbound", kind, tls="server" if tls else ""))
+    between them (mtls.py); `protocols`: nginx's TLS versions on both sides, in a row `kind[label]`."""
+    name = f"{kind}[{label or ('tls-pair' if tls else 'pair')}]"
+    return _pair(name, RelaySpec(name, kind, tls="client" if tls else "", tls_protocols=protocols),
+                 RelaySpec(f"{name}:inbound", kind, tls="server" if tls else "", tls_protocols=protocols))
 
 
 def sidecar_pairs() -> list[RelaySpec]:
@@ -403,6 +405,9 @@ def mtls_pairs() -> list[RelaySpec]:
         _fastmesh_pair("pair[mtls-no-exchange]", ["--mesh-peer", "--no-exchange"], ["--no-exchange"], tls=True),
     ]
     tls_pair += [relay_pair(kind, tls=True) for kind in ("haproxy", "nginx")]
+    # nginx before 1.23.4 speaks TLS 1.2 between the pair unless told otherwise; Istio's sidecars, fastmesh,
+    # HAProxy and later nginx speak TLS 1.3: the same nginx, told to.
+    tls_pair.append(relay_pair("nginx", tls=True, protocols="TLSv1.3", label="tls13-pair"))
     return [*tls_pair, sidecar_pairs()[0]]
 
 
@@ -489,7 +494,7 @@ stream {{
         listen {HOST}:{port}{mtls.nginx_listen(spec.tls)};
         proxy_pass {HOST}:{upstream};
         proxy_timeout 1h;
-{mtls.nginx_directives(spec.tls, opts.certs)}    }}
+{mtls.nginx_directives(spec.tls, opts.certs, spec.tls_protocols)}    }}
 }}
 """)
     # -e: the error log before the config is read; -p: keep every path in the temp dir.

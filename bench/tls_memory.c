@@ -34,7 +34,7 @@ static void remember(void *ptr, size_t size, const char *file, int line)
     size_t i = slot_of(ptr);
     while (live[i].ptr)
         i = (i + 1) % SLOTS;
-    live[i] = (struct allocation){ptr, size, file, line};
+    live[i] = (struct allocation){ptr, size, file ? file : "?", line}; /* no file: OPENSSL_NO_FILENAMES */
 }
 
 static void forget(void *ptr)

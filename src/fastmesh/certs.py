@@ -201,14 +201,15 @@ class CertificateWatcher:
             identity = load_identity(self.identity.directory)
             self.apply(identity)
         except (CertificateError, ValueError, OSError) as exc:
-            self.refused += 1
+            # Logged before it is counted: whoever sees the count (another thread) finds the line written.
             log.error("new certificates not used, the ones in force (%s, valid until %s) keep serving: %s",
                       self.identity.spiffe_id, f"{self.identity.not_after:%Y-%m-%d %H:%M} UTC", exc)
+            self.refused += 1
             return False
         self.identity = identity
-        self.rotations += 1
         log.info("new certificates in force for new handshakes: %s, valid until %s UTC", identity.spiffe_id,
                  f"{identity.not_after:%Y-%m-%d %H:%M}")
+        self.rotations += 1
         return True
 
     async def run(self) -> None:

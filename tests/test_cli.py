@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXPECTED_IMPLEMENTATION, assert_closed_by_relay, free_port, random_bytes, read_all, sha256
+from conftest import (EXPECTED_IMPLEMENTATION, assert_closed_by_relay, free_port, random_bytes, read_all, sha256,
+                      wait_until)
 from fastmesh.admin import MAX_HTTP_CONNECTIONS
 from fastmesh.cli import build_parser
 
@@ -228,6 +229,51 @@ def test_sigint_stops_cleanly_and_closes_the_listener(serve, upstream):
     assert proxy.stop(signal.SIGINT) == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(proxy.listen, timeout=5)
+
+
+# serve with the signals named in argv[1] sent to itself in the middle of Sidecar.start(), while it
+# binds: as a pod deleted, or a reload asked for, just as its sidecar comes up.
+SIGNALLED_WHILE_STARTING = """\
+import os, signal, sys
+from fastmesh import cli, sidecar
+
+started = sidecar.Sidecar.start
+
+async def start(self):
+    for name in sys.argv[1].split(","):
+        os.kill(os.getpid(), getattr(signal, name))
+    await started(self)
+
+sidecar.Sidecar.start = start
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_a_sigterm_while_starting_stops_it_gracefully_once_started_and_a_sighup_is_ignored(upstream):
+    server = upstream(lambda conn: None)
+    result = subprocess.run([sys.executable, "-c", SIGNALLED_WHILE_STARTING, "SIGHUP,SIGTERM", "serve",
+                             "--listen", f"127.0.0.1:{free_port()}", "--upstream", "%s:%d" % server.address,
+                             "--no-admin", "--no-metrics"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr  # not -1 or -15, the default actions of SIGHUP and SIGTERM
+    assert "SIGHUP ignored: serve reloads only config files (-c)" in result.stderr, result.stderr
+    assert "stopped after 0 connection(s)" in result.stderr, result.stderr
+
+
+def test_a_sighup_while_starting_reloads_the_config_files_once_started(tmp_path, upstream):
+    from test_reload import config as routed_config
+
+    server = upstream(lambda conn: None)
+    path, log = tmp_path / "mesh.yaml", tmp_path / "serve.log"
+    path.write_text(routed_config(free_port(), free_port(), [server], "v1"))
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, "-c", SIGNALLED_WHILE_STARTING, "SIGHUP", "serve", "-c",
+                                    str(path)], stdout=output, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: "config reloaded (SIGHUP)" in log.read_text() or process.poll() is not None)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(30)
+    assert code == 0 and "config reloaded (SIGHUP)" in log.read_text(), log.read_text()
 
 
 def test_dead_upstream_closes_the_client_is_logged_and_counted_and_serving_goes_on(serve, upstream):

@@ -422,6 +422,15 @@ async def serve(args: argparse.Namespace) -> int:
     from fastmesh.sidecar import Sidecar
 
     read = stamps(args.config) if args.config else []  # before the files are read: see ConfigWatcher
+    # The signals are ours before anything listens: the admin endpoint answers while start() goes on,
+    # and a SIGTERM then (a pod deleted as it comes up) must stop the sidecar once it has started,
+    # gracefully, not kill it by the default action; a SIGHUP then is a reload asked for.
+    stop = asyncio.Event()
+    reload_asked = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
     try:
         run_as = privileges.account(args.user, args.group, args.groups) if args.user else None  # before binding
         sidecar = Sidecar(_config(args))
@@ -433,15 +442,15 @@ async def serve(args: argparse.Namespace) -> int:
             log.error("%s", problem)
         return 1
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     watching = None
     if args.config:
         watcher = ConfigWatcher(args.config, sidecar, lambda: _config(args, starting=False), read)
         loop.add_signal_handler(signal.SIGHUP, watcher.request)
+        if reload_asked.is_set():
+            watcher.request()
         watching = loop.create_task(watcher.run())
+    else:  # nothing to reload: as Envoy does, a SIGHUP is not a reason to exit
+        loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: serve reloads only config files (-c)")
     measured = sidecar.config.workers_auto
     log.info("ready: %s engine, %d worker(s)%s", IMPLEMENTATION, sidecar.config.workers,
              f" (auto: {measured})" if measured else "")
